@@ -1,0 +1,84 @@
+"""``ftstack``: the operator's command line.
+
+User mistakes print one message naming the input and the fix, and exit non-zero; never a
+traceback. Commands import what they need when they run, so ``ftstack validate`` starts fast and
+needs no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own exit code 2, with our hint
+        self.print_usage(sys.stderr)
+        print(f"ftstack: error: {message}; see ftstack {self.prog.split()[-1]} --help", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from ftstack_train.validation import validate_files
+
+    report = validate_files(args.files, max_problems=args.max_problems)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _local(args: argparse.Namespace) -> int:
+    from ftstack.local import LocalRun, run_local
+
+    run = LocalRun(
+        train=args.train, test=args.test, model=args.model, nproc=args.nproc, config=args.config,
+        output=args.output, overrides=tuple(args.overrides),
+    )
+    return run_local(run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ftstack", description="Fine-tune Hugging Face causal LMs on Amazon SageMaker.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    validate = commands.add_parser("validate", help="check prompt/response JSONL files", description=(
+        "Streams each JSONL file and prints a summary (records, bytes, prompt/response lengths), or the problems "
+        "with their line numbers. Exits 0 when every file is valid."))
+    validate.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    validate.add_argument("--max-problems", type=int, default=20, help="problems to list (all are counted)")
+    validate.set_defaults(func=_validate)
+
+    local = commands.add_parser("local", help="run the training job on this machine's CPUs", description=(
+        "Lays out the SageMaker /opt/ml tree under --output and runs the training container's entrypoint with "
+        "--nproc CPU processes. The same command on the same --output resumes from the last checkpoint."))
+    local.add_argument("--train", type=Path, required=True, metavar="FILE", help="training JSONL")
+    local.add_argument("--test", type=Path, metavar="FILE", help="evaluation JSONL (default: every 20th training record)")
+    local.add_argument("--model", metavar="DIR|tiny-mpt|tiny-llama", help="base model directory or a tiny random model")
+    local.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
+    local.add_argument("--config", type=Path, metavar="YAML", help="training config (llm-foundry style keys)")
+    local.add_argument("--output", type=Path, default=Path("runs/local"), metavar="DIR", help="the run's folder (default runs/local)")
+    local.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optimizer.lr=1e-4 max_duration=2ep")
+    local.set_defaults(func=_local)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "validate" and args.max_problems < 0:
+        print("ftstack: error: --max-problems must be 0 or more", file=sys.stderr)
+        return EXIT_USAGE
+    from ftstack_train.errors import USER_ERRORS
+
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"ftstack: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

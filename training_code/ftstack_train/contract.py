@@ -1,0 +1,81 @@
+"""The contract between the training container and everything around it (the infrastructure, the
+CLI, local mode): where SageMaker puts inputs, where the job writes, and what the files are called.
+
+Standard library only: the infrastructure imports this without torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT_ENV = "FTSTACK_SM_ROOT"
+"""Moves the ``/opt/ml`` root, so that local runs and tests use a folder of their own."""
+
+DEFAULT_ROOT = "/opt/ml"
+
+TRAIN_CHANNEL = "train"
+TEST_CHANNEL = "test"
+MODEL_CHANNEL = "model"
+CONFIG_CHANNEL = "config"
+CHANNELS = (TRAIN_CHANNEL, TEST_CHANNEL, MODEL_CHANNEL, CONFIG_CHANNEL)
+"""Input channels: JSONL training and test data, an optional base model directory, and an optional
+YAML config (the first ``*.yaml``/``*.yml`` file in it)."""
+
+DATA_SUFFIXES = (".jsonl", ".json")
+"""Files a data channel may hold; anything else there is an error, never skipped."""
+
+METRICS_FILE = "metrics.json"
+"""Final train and eval figures and the eval history, in the exported model directory."""
+
+FAILURE_FILE = "failure"
+"""SageMaker shows this file's text as the job's FailureReason."""
+
+TINY_MODELS = ("tiny-mpt", "tiny-llama")
+"""Base model names that mean a small random model, made at start-up (demo and tests)."""
+
+CHECKPOINT_BASE_MODEL = "base-model"
+"""Under the checkpoint directory: a generated tiny base model, kept so that a resumed run reuses it."""
+
+
+@dataclass(frozen=True)
+class SageMakerPaths:
+    """The folders of a SageMaker training container under one root."""
+
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> SageMakerPaths:
+        """The root from ``FTSTACK_SM_ROOT``, else ``/opt/ml``."""
+        return cls(Path(os.environ.get(ROOT_ENV, DEFAULT_ROOT)))
+
+    @property
+    def hyperparameters(self) -> Path:
+        return self.root / "input" / "config" / "hyperparameters.json"
+
+    @property
+    def resource_config(self) -> Path:
+        return self.root / "input" / "config" / "resourceconfig.json"
+
+    def channel(self, name: str) -> Path:
+        """The folder of an input channel; it exists only when the job was given that channel."""
+        return self.root / "input" / "data" / name
+
+    @property
+    def model_dir(self) -> Path:
+        """Uploaded as the job's model artifacts (uncompressed, with ``CompressionType: NONE``)."""
+        return self.root / "model"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Synced to the job's checkpoint S3 prefix, and restored from it when the job restarts."""
+        return self.root / "checkpoints"
+
+    @property
+    def output(self) -> Path:
+        return self.root / "output"
+
+    @property
+    def failure_file(self) -> Path:
+        return self.output / FAILURE_FILE

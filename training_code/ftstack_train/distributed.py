@@ -1,0 +1,79 @@
+"""Process group set-up and FSDP2 sharding."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        """The first process on its node: it tidies that node's local disk."""
+        return self.local_rank == 0
+
+
+def init_distributed(timeout_s: float) -> Dist:
+    """Joins the process group torchrun set up: NCCL on GPUs, gloo on CPU."""
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None)
+    return Dist(rank, world, local, device)
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """bf16 on GPU unless fp32 was asked for; CPU always computes in fp32."""
+    return torch.bfloat16 if device.type == "cuda" and precision in ("amp_bf16", "bf16") else torch.float32
+
+
+def apply_fsdp(model: torch.nn.Module, device: torch.device, precision: str, activation_checkpointing: bool) -> torch.nn.Module:
+    """Shards each transformer block and then the root with FSDP2 (full sharding).
+
+    Blocks are the classes the model names in ``_no_split_modules`` (``MptBlock``,
+    ``LlamaDecoderLayer``, ...). Master weights stay fp32; with bf16 the parameters are cast for
+    compute and gradients are reduced in fp32. Activation checkpointing uses the model's own
+    non-reentrant hook, which keeps parameter names unchanged for checkpoints and the export.
+    """
+    if activation_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(
+                f"fsdp_config.activation_checkpointing: {type(model).__name__} does not support activation checkpointing; set it to false"
+            )
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    dtype = compute_dtype(precision, device)
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    block_names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} names no transformer block class (_no_split_modules); it cannot be sharded per block")
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model

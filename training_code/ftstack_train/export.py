@@ -1,0 +1,145 @@
+"""Hugging Face export of the trained (sharded) model, written straight into the job's model
+folder, which SageMaker uploads uncompressed.
+
+Weights are gathered one tensor at a time and written in safetensors shards of at most
+``export.max_shard_size``: rank 0's host never holds more than one shard plus one tensor, well
+under one full bf16 copy of the model. Everything is written to a staging folder first and moved
+into place at the end, so a failed export leaves no half-written model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
+
+from .config import TrainConfig
+from .data import format_prompt
+from .modelcard import render_model_card
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+STAGING = ".ftstack-export"
+
+
+def chat_template(prompt_template: str, bos_token: str | None) -> str:
+    """A Jinja chat template that renders a user message exactly as training formatted prompts
+    (and an assistant message as the response plus EOS), so inference matches training."""
+    prefix, suffix = (json.dumps(part) for part in prompt_template.split("{question}", 1))
+    bos = "{{ bos_token }}" if bos_token else ""
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}" + bos + "{{ " + prefix + " }}{{ message['content'] }}{{ " + suffix + " }}"
+        "{%- elif message['role'] == 'assistant' -%}{{ message['content'] }}{{ eos_token }}"
+        "{%- else -%}{{ raise_exception('only user and assistant messages are supported') }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS token in front when encoding with special tokens."""
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _unique_state_names(model: torch.nn.Module) -> list[str]:
+    """State dict keys with tied duplicates removed (``lm_head.weight`` when tied to the
+    embedding): transformers re-ties them on load."""
+    seen: set[int] = set()
+    names = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        names.append(name)
+    return names
+
+
+def _write_weights(model: torch.nn.Module, out: Path, dtype: torch.dtype, max_shard_bytes: int, is_main: bool) -> None:
+    """Gathers each tensor (a collective: every rank calls this) and rank 0 writes the shards."""
+    state = model.state_dict()
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = 0
+    shards: list[dict[str, torch.Tensor]] = []
+    files: list[str] = []
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        if shard:
+            name = f"part-{len(files):05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            files.append(name)
+            shards.append({k: None for k in shard})  # names only, the tensors are freed
+            shard, shard_bytes = {}, 0
+
+    for name in _unique_state_names(model):
+        tensor = state[name]
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if not is_main:
+            continue
+        full = full.detach().to(device="cpu", dtype=dtype if full.is_floating_point() else full.dtype).contiguous()
+        if shard and shard_bytes + full.numel() * full.element_size() > max_shard_bytes:
+            flush()
+        shard[name] = full
+        shard_bytes += full.numel() * full.element_size()
+    if not is_main:
+        return
+    flush()
+    total = sum((out / f).stat().st_size for f in files)
+    if len(files) == 1:
+        (out / files[0]).rename(out / "model.safetensors")
+        return
+    weight_map = {}
+    for index, (old, names) in enumerate(zip(files, shards), start=1):
+        new = f"model-{index:05d}-of-{len(files):05d}.safetensors"
+        (out / old).rename(out / new)
+        weight_map.update({n: new for n in names})
+    index_doc = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))
+
+
+def export_hf_model(model: torch.nn.Module, tokenizer, cfg: TrainConfig, model_dir: Path, metrics: dict[str, Any], lineage: dict[str, Any]) -> None:
+    """Writes weights, config, generation config, tokenizer with the chat template,
+    ``metrics.json`` and a model card into ``model_dir``. Collective: every rank calls it."""
+    is_main = dist.get_rank() == 0
+    staging = model_dir / STAGING
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dtype = _DTYPES[cfg.export_dtype]
+    try:
+        _write_weights(model, staging, dtype, cfg.export_shard_bytes, is_main)
+        if is_main:
+            _write_metadata(model, tokenizer, cfg, staging, dtype, metrics, lineage)
+            for old in model_dir.iterdir():
+                if old != staging:
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
+            for item in staging.iterdir():
+                item.rename(model_dir / item.name)
+            staging.rmdir()
+    finally:
+        if is_main and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    dist.barrier()
+
+
+def _write_metadata(model, tokenizer, cfg: TrainConfig, out: Path, dtype: torch.dtype, metrics: dict[str, Any], lineage: dict[str, Any]) -> None:
+    config = model.config
+    config.use_cache = True
+    config.dtype = dtype
+    config.save_pretrained(out)
+    generation = model.generation_config
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(out)
+    tokenizer.chat_template = chat_template(cfg.prompt_template, tokenizer.bos_token if adds_bos(tokenizer) else None)
+    tokenizer.save_pretrained(out)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    example = format_prompt(cfg.prompt_template, "<your question>")
+    (out / "README.md").write_text(render_model_card(cfg, metrics, lineage, example))
