@@ -39,6 +39,14 @@ def _local(args: argparse.Namespace) -> int:
     return run_local(run)
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from ftstack.generate import generate
+
+    for prompt, completion in zip(args.prompts, generate(args.model_dir, args.prompts, args.max_new_tokens)):
+        print(f"prompt:   {prompt}\nresponse: {completion}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ftstack", description="Fine-tune Hugging Face causal LMs on Amazon SageMaker.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -61,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--output", type=Path, default=Path("runs/local"), metavar="DIR", help="the run's folder (default runs/local)")
     local.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optimizer.lr=1e-4 max_duration=2ep")
     local.set_defaults(func=_local)
+
+    gen = commands.add_parser("generate", help="try an exported model on prompts", description=(
+        "Loads an exported model folder with transformers and answers each prompt, formatted with the chat "
+        "template saved at training time."))
+    gen.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="e.g. runs/demo/model")
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT")
+    gen.add_argument("--max-new-tokens", type=int, default=48)
+    gen.set_defaults(func=_generate)
     return parser
 
 

@@ -1,0 +1,35 @@
+# The two set-up commands of the README: `make demo` and `make test`. Each creates .venv and
+# installs what it needs on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR := runs/demo
+# Held out from training (examples/data/test.jsonl), then one the model saw.
+DEMO_PROMPTS := "What is the capital of Greece?" "What is the opposite of big?" "What is the capital of Lithuania?"
+
+.PHONY: venv demo test test-fast clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt training_code/requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: venv
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/ftstack validate examples/data/train.jsonl examples/data/test.jsonl
+	$(VENV)/bin/ftstack local --train examples/data/train.jsonl --test examples/data/test.jsonl \
+		--config examples/demo.yaml --nproc 2 --output $(DEMO_DIR)
+	$(VENV)/bin/ftstack generate $(DEMO_DIR)/model $(DEMO_PROMPTS)
+
+test: venv
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
