@@ -58,7 +58,9 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, trainer_state: di
     older checkpoints beyond ``keep`` and unfinished ones."""
     path = step_dir(folder, step)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd, "trainer": trainer_state}, checkpoint_id=str(path))
+    # The trainer state goes in as one JSON string: DCP flattens nested containers into keys, and
+    # a list that grows (the eval history) would then not match on load.
+    dcp.save({"model": model_sd, "optim": optim_sd, "trainer": json.dumps(trainer_state)}, checkpoint_id=str(path))
     rank = dist.get_rank()
     torch.save(_rng_state(), path / _rng_file(rank))
     dist.barrier()
@@ -81,14 +83,14 @@ def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
     state. Works with a different world size (DCP reshards); the RNG state is restored only when
     the world size is unchanged."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd, "trainer": {}}
+    state = {"model": model_sd, "optim": optim_sd, "trainer": ""}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = path / _rng_file(dist.get_rank())
     saved_world = json.loads((path / MARKER).read_text())["world_size"]
     if saved_world == dist.get_world_size() and rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
-    return state["trainer"]
+    return json.loads(state["trainer"])
 
 
 def _rng_state() -> dict[str, Any]:

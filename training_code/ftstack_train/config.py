@@ -158,7 +158,7 @@ ALIASES = {"seed": "global_seed"}
 IGNORED_PREFIXES = (
     "model.name", "model.config_overrides", "model.init_device", "tokenizer.kwargs", "train_loader", "eval_loader",
     "fsdp_config", "callbacks", "loggers", "progress_bar", "log_to_console", "python_log_level",
-    "max_split_size_mb", "autoresume", "save_overwrite", "eval_loader",
+    "max_split_size_mb", "autoresume", "save_overwrite",
 )
 """llm-foundry keys that have no effect here (data comes from the channels, FSDP is always full
 sharding with mixed precision as `precision` says, logging is fixed)."""
@@ -226,10 +226,11 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.export_dtype not in ("bf16", "fp16", "fp32"):
         fail("export.dtype", f"{cfg.export_dtype!r}: use bf16, fp16 or fp32")
     try:
-        if parse_size(cfg.export_max_shard_size) < 1:
-            fail("export.max_shard_size", "must be positive")
+        shard_bytes = parse_size(cfg.export_max_shard_size)
     except ValueError as exc:
         fail("export.max_shard_size", str(exc))
+    if shard_bytes < 1:
+        fail("export.max_shard_size", "must be positive, e.g. 5GB")
 
 
 @dataclass(frozen=True)
@@ -307,8 +308,13 @@ def _build(values: dict[str, _Value]) -> tuple[TrainConfig, list[str]]:
     for alias, key in ALIASES.items():
         if alias in values:
             aliased = values.pop(alias)
-            if key in values and _resolve(values, key) != _resolve({alias: aliased, **values}, alias):
-                raise ConfigError(f"{alias} ({aliased.origin}) and {key} disagree; set only {key}")
+            # Resolved before it stands in for `key`, so that `seed: ${global_seed}` is no self-reference.
+            aliased = _Value(_resolve({**values, alias: aliased}, alias), aliased.origin)
+            if key in values:
+                annotation = FIELDS[key].type
+                ours = _coerce(key, annotation, _resolve(values, key), values[key].origin)
+                if ours != _coerce(alias, annotation, aliased.value, aliased.origin):
+                    raise ConfigError(f"{alias} ({aliased.origin}) and {key} disagree; set only {key}")
             values.setdefault(key, aliased)
     ignored = sorted(k for k in values if k not in FIELDS and k.startswith(IGNORED_PREFIXES))
     unknown = sorted(k for k in values if k not in FIELDS and k not in ignored)
@@ -348,7 +354,7 @@ def _resolve(values: dict[str, _Value], key: str, seen: tuple[str, ...] = ()) ->
             if name in FIELDS:
                 default = FIELDS[name].default
                 return str(default) if isinstance(default, Duration) else default
-            raise ConfigError(f"{key} ({values[key].origin}): refers to ${{{name}}}, which is not a top-level key; define {name} or write the value")
+            raise ConfigError(f"{key} ({values[key].origin}): refers to ${{{name}}}, which is not set; write the value instead")
         return _resolve(values, name, seen + (key,))
 
     whole = _REF.fullmatch(value)
@@ -398,8 +404,8 @@ def _coerce(key: str, annotation: str, value: Any, origin: str) -> Any:
             raise bad("a single value")
         return str(value)
     if base == "Duration":
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = f"{value}ep"  # llm-foundry reads a bare number as epochs
+        if (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.strip().isdigit()):
+            value = f"{str(value).strip()}ep"  # llm-foundry reads a bare number as epochs
         try:
             return Duration.parse(str(value))
         except ValueError as exc:

@@ -69,19 +69,22 @@ class TokenizedSplit:
 
 
 def tokenize_files(
-    name: str, files: Sequence[Path], tokenizer, template: str, max_seq_len: int, max_dropped_fraction: float
+    name: str, files: Sequence[Path], tokenizer, template: str, max_seq_len: int, max_dropped_fraction: float,
+    base: Path | None = None,
 ) -> TokenizedSplit:
     """Reads (validating as it goes), tokenizes and truncates one split; raises DatasetError when
-    more than ``max_dropped_fraction`` of the examples cannot keep a single response token."""
+    more than ``max_dropped_fraction`` of the examples cannot keep a single response token.
+    Dropped examples are reported as ``file:line``, the file relative to ``base`` when given."""
     split = TokenizedSplit(name)
     for path in files:
+        shown = str(path.relative_to(base)) if base else path.name
         batch: list[Record] = []
         for record in read_records(path):
             batch.append(record)
             if len(batch) == 1024:
-                _tokenize_batch(split, path, batch, tokenizer, template, max_seq_len)
+                _tokenize_batch(split, shown, batch, tokenizer, template, max_seq_len)
                 batch = []
-        _tokenize_batch(split, path, batch, tokenizer, template, max_seq_len)
+        _tokenize_batch(split, shown, batch, tokenizer, template, max_seq_len)
     share = len(split.dropped) / max(split.records, 1)
     if share > max_dropped_fraction:
         raise DatasetError(
@@ -94,7 +97,7 @@ def tokenize_files(
     return split
 
 
-def _tokenize_batch(split: TokenizedSplit, path: Path, batch: list[Record], tokenizer, template: str, max_seq_len: int) -> None:
+def _tokenize_batch(split: TokenizedSplit, shown: str, batch: list[Record], tokenizer, template: str, max_seq_len: int) -> None:
     if not batch:
         return
     prompts = tokenizer([format_prompt(template, r.prompt) for r in batch], add_special_tokens=True)["input_ids"]
@@ -104,7 +107,7 @@ def _tokenize_batch(split: TokenizedSplit, path: Path, batch: list[Record], toke
         response = response + [tokenizer.eos_token_id]
         room = max_seq_len - len(prompt)
         if room <= 0:
-            split.dropped.append(f"{path.name}:{record.line}")
+            split.dropped.append(f"{shown}:{record.line}")
             continue
         if len(response) > room:
             response = response[:room]

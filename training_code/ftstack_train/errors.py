@@ -32,3 +32,7 @@ the trainers directly rather than through torchrun (which kills them after 30 s,
 
 STOPPED_FILE = "stopped"
 """Left in the pid folder by rank 0 when the run stopped on request after saving a checkpoint."""
+
+USER_ERROR_FILE = "user-error"
+"""Left in the pid folder by a training process that stopped on a user error (it has written the
+failure file and exits 0, so that torchrun does not print its traceback for the user's mistake)."""

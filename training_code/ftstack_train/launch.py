@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from .contract import CHECKPOINT_BASE_MODEL, TEST_CHANNEL, TINY_MODELS, TRAIN_CHANNEL, SageMakerPaths
-from .errors import ConfigError, EXIT_STOPPED, EXIT_USER_ERROR, PID_DIR_ENV, STOPPED_FILE, USER_ERRORS
+from .errors import EXIT_STOPPED, EXIT_USER_ERROR, PID_DIR_ENV, STOPPED_FILE, USER_ERROR_FILE, USER_ERRORS, ConfigError
 from .job import base_model_source, checkpoint_dir, load_job_config, write_failure
 from .validation import DataError, validate_files
 
@@ -82,6 +82,12 @@ def prepare(paths: SageMakerPaths) -> list[str]:
     from .model import make_tiny_model
 
     cfg, warnings = load_job_config(paths)
+    folder = checkpoint_dir(cfg, paths)
+    if not folder.resolve().is_relative_to(paths.checkpoints.resolve()):
+        warnings.append(
+            f"save_folder {cfg.save_folder} is outside {paths.checkpoints}: on SageMaker those checkpoints are not "
+            "synced to S3 and do not survive an interruption; leave save_folder empty to use the synced folder"
+        )
     for warning in warnings:
         print(f"warning: {warning}", flush=True)
     files = {}
@@ -104,7 +110,7 @@ def prepare(paths: SageMakerPaths) -> list[str]:
         )
         make_tiny_model(cfg.model, texts, source, cfg.seed)
         print(f"made a random {cfg.model} base model in {source}", flush=True)
-    checkpoint_dir(cfg, paths).mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     paths.model_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port() if len(hosts) == 1 else MULTI_NODE_PORT
     return torchrun_args(hosts, current, nproc, port)
@@ -134,6 +140,9 @@ def supervise(args: list[str]) -> int:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         stopped = (Path(pid_dir) / STOPPED_FILE).exists()
+        user_error = (Path(pid_dir) / USER_ERROR_FILE).exists()
+    if user_error:
+        return EXIT_USER_ERROR
     if proc.returncode == 0 and stopped:
         return EXIT_STOPPED
     return proc.returncode
@@ -155,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     paths = SageMakerPaths.from_env()
     if [a for a in argv if a != "train"]:
-        print(f"error: unexpected arguments {argv}; configure the job with hyperparameters or a config channel", file=sys.stderr)
+        message = f"unexpected arguments {argv}; configure the job with hyperparameters or a config channel"
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        write_failure(paths, message)
         return EXIT_USER_ERROR
     try:
         args = prepare(paths)
@@ -166,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     code = supervise(args)
     if code == EXIT_STOPPED:
         print("stopped on request after saving a checkpoint; start the same job again to resume", flush=True)
+    elif code == EXIT_USER_ERROR:
+        print("error: the run stopped on the problem above (also in the failure file)", file=sys.stderr, flush=True)
     elif code != 0:
         write_failure(paths, f"the training processes failed (exit code {code}); see the job's logs")
         print(f"error: training failed (exit code {code})", file=sys.stderr, flush=True)

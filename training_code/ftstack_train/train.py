@@ -14,7 +14,7 @@ import torch.distributed as dist
 from .contract import TEST_CHANNEL, TRAIN_CHANNEL, SageMakerPaths
 from .data import StepPlan, list_data_files, pack_rows, tokenize_files
 from .distributed import apply_fsdp, compute_dtype, init_distributed
-from .errors import EXIT_USER_ERROR, PID_DIR_ENV, STOPPED_FILE, USER_ERRORS
+from .errors import EXIT_USER_ERROR, PID_DIR_ENV, STOPPED_FILE, USER_ERROR_FILE, USER_ERRORS
 from .export import export_hf_model
 from .job import base_model_source, checkpoint_dir, load_job_config, write_failure
 from .model import load_model, load_tokenizer
@@ -30,8 +30,9 @@ def run(paths: SageMakerPaths, stop: StopRequested) -> bool:
     tokenizer = load_tokenizer(cfg.tokenizer or source)
     splits = {}
     for name in (TRAIN_CHANNEL, TEST_CHANNEL):
+        channel = paths.channel(name)
         splits[name] = tokenize_files(
-            name, list_data_files(paths.channel(name)), tokenizer, cfg.prompt_template, cfg.max_seq_len, cfg.max_dropped_fraction
+            name, list_data_files(channel), tokenizer, cfg.prompt_template, cfg.max_seq_len, cfg.max_dropped_fraction, channel
         )
         if d.is_main:
             print(splits[name].summary(), flush=True)
@@ -75,8 +76,11 @@ def main() -> int:
     except USER_ERRORS as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
-            write_failure(paths, str(exc))
+        write_failure(paths, str(exc))
         code = EXIT_USER_ERROR
+        if pid_dir:
+            Path(pid_dir, USER_ERROR_FILE).touch()
+            code = 0  # the launcher reports it; see USER_ERROR_FILE
     except Exception as exc:  # noqa: BLE001 - the failure file must name whatever happened
         traceback.print_exc()
         write_failure(paths, f"internal error on rank {rank}: {type(exc).__name__}: {exc} (see the job's logs)")
