@@ -8,7 +8,7 @@ DEMO_DIR := runs/demo
 # Held out from training (examples/data/test.jsonl), then one the model saw.
 DEMO_PROMPTS := "What is the capital of Greece?" "What is the opposite of big?" "What is the capital of Lithuania?"
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast docs clean
 
 venv: $(STAMP)
 
@@ -33,3 +33,6 @@ test-fast: venv
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+docs: venv
+	$(PY) scripts/update_readme.py

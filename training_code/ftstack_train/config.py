@@ -93,7 +93,7 @@ class TrainConfig:
     device_eval_batch_size: int = _key("device_eval_batch_size", "Rows per evaluation batch on one device.", default=8)
     optimizer: str = _key("optimizer.name", "`decoupled_adamw` or `adamw` (both run torch AdamW).", default="decoupled_adamw")
     lr: float = _key("optimizer.lr", "Peak learning rate.", default=5e-6)
-    betas: tuple[float, float] = _key("optimizer.betas", "AdamW betas, e.g. [0.9, 0.95].", default=(0.9, 0.95))
+    betas: tuple[float, float] = _key("optimizer.betas", "AdamW betas (the tutorial's by default).", default=(0.9, 0.999))
     eps: float = _key("optimizer.eps", "AdamW epsilon.", default=1e-8)
     weight_decay: float = _key("optimizer.weight_decay", "AdamW decoupled weight decay.", default=0.0)
     scheduler: str = _key(
@@ -116,8 +116,8 @@ class TrainConfig:
     )
     save_folder: str | None = _key(
         "save_folder",
-        "Checkpoint directory; empty means the SageMaker checkpoint directory, which is synced to S3 "
-        "and survives interruptions.",
+        "Checkpoint directory, relative to the SageMaker checkpoint directory (synced to S3, survives "
+        "interruptions); empty means that directory itself.",
         default=None,
     )
     save_interval: Duration = _key(
@@ -425,3 +425,15 @@ def _coerce(key: str, annotation: str, value: Any, origin: str) -> Any:
         except (TypeError, ValueError):
             raise bad("two numbers, e.g. [0.9, 0.95]") from None
     raise AssertionError(f"no coercion for {annotation}")
+
+
+def reference_table() -> str:
+    """The configuration reference as a Markdown table (the README embeds it; a test keeps the
+    two equal)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, f in FIELDS.items():
+        default = f.default
+        shown = "(empty)" if default is None else str(list(default)) if isinstance(default, tuple) else str(default)
+        shown = shown.replace("\n", "\\n")
+        lines.append(f"| `{key}` | `{shown}` | {f.metadata['doc']} |")
+    return "\n".join(lines)
