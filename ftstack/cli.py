@@ -8,6 +8,7 @@ needs no torch.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers' load reports and progress bars would bury the command's own output.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
     if args.command == "validate" and args.max_problems < 0:
         print("ftstack: error: --max-problems must be 0 or more", file=sys.stderr)

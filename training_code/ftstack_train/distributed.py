@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -45,6 +46,26 @@ def init_distributed(timeout_s: float) -> Dist:
         backend = "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None)
     return Dist(rank, world, local, device)
+
+
+def build_sharded_model(load, d: Dist, precision: str, activation_checkpointing: bool) -> torch.nn.Module:
+    """Loads the model on rank 0 only and broadcasts it into every rank's shards, so that a node's
+    host memory holds one full copy of the weights, not one per GPU.
+
+    ``load(empty)`` returns the model: with its weights on rank 0, on the meta device elsewhere.
+    """
+    model = load(empty=not d.is_main)
+    full = model.state_dict() if d.is_main else {}
+    apply_fsdp(model, d.device, precision, activation_checkpointing)
+    if not d.is_main:
+        model.to_empty(device=d.device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    # Buffers are not sharded and not all are in the state dict (rotary inv_freq is not
+    # persistent): rank 0's are the computed ones.
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+    return model
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:

@@ -32,9 +32,10 @@ def load_tokenizer(source: str):
     return tokenizer
 
 
-def load_model(source: str, pretrained: bool, vocab_size: int):
+def load_model(source: str, pretrained: bool, vocab_size: int, empty: bool = False):
     """The causal LM in fp32 (the master weights; FSDP casts for compute). MPT goes through
-    transformers' native ``MptForCausalLM``, never remote code."""
+    transformers' native ``MptForCausalLM``, never remote code. ``empty`` builds it on the meta
+    device, without weights or memory, for ranks that receive the weights by broadcast."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -47,7 +48,10 @@ def load_model(source: str, pretrained: bool, vocab_size: int):
     # MPT's native attention is eager only; the others take SDPA with our 4D mask.
     attn = "eager" if config.model_type == "mpt" else "sdpa"
     try:
-        if pretrained:
+        if empty:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+        elif pretrained:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation=attn)
         else:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
@@ -90,7 +94,7 @@ def make_tiny_model(kind: str, texts: Iterable[str], out_dir: Path, seed: int, v
     torch.manual_seed(seed)
     ids = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     if kind == "tiny-mpt":
-        model = MptForCausalLM(MptConfig(d_model=64, n_heads=4, n_layers=2, expansion_ratio=4, max_seq_len=2048, **ids))
+        model = MptForCausalLM(MptConfig(d_model=128, n_heads=4, n_layers=2, expansion_ratio=4, max_seq_len=2048, **ids))
     else:
         config = LlamaConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from .contract import TEST_CHANNEL, TRAIN_CHANNEL, SageMakerPaths
 from .data import StepPlan, list_data_files, pack_rows, tokenize_files
-from .distributed import apply_fsdp, compute_dtype, init_distributed
+from .distributed import build_sharded_model, compute_dtype, init_distributed
 from .errors import EXIT_USER_ERROR, PID_DIR_ENV, STOPPED_FILE, USER_ERROR_FILE, USER_ERRORS
 from .export import export_hf_model
 from .job import base_model_source, checkpoint_dir, load_job_config, write_failure
@@ -38,7 +38,9 @@ def run(paths: SageMakerPaths, stop: StopRequested) -> bool:
             print(splits[name].summary(), flush=True)
     rows = {name: pack_rows([len(a) for a in s.ids], cfg.max_seq_len, cfg.packing) for name, s in splits.items()}
     plan = StepPlan.from_config(cfg, d.world_size, d.device.type)
-    module = apply_fsdp(load_model(source, cfg.pretrained, len(tokenizer)), d.device, cfg.precision, cfg.activation_checkpointing)
+    module = build_sharded_model(
+        lambda empty: load_model(source, cfg.pretrained, len(tokenizer), empty), d, cfg.precision, cfg.activation_checkpointing
+    )
     model = Model(module, compute_dtype(cfg.precision, d.device), tokenizer.pad_token_id)
     optimizer = build_optimizer(module, cfg)
     result = train(
