@@ -18,7 +18,7 @@ EXIT_USAGE = 2
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own exit code 2, with our hint
         self.print_usage(sys.stderr)
-        print(f"ftstack: error: {message}; see ftstack {self.prog.split()[-1]} --help", file=sys.stderr)
+        print(f"ftstack: error: {message}; see {self.prog} --help", file=sys.stderr)
         sys.exit(EXIT_USAGE)
 
 

@@ -17,6 +17,8 @@ def generate(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[s
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"{model_dir}: no config.json; give the model folder of a finished run (e.g. runs/demo/model)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not tokenizer.chat_template:
+        raise ModelLoadError(f"{model_dir}: the tokenizer has no chat template; give a model exported by ftstack")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     completions = []
     for prompt in prompts:

@@ -95,8 +95,11 @@ def lay_out(run: LocalRun) -> SageMakerPaths:
     else:
         kept, held = hold_out(run.train, paths.channel(TRAIN_CHANNEL), paths.channel(TEST_CHANNEL))
         print(f"no --test file: held out every {HOLD_OUT_EVERY}th record of {run.train} for evaluation ({held} held out, {kept} kept)")
+    config_channel = paths.channel(CONFIG_CHANNEL)
     if run.config is not None:
-        _put(run.config, paths.channel(CONFIG_CHANNEL), "config.yaml")
+        _put(run.config, config_channel, "config.yaml")
+    elif config_channel.exists():
+        shutil.rmtree(config_channel)  # from an earlier run; the job would read it
     model_channel = paths.channel(MODEL_CHANNEL)
     if model_channel.is_symlink():
         model_channel.unlink()

@@ -155,45 +155,35 @@ def test_local_bad_override_key_suggests_the_right_one(tmp_path):
     assert not output.exists()
 
 
-@pytest.mark.parametrize("case, says", [
-    ("missing train", "--train {tmp}/missing.jsonl: no such file"),
-    ("missing test", "--test {tmp}/missing.jsonl: no such file"),
-    ("missing config", "--config {tmp}/missing.yaml: no such file"),
-    ("nproc 0", "--nproc 0: give at least 1 process"),
-    ("nproc -2", "--nproc -2: give at least 1 process"),
-    ("no equals", "'noequals': write overrides as key=value"),
-    ("empty key", "'=3': write overrides as key=value"),
-    ("bad value", "optimizer.lr (hyperparameter): 'fast' is not a number"),
-    ("missing model", "--model /does/not/exist: not a directory"),
-    ("model is a file", "--model {tmp}/train.jsonl: not a directory"),
-    ("bad yaml", "{tmp}/bad.yaml: line 3 is not valid YAML"),
-    ("yaml not a mapping", "{tmp}/list.yaml: the top level must be a mapping"),
-    ("unknown yaml key", "optimizer.lrr ({tmp}/typo.yaml): unknown key; did you mean 'optimizer.lr'?"),
-    ("too few records to hold out", "--train {tmp}/small.jsonl: 5 records are too few to hold out a test set; give --test"),
-])
-def test_local_user_error_is_one_line_and_writes_nothing(tmp_path, capsys, no_launch, case, says):
-    train = good_file(tmp_path)
+USER_ERRORS = {  # arguments after `ftstack local` -> the start of the one-line message
+    "missing train": (["--train", "{tmp}/missing.jsonl"], "--train {tmp}/missing.jsonl: no such file"),
+    "missing test": (["--test", "{tmp}/missing.jsonl"], "--test {tmp}/missing.jsonl: no such file"),
+    "missing config": (["--config", "{tmp}/missing.yaml"], "--config {tmp}/missing.yaml: no such file"),
+    "nproc 0": (["--nproc", "0"], "--nproc 0: give at least 1 process"),
+    "nproc -2": (["--nproc", "-2"], "--nproc -2: give at least 1 process"),
+    "no equals": (["optimizer.lr=1e-4", "noequals"], "'noequals': write overrides as key=value"),
+    "empty key": (["=3"], "'=3': write overrides as key=value"),
+    "bad value": (["optimizer.lr=fast"], "optimizer.lr (hyperparameter): 'fast' is not a number"),
+    "missing model": (["--model", "/does/not/exist"], "--model /does/not/exist: not a directory"),
+    "model is a file": (["--model", "{tmp}/train.jsonl"], "--model {tmp}/train.jsonl: not a directory"),
+    "bad yaml": (["--config", "{tmp}/bad.yaml"], "{tmp}/bad.yaml: line 3 is not valid YAML"),
+    "yaml not a mapping": (["--config", "{tmp}/list.yaml"], "{tmp}/list.yaml: the top level must be a mapping"),
+    "unknown yaml key": (["--config", "{tmp}/typo.yaml"], "optimizer.lrr ({tmp}/typo.yaml): unknown key; did you mean 'optimizer.lr'?"),
+    "too few to hold out": (["--train", "{tmp}/small.jsonl"], "--train {tmp}/small.jsonl: 5 records are too few to hold out a test set; give --test"),
+}
+
+
+@pytest.mark.parametrize("case", USER_ERRORS)
+def test_local_user_error_is_one_line_and_writes_nothing(tmp_path, capsys, no_launch, case):
     write(tmp_path / "bad.yaml", b"optimizer:\n  lr: [1e-4\nrun_name: x\n")
     write(tmp_path / "list.yaml", b"- a\n- b\n")
     write(tmp_path / "typo.yaml", b"optimizer:\n  lrr: 1e-4\n")
-    small = good_file(tmp_path, "small.jsonl", 5)
+    good_file(tmp_path, "small.jsonl", 5)
+    args, says = USER_ERRORS[case]
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    if "--train" not in args:
+        args += ["--train", str(good_file(tmp_path))]
     output = tmp_path / "run"
-    args = {
-        "missing train": ["--train", str(tmp_path / "missing.jsonl")],
-        "missing test": ["--train", str(train), "--test", str(tmp_path / "missing.jsonl")],
-        "missing config": ["--train", str(train), "--config", str(tmp_path / "missing.yaml")],
-        "nproc 0": ["--train", str(train), "--nproc", "0"],
-        "nproc -2": ["--train", str(train), "--nproc", "-2"],
-        "no equals": ["--train", str(train), "optimizer.lr=1e-4", "noequals"],
-        "empty key": ["--train", str(train), "=3"],
-        "bad value": ["--train", str(train), "optimizer.lr=fast"],
-        "missing model": ["--train", str(train), "--model", "/does/not/exist"],
-        "model is a file": ["--train", str(train), "--model", str(train)],
-        "bad yaml": ["--train", str(train), "--config", str(tmp_path / "bad.yaml")],
-        "yaml not a mapping": ["--train", str(train), "--config", str(tmp_path / "list.yaml")],
-        "unknown yaml key": ["--train", str(train), "--config", str(tmp_path / "typo.yaml")],
-        "too few records to hold out": ["--train", str(small)],
-    }[case]
     assert main(["local", *args, "--output", str(output)]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith(f"ftstack: error: {says.format(tmp=tmp_path)}"), captured.err

@@ -37,7 +37,9 @@ def is_complete(path: Path) -> bool:
     """True when the marker exists and every file it lists is present."""
     try:
         listed = json.loads((path / MARKER).read_text())["files"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
         return False
     return all((path / name).is_file() for name in listed)
 

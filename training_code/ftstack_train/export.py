@@ -19,7 +19,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
-from .config import TrainConfig
+from .config import TEMPLATE_FIELD, TrainConfig
+from .contract import METRICS_FILE
 from .data import format_prompt
 from .modelcard import render_model_card
 
@@ -30,7 +31,8 @@ STAGING = ".ftstack-export"
 def chat_template(prompt_template: str, bos_token: str | None) -> str:
     """A Jinja chat template that renders a user message exactly as training formatted prompts
     (and an assistant message as the response plus EOS), so inference matches training."""
-    prefix, suffix = (json.dumps(part) for part in prompt_template.split("{question}", 1))
+    # ensure_ascii=False: Jinja decodes a \ud83e\udd16 escape pair as two lone surrogates.
+    prefix, suffix = (json.dumps(part, ensure_ascii=False) for part in prompt_template.split(TEMPLATE_FIELD, 1))
     bos = "{{ bos_token }}" if bos_token else ""
     return (
         "{%- for message in messages -%}"
@@ -140,6 +142,6 @@ def _write_metadata(model, tokenizer, cfg: TrainConfig, out: Path, dtype: torch.
     generation.save_pretrained(out)
     tokenizer.chat_template = chat_template(cfg.prompt_template, tokenizer.bos_token if adds_bos(tokenizer) else None)
     tokenizer.save_pretrained(out)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     example = format_prompt(cfg.prompt_template, "<your question>")
     (out / "README.md").write_text(render_model_card(cfg, metrics, lineage, example))

@@ -8,6 +8,11 @@ from typing import Any
 from .config import TrainConfig
 
 
+def _block(text: str) -> str:
+    """Text for a fenced block: the closing fence must start a line of its own."""
+    return text if text.endswith("\n") else text + "\n"
+
+
 def render_model_card(cfg: TrainConfig, metrics: dict[str, Any], lineage: dict[str, Any], example_prompt: str) -> str:
     """Markdown with the base model, data, results, the prompt template and how to use it."""
     final = metrics.get("final", {})
@@ -35,7 +40,7 @@ chat template reproduces it, so `apply_chat_template` with one user message form
 exactly as training did; generation stops at the EOS token.
 
 ```text
-{cfg.prompt_template}```
+{_block(cfg.prompt_template)}```
 
 ## Use
 
@@ -53,7 +58,7 @@ print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=T
 The formatted prompt looks like this:
 
 ```text
-{example_prompt}```
+{_block(example_prompt)}```
 
 ## Training
 
