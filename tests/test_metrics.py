@@ -160,3 +160,14 @@ def test_perplexity_of_a_huge_cross_entropy_is_inf_not_an_overflow(cross_entropy
 
 def test_perplexity_of_nan_is_nan():
     assert math.isnan(perplexity(math.nan))
+
+
+def test_json_safe_makes_metrics_strict_json():
+    import json
+
+    from ftstack_train.metrics import json_safe
+
+    doc = {"final": {"eval_perplexity": float("inf"), "train_cross_entropy": float("nan"), "step": 3}, "history": [{"x": 1.5}]}
+    assert json.loads(json.dumps(json_safe(doc), allow_nan=False)) == {
+        "final": {"eval_perplexity": None, "train_cross_entropy": None, "step": 3}, "history": [{"x": 1.5}]
+    }

@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from .config import TEMPLATE_FIELD, TrainConfig
 from .contract import METRICS_FILE
+from .metrics import json_safe
 from .data import format_prompt
 from .modelcard import render_model_card
 
@@ -142,6 +143,6 @@ def _write_metadata(model, tokenizer, cfg: TrainConfig, out: Path, dtype: torch.
     generation.save_pretrained(out)
     tokenizer.chat_template = chat_template(cfg.prompt_template, tokenizer.bos_token if adds_bos(tokenizer) else None)
     tokenizer.save_pretrained(out)
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    (out / METRICS_FILE).write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
     example = format_prompt(cfg.prompt_template, "<your question>")
     (out / "README.md").write_text(render_model_card(cfg, metrics, lineage, example))

@@ -81,3 +81,15 @@ def parse_line(line: str) -> tuple[str, dict[str, float]] | None:
         name, _, text = pair.partition("=")
         values[name] = float(text)
     return kind, values
+
+
+def json_safe(value):
+    """``value`` with every non-finite float replaced by None: metrics.json must be strict JSON
+    (Step Functions' StringToJson rejects NaN and Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

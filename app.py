@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""The CDK app: read the configuration from context, resolve the images, create the stack, and
+check it with cdk-nag's AWS Solutions rules (a finding fails the synth)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import aws_cdk as cdk
+from cdk_nag import AwsSolutionsChecks
+
+from infra.config import CONTEXT_KEYS, InfraConfigError, load_config
+from infra.images import inference_image, training_base_image
+from infra.stack import FineTuningStack
+
+
+def build_app(app: cdk.App) -> FineTuningStack:
+    """Creates the stack on ``app`` from its context; raises InfraConfigError on bad values."""
+    context = {key: app.node.try_get_context(key) for key in CONTEXT_KEYS}
+    config = load_config(context)
+    base = config.base_image or training_base_image(config.region, config.pytorch_version, config.python_version)
+    inference = config.inference_image or inference_image(config.region)
+    account = os.environ.get("CDK_DEFAULT_ACCOUNT")
+    stack = FineTuningStack(
+        app, config.stack_name, config=config, base_image=base, inference_image=inference,
+        env=cdk.Environment(account=account, region=config.region),
+        description="ftstack: fine-tune Hugging Face causal LMs on SageMaker",
+    )
+    cdk.Validations.of(app).add_plugins(AwsSolutionsChecks(app))
+    return stack
+
+
+def main() -> int:
+    app = cdk.App()
+    try:
+        build_app(app)
+    except InfraConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    app.synth()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

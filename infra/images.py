@@ -1,0 +1,64 @@
+"""The AWS container images for a region, resolved offline from the image tables that the pinned
+sagemaker-core ships (no AWS call, no network). ``app.py`` calls these only when the ``base_image``
+or ``inference_image`` context key is empty; a failed lookup names the key to set."""
+
+from __future__ import annotations
+
+import re
+
+from .config import InfraConfigError
+
+# The instance families that decide the image's processor (gpu) and its CUDA build.
+_TRAINING_INSTANCE = "ml.p4d.24xlarge"
+_INFERENCE_INSTANCE = "ml.g5.2xlarge"
+# sagemaker-core suggests `pip install -U sagemaker`; here the fix is a context key.
+_UPGRADE_HINT = re.compile(r"\s*You may need to upgrade your SDK version \(pip install -U sagemaker\)[^.]*\.")
+
+
+def training_base_image(region: str, pytorch_version: str, python_version: str) -> str:
+    """The AWS Deep Learning Container for PyTorch GPU training in ``region``, e.g.
+    ``763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.8-gpu-py312``."""
+    for key, value in (("pytorch_version", pytorch_version), ("python_version", python_version)):
+        if not value.strip():
+            raise InfraConfigError(
+                f"context key {key!r}: must not be empty; give a version (e.g. 2.8 and py312) or set 'base_image'"
+            )
+    from sagemaker.core import image_uris  # several seconds to import: only when needed
+
+    try:
+        return image_uris.retrieve(
+            framework="pytorch",
+            region=region,
+            version=pytorch_version,
+            py_version=python_version,
+            instance_type=_TRAINING_INSTANCE,
+            image_scope="training",
+        )
+    except (ValueError, KeyError) as err:
+        reason = _UPGRADE_HINT.sub("", str(err)).rstrip(".")
+        key = "python_version" if "Python version" in reason else "region" if "region" in reason else "pytorch_version"
+        raise InfraConfigError(
+            f"context key {key!r}: no AWS PyTorch training image for PyTorch {pytorch_version!r}, "
+            f"{python_version!r} in {region!r} ({reason}). Choose a supported value, or set 'base_image' "
+            "to a training image URI."
+        ) from None
+
+
+def inference_image(region: str) -> str:
+    """The Hugging Face LLM inference image (Text Generation Inference, GPU) in ``region``: the
+    newest version listed by the pinned sagemaker-core."""
+    from sagemaker.core import image_uris  # several seconds to import: only when needed
+
+    try:
+        return image_uris.retrieve(
+            framework="huggingface-llm",
+            region=region,
+            instance_type=_INFERENCE_INSTANCE,
+            image_scope="inference",
+        )
+    except (ValueError, KeyError) as err:
+        reason = _UPGRADE_HINT.sub("", str(err)).rstrip(".")
+        raise InfraConfigError(
+            f"context key 'inference_image': no Hugging Face LLM inference image for {region!r} "
+            f"({reason}). Set 'inference_image' to an inference image URI."
+        ) from None

@@ -1,0 +1,38 @@
+"""Where things live in the stack's bucket. Standard library only: the CDK constructs, the
+data-staging Lambda and the tests all import it.
+
+S3 lifecycle rules can only match a key prefix, not ``executions/*/checkpoints/``, so what must
+expire (staged data, checkpoints) lives under ``scratch/`` and what must stay (models) under
+``executions/``.
+"""
+
+from __future__ import annotations
+
+INCOMING = "incoming/"
+"""Users upload training and test data here; the workflow reads only from here."""
+
+EXECUTIONS = "executions/"
+"""Exported models, one folder per execution; never expired."""
+
+SCRATCH = "scratch/"
+"""Staged data and checkpoints, one folder per execution; expired by a lifecycle rule."""
+
+BASE_MODELS = "base-models/"
+"""Base models uploaded to S3 (for jobs without network access)."""
+
+
+def staged_data_prefix(execution: str, channel: str) -> str:
+    """``scratch/<execution>/data/<channel>/``: the job's input channel."""
+    return f"{SCRATCH}{execution}/data/{channel}/"
+
+
+def checkpoint_prefix(execution: str) -> str:
+    """``scratch/<execution>/checkpoints/``: SageMaker syncs the job's checkpoints here; every
+    attempt of one execution shares it, so a retry on another instance type resumes."""
+    return f"{SCRATCH}{execution}/checkpoints/"
+
+
+def model_prefix(execution: str) -> str:
+    """``executions/<execution>/model/``: the job's output path; SageMaker writes the
+    uncompressed model under ``<job name>/output/model/``."""
+    return f"{EXECUTIONS}{execution}/model/"

@@ -1,0 +1,110 @@
+"""The stack's storage: one KMS key, the data bucket and the bucket that receives its access logs.
+
+The bucket's prefixes come from ``infra.layout`` (re-exported here): ``incoming/`` and
+``executions/`` (uploads and models) are kept; ``scratch/<execution>/`` (staged data, checkpoints)
+expires after ``scratch_days``. S3 lifecycle filters match key prefixes only, which is why
+everything that may expire lives under that one prefix.
+"""
+
+from __future__ import annotations
+
+import aws_cdk as cdk
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_s3 as s3
+from constructs import Construct
+
+from .layout import EXECUTIONS, INCOMING, SCRATCH
+
+__all__ = [
+    "ACCESS_LOG_DAYS", "ACCESS_LOG_PREFIX", "EXECUTIONS", "INCOMING", "INCOMPLETE_UPLOAD_DAYS",
+    "NONCURRENT_VERSION_DAYS", "SCRATCH", "Storage",
+]
+
+NONCURRENT_VERSION_DAYS = 30
+INCOMPLETE_UPLOAD_DAYS = 7
+ACCESS_LOG_DAYS = 365
+ACCESS_LOG_PREFIX = "bucket/"
+
+# With this flag off CDK grants log delivery through an ACL, which needs ACLs enabled on the log
+# bucket; with it on, through a bucket policy. Set here so the result does not depend on cdk.json.
+_LOGS_USE_BUCKET_POLICY = "@aws-cdk/aws-s3:serverAccessLogsUseBucketPolicy"
+
+
+def _secure_bucket_defaults() -> dict:
+    """What every bucket of the stack has: SSL only, no public access, no ACLs, versioning."""
+    return dict(
+        enforce_ssl=True,
+        block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
+        object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
+        versioned=True,
+    )
+
+
+class Storage(Construct):
+    """The data bucket (SSE-KMS, always retained), its key and its access-log bucket.
+
+    ``removal_policy`` applies to the access-log bucket only (``DESTROY`` empties it first). The
+    data bucket and the key are always retained: models must survive a stack deletion, and a
+    retained bucket is unreadable once its key is deleted.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        removal_policy: cdk.RemovalPolicy,
+        scratch_days: int = 14,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        if scratch_days < 1:
+            raise ValueError(f"scratch_days must be at least 1, got {scratch_days}")
+        self.node.set_context(_LOGS_USE_BUCKET_POLICY, True)
+
+        self.key = kms.Key(
+            self,
+            "Key",
+            description=f"{cdk.Stack.of(self).stack_name}: the data bucket (datasets, checkpoints, models) and notifications",
+            alias=f"alias/{cdk.Stack.of(self).stack_name}/data",
+            enable_key_rotation=True,
+            removal_policy=cdk.RemovalPolicy.RETAIN,
+        )
+        # Server access logs can only be delivered to a bucket with S3-managed encryption.
+        self.access_logs = s3.Bucket(
+            self,
+            "AccessLogs",
+            encryption=s3.BucketEncryption.S3_MANAGED,
+            lifecycle_rules=[
+                s3.LifecycleRule(
+                    id="ExpireAccessLogs",
+                    expiration=cdk.Duration.days(ACCESS_LOG_DAYS),
+                    noncurrent_version_expiration=cdk.Duration.days(NONCURRENT_VERSION_DAYS),
+                )
+            ],
+            removal_policy=removal_policy,
+            auto_delete_objects=removal_policy == cdk.RemovalPolicy.DESTROY,
+            **_secure_bucket_defaults(),
+        )
+        self.bucket = s3.Bucket(
+            self,
+            "Bucket",
+            encryption=s3.BucketEncryption.KMS,
+            encryption_key=self.key,
+            bucket_key_enabled=True,
+            server_access_logs_bucket=self.access_logs,
+            server_access_logs_prefix=ACCESS_LOG_PREFIX,
+            lifecycle_rules=[
+                s3.LifecycleRule(id="ExpireScratch", prefix=SCRATCH, expiration=cdk.Duration.days(scratch_days)),
+                s3.LifecycleRule(
+                    id="ExpireNoncurrentVersions",
+                    noncurrent_version_expiration=cdk.Duration.days(NONCURRENT_VERSION_DAYS),
+                    expired_object_delete_marker=True,
+                ),
+                s3.LifecycleRule(
+                    id="AbortIncompleteUploads",
+                    abort_incomplete_multipart_upload_after=cdk.Duration.days(INCOMPLETE_UPLOAD_DAYS),
+                ),
+            ],
+            removal_policy=cdk.RemovalPolicy.RETAIN,
+            **_secure_bucket_defaults(),
+        )

@@ -1,0 +1,67 @@
+"""The region's AWS images, resolved offline by the pinned sagemaker-core."""
+
+from __future__ import annotations
+
+import re
+import socket
+
+import pytest
+
+from infra.config import InfraConfig, InfraConfigError
+from infra.images import inference_image, training_base_image
+
+TGI = re.compile(
+    r"^763104351884\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com/huggingface-pytorch-tgi-inference:"
+    r"(?P<tag>[\w.]+-tgi[\w.]+-gpu-py3\d+-cu\d+-ubuntu[\d.]+)$"
+)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Any network connection fails the test: the lookups must come from the installed tables."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("image lookup tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.parametrize("region", ["us-east-1", "eu-west-1"])
+def test_training_base_image(region):
+    assert training_base_image(region, "2.8", "py312") == (
+        f"763104351884.dkr.ecr.{region}.amazonaws.com/pytorch-training:2.8-gpu-py312"
+    )
+
+
+def test_config_defaults_resolve():
+    config = InfraConfig()
+    assert training_base_image(config.region, config.pytorch_version, config.python_version).endswith(
+        f"/pytorch-training:{config.pytorch_version}-gpu-{config.python_version}"
+    )
+
+
+def test_inference_image_is_the_same_tgi_release_in_every_region():
+    east, west = (TGI.match(inference_image(region)) for region in ("us-east-1", "eu-west-1"))
+    assert east and west
+    assert (east["region"], west["region"]) == ("us-east-1", "eu-west-1")
+    assert east["tag"] == west["tag"]
+
+
+@pytest.mark.parametrize("args, key", [
+    (("us-east-1", "9.9", "py312"), "pytorch_version"),
+    (("us-east-1", "2.8", "py27"), "python_version"),
+    (("us-east-1", "", "py312"), "pytorch_version"),
+    (("us-east-1", "2.8", " "), "python_version"),
+    (("xx-nowhere-1", "2.8", "py312"), "region"),
+])
+def test_training_lookup_failure_names_the_key(args, key):
+    with pytest.raises(InfraConfigError, match=f"context key '{key}'") as failure:
+        training_base_image(*args)
+    assert "base_image" in str(failure.value)
+    assert "pip install" not in str(failure.value)
+
+
+def test_inference_lookup_failure_names_the_key():
+    with pytest.raises(InfraConfigError, match="context key 'inference_image'.*xx-nowhere-1"):
+        inference_image("xx-nowhere-1")

@@ -1,0 +1,179 @@
+"""The Storage construct: key, data bucket and access-log bucket, on bare stacks."""
+
+from __future__ import annotations
+
+import aws_cdk as cdk
+import pytest
+from aws_cdk.assertions import Match, Template
+
+from infra import layout, storage
+from infra.storage import Storage
+
+BLOCK_ALL = {"BlockPublicAcls": True, "BlockPublicPolicy": True, "IgnorePublicAcls": True, "RestrictPublicBuckets": True}
+
+
+@pytest.fixture(scope="module")
+def built(new_stack):
+    """One app with a retaining stack (default scratch_days) and a destroying one (7 days)."""
+    app, retain = new_stack("Retain")
+    _, destroy = new_stack("Destroy", app)
+    Storage(retain, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN)
+    Storage(destroy, "Storage", removal_policy=cdk.RemovalPolicy.DESTROY, scratch_days=7)
+    return app, {"retain": Template.from_stack(retain), "destroy": Template.from_stack(destroy)}
+
+
+@pytest.fixture(scope="module")
+def templates(built):
+    return built[1]
+
+
+def only(resources: dict) -> str:
+    """The logical id of the single resource found (looked up, never hard-coded)."""
+    assert len(resources) == 1, resources
+    return next(iter(resources))
+
+
+def bucket_ids(template: Template) -> tuple[str, str]:
+    """(data bucket, access-log bucket), told apart by their encryption."""
+    data = only(template.find_resources("AWS::S3::Bucket", {"Properties": {"BucketEncryption": {
+        "ServerSideEncryptionConfiguration": [Match.object_like({"ServerSideEncryptionByDefault": Match.object_like({"SSEAlgorithm": "aws:kms"})})]}}}))
+    logs = only(template.find_resources("AWS::S3::Bucket", {"Properties": {"BucketEncryption": {
+        "ServerSideEncryptionConfiguration": [{"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]}}}))
+    return data, logs
+
+
+def lifecycle_rules(template: Template, bucket_id: str) -> list[dict]:
+    return template.to_json()["Resources"][bucket_id]["Properties"]["LifecycleConfiguration"]["Rules"]
+
+
+def test_prefixes_are_the_layout_ones():
+    assert (storage.INCOMING, storage.EXECUTIONS, storage.SCRATCH) == (layout.INCOMING, layout.EXECUTIONS, layout.SCRATCH)
+    assert (storage.INCOMING, storage.EXECUTIONS, storage.SCRATCH) == ("incoming/", "executions/", "scratch/")
+
+
+def test_key_rotates_has_an_alias_and_is_always_retained(templates):
+    for name, template in templates.items():
+        template.resource_count_is("AWS::KMS::Key", 1)
+        template.has_resource("AWS::KMS::Key", {
+            "Properties": Match.object_like({"EnableKeyRotation": True, "Description": Match.string_like_regexp("data bucket")}),
+            "DeletionPolicy": "Retain", "UpdateReplacePolicy": "Retain",
+        })
+        key = only(template.find_resources("AWS::KMS::Key"))
+        template.has_resource_properties("AWS::KMS::Alias", {
+            "AliasName": f"alias/{name.capitalize()}/data", "TargetKeyId": {"Fn::GetAtt": [key, "Arn"]},
+        })
+
+
+def test_data_bucket_is_encrypted_with_the_key_and_a_bucket_key(templates):
+    template = templates["retain"]
+    key = only(template.find_resources("AWS::KMS::Key"))
+    template.has_resource_properties("AWS::S3::Bucket", {"BucketEncryption": {"ServerSideEncryptionConfiguration": [{
+        "BucketKeyEnabled": True,
+        "ServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": {"Fn::GetAtt": [key, "Arn"]}},
+    }]}})
+
+
+def test_access_log_bucket_uses_s3_managed_encryption(templates):
+    templates["retain"].has_resource_properties("AWS::S3::Bucket", {"BucketEncryption": {
+        "ServerSideEncryptionConfiguration": [{"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]}})
+
+
+def test_both_buckets_block_public_access_disable_acls_and_are_versioned(templates):
+    template = templates["retain"]
+    template.resource_count_is("AWS::S3::Bucket", 2)
+    template.resource_properties_count_is("AWS::S3::Bucket", {"PublicAccessBlockConfiguration": BLOCK_ALL}, 2)
+    template.resource_properties_count_is("AWS::S3::Bucket", {"VersioningConfiguration": {"Status": "Enabled"}}, 2)
+    template.resource_properties_count_is(
+        "AWS::S3::Bucket", {"OwnershipControls": {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]}}, 2
+    )
+
+
+def test_both_buckets_deny_requests_without_tls(templates):
+    template = templates["retain"]
+    for bucket in bucket_ids(template):
+        template.has_resource_properties("AWS::S3::BucketPolicy", {
+            "Bucket": {"Ref": bucket},
+            "PolicyDocument": {"Statement": Match.array_with([Match.object_like({
+                "Effect": "Deny", "Action": "s3:*", "Principal": {"AWS": "*"},
+                "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+            })])},
+        })
+
+
+def test_data_bucket_logs_to_the_log_bucket_through_a_bucket_policy(templates):
+    template = templates["retain"]
+    data, logs = bucket_ids(template)
+    template.has_resource_properties("AWS::S3::Bucket", {
+        "LoggingConfiguration": {"DestinationBucketName": {"Ref": logs}, "LogFilePrefix": "bucket/"},
+    })
+    template.has_resource_properties("AWS::S3::BucketPolicy", {
+        "Bucket": {"Ref": logs},
+        "PolicyDocument": {"Statement": Match.array_with([Match.object_like({
+            "Effect": "Allow", "Action": "s3:PutObject", "Principal": {"Service": "logging.s3.amazonaws.com"},
+            "Condition": Match.object_like({"ArnLike": {"aws:SourceArn": {"Fn::GetAtt": [data, "Arn"]}}}),
+        })])},
+    })
+    assert "LoggingConfiguration" not in template.to_json()["Resources"][logs]["Properties"]
+
+
+@pytest.mark.parametrize("name, days", [("retain", 14), ("destroy", 7)])
+def test_scratch_expires_after_scratch_days(templates, name, days):
+    templates[name].has_resource_properties("AWS::S3::Bucket", {"LifecycleConfiguration": {"Rules": Match.array_with([
+        {"Id": "ExpireScratch", "Prefix": "scratch/", "ExpirationInDays": days, "Status": "Enabled"},
+    ])}})
+
+
+def test_noncurrent_versions_and_incomplete_uploads_are_cleaned_up(templates):
+    templates["retain"].has_resource_properties("AWS::S3::Bucket", {"LifecycleConfiguration": {"Rules": Match.array_with([
+        {"Id": "ExpireNoncurrentVersions", "NoncurrentVersionExpiration": {"NoncurrentDays": 30},
+         "ExpiredObjectDeleteMarker": True, "Status": "Enabled"},
+        {"Id": "AbortIncompleteUploads", "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 7}, "Status": "Enabled"},
+    ])}})
+
+
+def test_only_scratch_expires_in_the_data_bucket(templates):
+    template = templates["retain"]
+    data, _ = bucket_ids(template)
+    rules = lifecycle_rules(template, data)
+    expiring = [rule for rule in rules if "ExpirationInDays" in rule or "ExpirationDate" in rule or "Transitions" in rule]
+    assert [rule.get("Prefix") for rule in expiring] == ["scratch/"]
+    assert not any("Filter" in rule for rule in rules)
+
+
+def test_access_logs_expire_after_a_year(templates):
+    templates["retain"].has_resource_properties("AWS::S3::Bucket", {"LifecycleConfiguration": {"Rules": [
+        {"Id": "ExpireAccessLogs", "ExpirationInDays": 365, "NoncurrentVersionExpiration": {"NoncurrentDays": 30}, "Status": "Enabled"},
+    ]}})
+
+
+@pytest.mark.parametrize("name", ["retain", "destroy"])
+def test_data_bucket_is_always_retained_and_never_emptied(templates, name):
+    template = templates[name]
+    data, _ = bucket_ids(template)
+    resource = template.to_json()["Resources"][data]
+    assert (resource["DeletionPolicy"], resource["UpdateReplacePolicy"]) == ("Retain", "Retain")
+    assert "Tags" not in resource["Properties"]  # aws-cdk:auto-delete-objects would be tagged here
+    template.resource_properties_count_is("Custom::S3AutoDeleteObjects", {"BucketName": {"Ref": data}}, 0)
+
+
+def test_access_log_bucket_follows_the_removal_policy(templates):
+    retain, destroy = templates["retain"], templates["destroy"]
+    _, logs = bucket_ids(retain)
+    assert retain.to_json()["Resources"][logs]["DeletionPolicy"] == "Retain"
+    retain.resource_count_is("Custom::S3AutoDeleteObjects", 0)
+    _, logs = bucket_ids(destroy)
+    assert destroy.to_json()["Resources"][logs]["DeletionPolicy"] == "Delete"
+    # A deleted bucket must be empty: DESTROY empties the log bucket first.
+    destroy.has_resource_properties("Custom::S3AutoDeleteObjects", {"BucketName": {"Ref": logs}})
+    destroy.resource_count_is("Custom::S3AutoDeleteObjects", 1)
+
+
+def test_scratch_days_must_be_positive(new_stack):
+    _, stack = new_stack()
+    with pytest.raises(ValueError, match="scratch_days"):
+        Storage(stack, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN, scratch_days=0)
+
+
+def test_no_unacknowledged_cdk_nag_findings(built, nag_findings):
+    app, _ = built
+    assert nag_findings(app) == []

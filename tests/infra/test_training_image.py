@@ -1,0 +1,76 @@
+"""The TrainingImage construct: a linux/amd64 Docker image asset built on the given base image.
+
+Synth stages the asset without Docker; the build settings are checked in the asset manifest that
+``cdk deploy`` reads (``<stack>.assets.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import aws_cdk as cdk
+import pytest
+from aws_cdk.assertions import Template
+
+from infra.training_image import TrainingImage
+
+TRAINING_CODE = Path(__file__).resolve().parents[2] / "training_code"
+BASE = "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.8-gpu-py312"
+
+
+@pytest.fixture(scope="module")
+def built(new_stack):
+    app, stack = new_stack("Image")
+    image = TrainingImage(stack, "TrainingImage", directory=str(TRAINING_CODE), base_image=BASE)
+    cdk.CfnOutput(stack, "ImageUri", value=image.image_uri)
+    assembly = app.synth()
+    manifest = json.loads((Path(assembly.directory) / "Image.assets.json").read_text())
+    return app, image, assembly, manifest, Template.from_stack(stack)
+
+
+def docker_image(manifest: dict) -> dict:
+    (entry,) = manifest["dockerImages"].values()
+    return entry
+
+
+def test_asset_builds_for_amd64_on_the_base_image(built):
+    source = docker_image(built[3])["source"]
+    assert source["platform"] == "linux/amd64"
+    assert source["dockerBuildArgs"] == {"BASE_IMAGE": BASE}
+
+
+def test_build_context_is_training_code_without_caches(built):
+    _, _, assembly, manifest, _ = built
+    staged = Path(assembly.directory) / docker_image(manifest)["source"]["directory"]
+    assert (staged / "Dockerfile").read_text() == (TRAINING_CODE / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE" in (staged / "Dockerfile").read_text()
+    assert not list(staged.rglob("__pycache__"))
+
+
+def test_image_goes_to_the_bootstrap_repository(built):
+    _, image, _, manifest, template = built
+    (destination,) = docker_image(manifest)["destinations"].values()
+    assert destination["repositoryName"] == "cdk-hnb659fds-container-assets-123456789012-us-east-1"
+    assert destination["imageTag"] == image.asset.asset_hash
+    template.resource_count_is("AWS::ECR::Repository", 0)
+    template.has_output("ImageUri", {"Value": {"Fn::Sub": (
+        f"123456789012.dkr.ecr.us-east-1.${{AWS::URLSuffix}}/cdk-hnb659fds-container-assets-123456789012-us-east-1:"
+        f"{image.asset.asset_hash}")}})
+
+
+def test_attributes(built):
+    _, image, _, _, _ = built
+    assert image.image_uri == image.asset.image_uri
+    assert image.image_tag == image.asset.image_tag
+    assert image.repository is image.asset.repository
+
+
+def test_empty_base_image_is_rejected(new_stack):
+    _, stack = new_stack()
+    with pytest.raises(ValueError, match="base_image"):
+        TrainingImage(stack, "TrainingImage", directory=str(TRAINING_CODE), base_image=" ")
+
+
+def test_no_unacknowledged_cdk_nag_findings(built, nag_findings):
+    assert nag_findings(built[0]) == []
