@@ -48,7 +48,7 @@ class InfraConfig:
     model_approval_status: str = _doc("Status of newly registered models: PendingManualApproval or Approved.", default="PendingManualApproval")
     quality_threshold: float | None = _doc("Highest final eval cross-entropy a model may have to be registered; empty: no gate.", default=None)
     notification_emails: tuple[str, ...] = _doc("E-mail addresses subscribed to run notifications.", default=())
-    removal_policy: str = _doc("retain or destroy for the bucket and key when the stack is deleted (models are always retained).", default="retain")
+    removal_policy: str = _doc("retain or destroy for the access-log bucket when the stack is deleted; the data bucket and its key are always retained (they hold the models).", default="retain")
     base_image: str | None = _doc("Training base image URI; empty: the AWS PyTorch training image for the region.", default=None)
     pytorch_version: str = _doc("PyTorch version of the resolved training base image.", default="2.8")
     python_version: str = _doc("Python version of the resolved training base image.", default="py312")

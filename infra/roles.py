@@ -11,6 +11,7 @@ from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from . import layout
+from .nag import acknowledge, arn_in_finding, arn_of, grant_wildcards, wildcard
 
 TRAINING_LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 METRICS_NAMESPACE = "/aws/sagemaker/TrainingJobs"
@@ -48,3 +49,17 @@ class TrainingRole(Construct):
                          "ec2:DescribeDhcpOptions", "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"],
                 resources=["*"],
             ))
+        bucket_arn = arn_of(bucket)
+        acknowledge(self.role, grant_wildcards(
+            "Action::s3:GetObject*", "Action::s3:GetBucket*", "Action::s3:List*", "Action::s3:Abort*",
+            "Action::s3:DeleteObject*", "Action::kms:GenerateDataKey*", "Action::kms:ReEncrypt*",
+        ) | {
+            wildcard(f"Resource::{bucket_arn}/{layout.SCRATCH}*/data/*"): "staged data of any execution: execution names are chosen at start",
+            wildcard(f"Resource::{bucket_arn}/{layout.SCRATCH}*/checkpoints/*"): "checkpoints of any execution (every attempt of one execution shares them)",
+            wildcard(f"Resource::{bucket_arn}/{layout.EXECUTIONS}*/model/*"): "model output of any execution",
+            wildcard(f"Resource::{bucket_arn}/{layout.BASE_MODELS}*"): "base models uploaded for jobs without network access",
+            wildcard("Resource::" + arn_in_finding(self, "logs", f"log-group:{TRAINING_LOG_GROUP}:*")):
+                "SageMaker names one log stream per training job and instance",
+            wildcard("Resource::*"): "cloudwatch:PutMetricData and ecr:GetAuthorizationToken (and the VPC network-interface "
+                "actions) support no resource scoping; PutMetricData is limited to the SageMaker namespace by condition",
+        })

@@ -15,17 +15,24 @@ from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from . import layout
+from .stage_data.handler import ASSET_PATHS
+from .nag import acknowledge, arn_of, grant_wildcards, wildcard
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The asset is the repository filtered to the handler and the stdlib-only training modules it
-# imports: the very files the training job runs, not copies.
-ASSET_FILES = [
-    "infra/__init__.py", "infra/layout.py", "infra/stage_data/__init__.py", "infra/stage_data/handler.py",
-    "training_code/ftstack_train/__init__.py", "training_code/ftstack_train/validation.py",
-    "training_code/ftstack_train/config.py", "training_code/ftstack_train/durations.py",
-    "training_code/ftstack_train/errors.py", "training_code/ftstack_train/contract.py",
-]
+
+
+def _asset_excludes() -> list[str]:
+    """Everything but the files the handler imports (``ASSET_PATHS``): the asset is the very
+    code the training job runs, not a copy."""
+    keep = []
+    for path in ASSET_PATHS:
+        parts = path.rstrip("/").split("/")
+        keep += [f"!{'/'.join(parts[:i])}" for i in range(1, len(parts) + 1)]
+        if path.endswith("/"):
+            keep.append(f"!{path}**")
+    # Later patterns win: byte code is dropped again after the folders are let back in.
+    return ["*", ".*", "**/.*", *dict.fromkeys(keep), "**/__pycache__", "**/*.pyc"]
 
 
 class StagingFunction(Construct):
@@ -42,8 +49,7 @@ class StagingFunction(Construct):
             self, "Function",
             runtime=lambda_.Runtime.PYTHON_3_14,
             handler="infra.stage_data.handler.handler",
-            code=lambda_.Code.from_asset(str(ROOT), exclude=["*", *(f"!{path}" for path in ASSET_FILES), "!infra", "!infra/stage_data",
-                                                             "!training_code", "!training_code/ftstack_train"]),
+            code=lambda_.Code.from_asset(str(ROOT), exclude=_asset_excludes()),
             role=role,
             log_group=log_group,
             memory_size=1024,
@@ -55,3 +61,13 @@ class StagingFunction(Construct):
         bucket.grant_read(role, f"{layout.INCOMING}*")
         bucket.grant_read(role, f"{layout.BASE_MODELS}*")
         bucket.grant_put(role, f"{layout.SCRATCH}*/data/*")
+        bucket.grant_delete(role, f"{layout.SCRATCH}*/data/*")  # removes a half-staged pair after a failed upload
+        bucket_arn = arn_of(bucket)
+        acknowledge(role, grant_wildcards(
+            "Action::s3:GetObject*", "Action::s3:GetBucket*", "Action::s3:List*", "Action::s3:Abort*",
+            "Action::s3:DeleteObject*", "Action::kms:GenerateDataKey*", "Action::kms:ReEncrypt*",
+        ) | {
+            wildcard(f"Resource::{bucket_arn}/{layout.INCOMING}*"): "the user's data files, named by the execution input",
+            wildcard(f"Resource::{bucket_arn}/{layout.BASE_MODELS}*"): "checks that an s3:// base model exists",
+            wildcard(f"Resource::{bucket_arn}/{layout.SCRATCH}*/data/*"): "writes the staged channels of the running execution",
+        })

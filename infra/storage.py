@@ -61,11 +61,12 @@ class Storage(Construct):
             raise ValueError(f"scratch_days must be at least 1, got {scratch_days}")
         self.node.set_context(_LOGS_USE_BUCKET_POLICY, True)
 
+        stack_name = cdk.Stack.of(self).stack_name
         self.key = kms.Key(
             self,
             "Key",
-            description=f"{cdk.Stack.of(self).stack_name}: the data bucket (datasets, checkpoints, models) and notifications",
-            alias=f"alias/{cdk.Stack.of(self).stack_name}/data",
+            description=f"{stack_name}: the data bucket (datasets, checkpoints, models) and notifications",
+            alias=f"alias/{stack_name}/data",
             enable_key_rotation=True,
             removal_policy=cdk.RemovalPolicy.RETAIN,
         )

@@ -14,6 +14,7 @@ from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
 from . import layout
+from .nag import acknowledge, arn_in_finding, arn_of, grant_wildcards, wildcard
 from .definition import WorkflowSettings, build_definition, render
 
 SAGEMAKER_SYNC_RULE = "StepFunctionsGetEventsForSageMakerTrainingJobsRule"
@@ -74,3 +75,14 @@ class FineTuningWorkflow(Construct):
         bucket.grant_read(role, f"{layout.EXECUTIONS}*/model/*")
         staging_function.grant_invoke(role)
         topic.grant_publish(role)
+        acknowledge(role, grant_wildcards(
+            "Action::s3:GetObject*", "Action::s3:GetBucket*", "Action::s3:List*",
+            "Action::kms:GenerateDataKey*", "Action::kms:ReEncrypt*",
+        ) | {
+            wildcard(f"Resource::{arn_of(bucket)}/{layout.EXECUTIONS}*/model/*"): "reads metrics.json of the execution's job",
+            wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"training-job/{job_prefix}-*")): "job names carry the execution name and attempt, known only at run time",
+            wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"model-package/{model_package_group}/*")):
+                "each registration creates a new version in the group",
+            wildcard(f"Resource::{arn_of(staging_function)}:*"): "grant_invoke covers the function's versions",
+            wildcard("Resource::*"): "X-Ray and CloudWatch Logs delivery (the state machine's logging) support no resource scoping",
+        })

@@ -12,6 +12,7 @@ Step Functions reports the class name as the error and the message as the cause.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -36,7 +37,7 @@ from ftstack_train.config import parse_config  # noqa: E402
 from ftstack_train.contract import TEST_CHANNEL, TRAIN_CHANNEL  # noqa: E402
 from ftstack_train.errors import ConfigError  # noqa: E402
 
-from infra.layout import INCOMING, checkpoint_prefix, model_prefix, staged_data_prefix  # noqa: E402
+from infra.layout import BASE_MODELS, INCOMING, checkpoint_prefix, model_prefix, staged_data_prefix  # noqa: E402
 
 ASSET_PATHS = (
     "infra/__init__.py", "infra/layout.py", "infra/stage_data/",
@@ -122,23 +123,30 @@ class Request:
 
 def handler(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     """Lambda entry point: ``{"execution": name, "input": execution input}`` -> what was staged."""
+    return stage(event, Settings.from_env(os.environ), _s3_client())
+
+
+@functools.cache
+def _s3_client() -> Any:
+    """One client per Lambda environment, reused by warm invocations."""
     import boto3  # here, so that infra code can import this module's helpers without it
 
-    return stage(event, Settings.from_env(os.environ), boto3.client("s3"))
+    return boto3.client("s3")
 
 
 def stage(event: Mapping[str, Any], settings: Settings, s3: Any) -> dict[str, Any]:
     """Checks the input and the data, and only when all is valid uploads the staged files."""
     execution = _execution_name(event)
     request = check_input(event.get("input"), settings)
-    _check_objects(s3, settings.bucket, request)
     bucket = settings.bucket
+    _check_objects(s3, bucket, request)
+    prefixes = {channel: staged_data_prefix(execution, channel) for channel in (TRAIN_CHANNEL, TEST_CHANNEL)}
+    every = round(1 / request.test_split)
     with tempfile.TemporaryDirectory(prefix="ftstack-stage-") as tmp:
         train, test = _StagedFile(Path(tmp) / "train.jsonl"), _StagedFile(Path(tmp) / "test.jsonl")
         problems = _Problems()
         try:
             if request.test_key is None:
-                every = round(1 / request.test_split)
                 _copy_records(s3, bucket, request.train_key, "train_data", problems,
                               lambda n: test if n % every == 0 else train)
             else:
@@ -149,18 +157,16 @@ def stage(event: Mapping[str, Any], settings: Settings, s3: Any) -> dict[str, An
             test.close()
         if problems.total:
             raise InvalidDataset(problems.message())
-        if request.test_key is None and (not test.records or not train.records):
-            records = train.records + test.records
+        if not test.records or not train.records:
             raise InvalidDataset(
-                f"train_data {_uri(bucket, request.train_key)}: {records} records are too few to hold out "
-                f"every {every}th as test data (test_split {request.test_split}); give test_data, a larger "
-                f"test_split, or at least {every} records")
-        keys = {TRAIN_CHANNEL: staged_data_prefix(execution, TRAIN_CHANNEL) + "train.jsonl",
-                TEST_CHANNEL: staged_data_prefix(execution, TEST_CHANNEL) + "test.jsonl"}
-        _upload(s3, bucket, [(train.path, keys[TRAIN_CHANNEL]), (test.path, keys[TEST_CHANNEL])])
+                f"train_data {_uri(bucket, request.train_key)}: {train.records + test.records} records are too few "
+                f"to hold out every {every}th as test data (test_split {request.test_split}); give test_data, a "
+                f"larger test_split, or at least {every} records")
+        _upload(s3, bucket, [(train.path, prefixes[TRAIN_CHANNEL] + "train.jsonl"),
+                             (test.path, prefixes[TEST_CHANNEL] + "test.jsonl")])
     return {
-        "train": train.summary(_uri(bucket, staged_data_prefix(execution, TRAIN_CHANNEL))),
-        "test": {**test.summary(_uri(bucket, staged_data_prefix(execution, TEST_CHANNEL))),
+        "train": train.summary(_uri(bucket, prefixes[TRAIN_CHANNEL])),
+        "test": {**test.summary(_uri(bucket, prefixes[TEST_CHANNEL])),
                  "source": "split" if request.test_key is None else "test_data"},
         "dataset_sha256": train.sha256,
         "hyperparameters": request.hyperparameters,
@@ -294,14 +300,15 @@ def _base_model(value: Any, bucket: str) -> tuple[str, str | None]:
     """(name, key prefix in the bucket or None for a hub id)."""
     if isinstance(value, str) and value.startswith("s3://"):
         got_bucket, key = _split_uri(value)
-        if got_bucket != bucket or not key.strip("/"):
-            raise InvalidInput(f"base_model: {value!r} is not a folder in the stack's bucket; copy the Hugging Face "
-                               f"model directory to s3://{bucket}/<folder>/ and give that URI")
+        if got_bucket != bucket or not key.startswith(BASE_MODELS) or not key[len(BASE_MODELS):].strip("/"):
+            raise InvalidInput(f"base_model: {value!r} is not a folder under s3://{bucket}/{BASE_MODELS}, where the "
+                               f"training jobs read base models; copy the Hugging Face model directory to "
+                               f"s3://{bucket}/{BASE_MODELS}<name>/ and give that URI")
         key = key.rstrip("/") + "/"
         return _uri(bucket, key), key
     if not isinstance(value, str) or not _HUB_ID.match(value) or "--" in value or ".." in value:
         raise InvalidInput(f"base_model: {value!r} is neither a Hugging Face hub id (e.g. mosaicml/mpt-7b) nor an "
-                           f"s3:// URI of a model directory in s3://{bucket}/")
+                           f"s3:// URI of a model directory under s3://{bucket}/{BASE_MODELS}")
     return value, None
 
 

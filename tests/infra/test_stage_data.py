@@ -18,8 +18,6 @@ import pytest
 from moto import mock_aws
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # `infra` is not an installed package; the Lambda finds it at its asset root
-    sys.path.insert(0, str(ROOT))
 
 from ftstack_train import validation  # noqa: E402
 from ftstack_train.config import parse_config  # noqa: E402
@@ -43,8 +41,17 @@ def records(n: int, start: int = 1) -> bytes:
     return b"".join(record(i) for i in range(start, start + n))
 
 
+@pytest.fixture(scope="module")
+def client():
+    """One client for the module: each mock_aws() start replaces boto3's default session, and a
+    client made from a new session takes ~0.2 s to load its service model."""
+    session = boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
+                                    region_name="us-east-1")
+    return session.client("s3")
+
+
 @pytest.fixture
-def s3(monkeypatch, tmp_path):
+def s3(client, monkeypatch, tmp_path):
     """moto's S3 with the stack's bucket, the function's environment, and /tmp watched."""
     for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
                         "AWS_DEFAULT_REGION": "us-east-1", "BUCKET": BUCKET, "SETTINGS": json.dumps(SETTINGS)}.items():
@@ -53,7 +60,6 @@ def s3(monkeypatch, tmp_path):
     scratch.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(scratch))
     with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
         client.create_bucket(Bucket=BUCKET)
         yield client
     assert list(scratch.iterdir()) == [], "temporary files were left behind"
@@ -230,8 +236,11 @@ INPUT_ERRORS = [
     ({"base_model": "not a hub id!"}, "base_model: 'not a hub id!' is neither a Hugging Face hub id"),
     ({"base_model": "/opt/ml/model"}, "base_model: '/opt/ml/model'"),
     ({"base_model": 7}, "base_model: 7"),
-    ({"base_model": "s3://another-bucket/models/mpt/"}, "base_model: 's3://another-bucket/models/mpt/' is not a folder in"),
-    ({"base_model": f"s3://{BUCKET}/"}, "base_model:"),
+    ({"base_model": "s3://another-bucket/base-models/mpt/"},
+     f"base_model: 's3://another-bucket/base-models/mpt/' is not a folder under s3://{BUCKET}/base-models/"),
+    ({"base_model": f"s3://{BUCKET}/models/mpt/"}, f"base_model: 's3://{BUCKET}/models/mpt/' is not a folder under"),
+    ({"base_model": f"s3://{BUCKET}/base-models/"}, "is not a folder under"),
+    ({"base_model": f"s3://{BUCKET}/"}, "is not a folder under"),
     ({"hyperparameters": "optimizer.lr=1e-5"}, "hyperparameters: must be an object"),
     ({"hyperparameters": [1]}, "hyperparameters: must be an object"),
     ({"hyperparameters": {"optimizer.lr": "fast"}}, "optimizer.lr (hyperparameter): 'fast' is not a number"),
@@ -375,7 +384,7 @@ def test_objects_are_streamed_in_chunks_never_read_whole(s3, monkeypatch):
     monkeypatch.setattr(botocore.response.StreamingBody, "read", read_in_chunks_only)
     result = invoke({"train_data": TRAIN, "test_data": TEST})
     monkeypatch.undo()
-    assert len(sizes) > 2 * len(records(40)) // 7 and set(sizes) == {7}
+    assert len(sizes) >= len(records(40)) // 7 and set(sizes) == {7}
     assert staged(s3, result, "train") == records(40)
 
 

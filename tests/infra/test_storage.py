@@ -33,12 +33,15 @@ def only(resources: dict) -> str:
     return next(iter(resources))
 
 
+def encrypted_with(algorithm: str) -> dict:
+    by_default = Match.object_like({"ServerSideEncryptionByDefault": Match.object_like({"SSEAlgorithm": algorithm})})
+    return {"Properties": {"BucketEncryption": {"ServerSideEncryptionConfiguration": [by_default]}}}
+
+
 def bucket_ids(template: Template) -> tuple[str, str]:
     """(data bucket, access-log bucket), told apart by their encryption."""
-    data = only(template.find_resources("AWS::S3::Bucket", {"Properties": {"BucketEncryption": {
-        "ServerSideEncryptionConfiguration": [Match.object_like({"ServerSideEncryptionByDefault": Match.object_like({"SSEAlgorithm": "aws:kms"})})]}}}))
-    logs = only(template.find_resources("AWS::S3::Bucket", {"Properties": {"BucketEncryption": {
-        "ServerSideEncryptionConfiguration": [{"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]}}}))
+    data = only(template.find_resources("AWS::S3::Bucket", encrypted_with("aws:kms")))
+    logs = only(template.find_resources("AWS::S3::Bucket", encrypted_with("AES256")))
     return data, logs
 
 
@@ -135,15 +138,16 @@ def test_only_scratch_expires_in_the_data_bucket(templates):
     template = templates["retain"]
     data, _ = bucket_ids(template)
     rules = lifecycle_rules(template, data)
-    expiring = [rule for rule in rules if "ExpirationInDays" in rule or "ExpirationDate" in rule or "Transitions" in rule]
+    expiring = [rule for rule in rules if {"ExpirationInDays", "ExpirationDate", "Transitions"} & rule.keys()]
     assert [rule.get("Prefix") for rule in expiring] == ["scratch/"]
     assert not any("Filter" in rule for rule in rules)
 
 
 def test_access_logs_expire_after_a_year(templates):
-    templates["retain"].has_resource_properties("AWS::S3::Bucket", {"LifecycleConfiguration": {"Rules": [
-        {"Id": "ExpireAccessLogs", "ExpirationInDays": 365, "NoncurrentVersionExpiration": {"NoncurrentDays": 30}, "Status": "Enabled"},
-    ]}})
+    templates["retain"].has_resource_properties("AWS::S3::Bucket", {"LifecycleConfiguration": {"Rules": [{
+        "Id": "ExpireAccessLogs", "ExpirationInDays": 365, "NoncurrentVersionExpiration": {"NoncurrentDays": 30},
+        "Status": "Enabled",
+    }]}})
 
 
 @pytest.mark.parametrize("name", ["retain", "destroy"])

@@ -1,0 +1,155 @@
+"""The whole app, synthesized once: cdk-nag, cfn-lint, the state machine as ASL, the stack's
+outputs, and the contracts between the infrastructure and the training code."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import aws_cdk as cdk
+import pytest
+from aws_cdk.assertions import Match, Template
+from statelint.linter import Linter
+
+import app as ftstack_app
+from ftstack_train.config import parse_config
+from ftstack_train.contract import CHANNELS, METRICS_FILE, MODEL_CHANNEL, TEST_CHANNEL, TRAIN_CHANNEL, SageMakerPaths
+from ftstack_train.metrics import METRIC_DEFINITIONS
+from infra import layout
+from infra.config import InfraConfigError
+from infra.definition import PLACEHOLDERS
+
+ROOT = Path(__file__).resolve().parents[2]
+CDK_CONTEXT = json.loads((ROOT / "cdk.json").read_text())["context"]
+"""The feature flags `cdk synth` applies; the tests synthesize with the same."""
+
+
+@pytest.fixture(scope="module")
+def synthesized(tmp_path_factory):
+    """The app as ``cdk synth`` builds it (with cdk-nag), in its own output folder."""
+    outdir = tmp_path_factory.mktemp("cdk.out")
+    app = cdk.App(outdir=str(outdir), context=CDK_CONTEXT | {"quality_threshold": 1.5, "notification_emails": ["ml@example.com"]})
+    stack = ftstack_app.build_app(app)
+    assembly = app.synth()
+    return outdir, stack, Template.from_stack(stack), assembly
+
+
+@pytest.fixture(scope="module")
+def definition(synthesized) -> dict:
+    _, _, template, _ = synthesized
+    (machine,) = template.find_resources("AWS::StepFunctions::StateMachine").values()
+    text = machine["Properties"]["DefinitionString"]
+    assert isinstance(text, str), "the definition stays one string; resources come in as DefinitionSubstitutions"
+    assert set(machine["Properties"]["DefinitionSubstitutions"]) == set(PLACEHOLDERS)
+    for name in PLACEHOLDERS:  # resolved at deploy time; any value stands in for linting
+        text = text.replace("${" + name + "}", f"placeholder-{name.lower()}")
+    return json.loads(text)
+
+
+def test_cdk_nag_has_no_unacknowledged_finding(synthesized):
+    outdir, _, _, _ = synthesized
+    report = json.loads((outdir / "validation-report.json").read_text())
+    (plugin,) = report["pluginReports"]
+    assert plugin["pluginName"] == "AwsSolutions" and plugin["conclusion"] == "success"
+    assert plugin["violations"] == []
+    # Every acknowledgement names an exact finding and carries a reason.
+    suppressed = plugin.get("suppressedViolations", [])
+    assert suppressed and all(re.fullmatch(r"AwsSolutions-[A-Z0-9]+(\[.+\])?", v["ruleName"]) for v in suppressed)
+
+
+def test_a_new_unacknowledged_finding_fails_the_synth(tmp_path):
+    from aws_cdk import aws_iam as iam
+
+    app = cdk.App(outdir=str(tmp_path), context=CDK_CONTEXT)
+    stack = ftstack_app.build_app(app)
+    role = iam.Role(stack, "Careless", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"))
+    role.add_to_policy(iam.PolicyStatement(actions=["s3:*"], resources=["*"]))
+    with pytest.raises(RuntimeError, match="ValidationFailed"):
+        app.synth()
+    report = json.loads((tmp_path / "validation-report.json").read_text())
+    paths = {c["constructPath"] for v in report["pluginReports"][0]["violations"] for c in v["violatingConstructs"]}
+    assert paths == {"ftstack/Careless/DefaultPolicy/Resource"}
+
+
+def test_cfn_lint_is_clean(synthesized):
+    outdir, _, _, _ = synthesized
+    # W3005: CDK adds DependsOn on a role that a GetAtt already implies; harmless and not ours to change.
+    result = subprocess.run([str(Path(sys.executable).with_name("cfn-lint")), "--ignore-checks", "W3005", "--", *map(str, outdir.glob("*.template.json"))],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_state_machine_is_valid_asl(definition):
+    assert Linter.validate(definition) == []
+
+
+def test_state_machine_logs_everything_encrypted_and_traces(synthesized):
+    _, _, template, _ = synthesized
+    template.has_resource_properties("AWS::StepFunctions::StateMachine", {
+        "LoggingConfiguration": {"Level": "ALL", "IncludeExecutionData": True, "Destinations": Match.any_value()},
+        "TracingConfiguration": {"Enabled": True},
+    })
+    template.has_resource_properties("AWS::Logs::LogGroup", {"KmsKeyId": Match.any_value()})
+
+
+def test_stack_outputs(synthesized):
+    _, _, template, _ = synthesized
+    for name in ("BucketName", "StateMachineArn", "ModelPackageGroupName", "TrainingImageUri", "TopicArn"):
+        template.has_output(name, {"Value": Match.any_value()})
+
+
+def test_metric_definitions_come_from_the_training_code(definition):
+    params = definition["States"]["Train"]["Parameters"]
+    assert params["AlgorithmSpecification"]["MetricDefinitions"] == [{"Name": d.name, "Regex": d.regex} for d in METRIC_DEFINITIONS]
+
+
+def test_channels_paths_and_output_agree_with_the_training_code(definition):
+    states = definition["States"]
+    names = [c["ChannelName"] for c in states["AddModelChannel"]["Parameters"]["list"]]
+    assert names == [TRAIN_CHANNEL, TEST_CHANNEL, MODEL_CHANNEL] and set(names) <= set(CHANNELS)
+    train = states["Train"]["Parameters"]
+    assert train["CheckpointConfig"]["LocalPath"] == str(SageMakerPaths(Path("/opt/ml")).checkpoints)
+    assert train["OutputDataConfig"]["CompressionType"] == "NONE"
+    # SageMaker writes an uncompressed model to <S3OutputPath><job>/output/model/: where the
+    # workflow reads metrics.json and what it registers.
+    assert METRICS_FILE in states["ReadMetrics"]["Parameters"]["Key.$"] and "/output/model/" in states["ReadMetrics"]["Parameters"]["Key.$"]
+    source = states["Register"]["Parameters"]["InferenceSpecification"]["Containers"][0]["ModelDataSource"]["S3DataSource"]
+    assert source["S3DataType"] == "S3Prefix" and source["CompressionType"] == "None" and "/output/model/" in source["S3Uri.$"]
+    assert layout.model_prefix("x").startswith(layout.EXECUTIONS) and layout.checkpoint_prefix("x").startswith(layout.SCRATCH)
+
+
+def test_the_workflows_hyperparameters_parse_with_the_training_config():
+    """What the staging step passes as HyperParameters (strings) is what the job parses."""
+    from infra.stage_data.handler import Settings, check_input
+
+    settings = Settings.from_env({"BUCKET": "ftstack-bucket", "SETTINGS": json.dumps({
+        "job_prefix": "ftstack", "instance_type": "ml.p4d.24xlarge", "fallback_instance_types": [], "instance_count": 1,
+        "max_instance_count": 4, "spot": False, "base_model": "mosaicml/mpt-7b", "test_split": 0.05})})
+    request = check_input({"train_data": "s3://ftstack-bucket/incoming/t.jsonl", "hyperparameters": {
+        "optimizer.lr": 1e-5, "packing": False, "optimizer.betas": [0.9, 0.95], "max_duration": "2ep"}}, settings)
+    assert all(isinstance(v, str) for v in request.hyperparameters.values())
+    cfg, _ = parse_config(hyperparameters=request.hyperparameters)
+    assert (cfg.lr, cfg.packing, cfg.betas, str(cfg.max_duration)) == (1e-5, False, (0.9, 0.95), "2ep")
+
+
+def test_bad_context_fails_the_synth_naming_the_key():
+    result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "CDK_CONTEXT_JSON": json.dumps({"instance_type": "p4d"}),
+                                 "JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "20"})
+    assert result.returncode == 2
+    assert "instance_type" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_config_errors_name_the_key():
+    from infra.config import load_config
+
+    with pytest.raises(InfraConfigError, match="max_wait_hours"):
+        load_config({"spot": True, "max_runtime_hours": 48, "max_wait_hours": 24})
+    with pytest.raises(InfraConfigError, match="vpc_security_group_ids"):
+        load_config({"vpc_subnet_ids": ["subnet-1"]})
+    with pytest.raises(InfraConfigError, match="base_model"):
+        load_config({"network_isolation": True})
+    assert load_config({"notification_emails": "a@example.com,b@example.com"}).notification_emails == ("a@example.com", "b@example.com")

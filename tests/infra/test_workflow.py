@@ -1,0 +1,88 @@
+"""The state machine construct: logging, tracing, substitutions and its narrow permissions."""
+
+from __future__ import annotations
+
+import json
+
+import aws_cdk as cdk
+import pytest
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_sns as sns
+from aws_cdk.assertions import Match, Template
+
+from infra.definition import PLACEHOLDERS, WorkflowSettings
+from infra.storage import Storage
+from infra.workflow import SAGEMAKER_SYNC_RULE, FineTuningWorkflow
+
+SETTINGS = WorkflowSettings(region="us-east-1", volume_size_gb=200, max_runtime_s=3600, max_wait_s=7200, max_instance_count=2,
+                            network_isolation=True, subnets=("subnet-1",), security_groups=("sg-1",),
+                            approval_status="Approved", quality_threshold=None)
+
+
+def build(stack: cdk.Stack) -> FineTuningWorkflow:
+    storage = Storage(stack, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN)
+    role = iam.Role(stack, "TrainingRole", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"))
+    function = lambda_.Function(stack, "Fn", runtime=lambda_.Runtime.PYTHON_3_14, handler="x.handler", code=lambda_.Code.from_inline("def handler(e, c): pass"))
+    return FineTuningWorkflow(
+        stack, "Workflow", settings=SETTINGS, bucket=storage.bucket, key=storage.key, training_role=role,
+        training_image="123456789012.dkr.ecr.us-east-1.amazonaws.com/train:1", inference_image="763104351884.dkr.ecr.us-east-1.amazonaws.com/tgi:1",
+        staging_function=function, topic=sns.Topic(stack, "Topic"), model_package_group="ftstack-models", job_prefix="ftstack",
+    )
+
+
+@pytest.fixture(scope="module")
+def template(new_stack) -> Template:
+    _, stack = new_stack()
+    build(stack)
+    return Template.from_stack(stack)
+
+
+def policy_statements(template: Template) -> list[dict]:
+    policies = template.find_resources("AWS::IAM::Policy", {"Properties": {"Roles": [{"Ref": Match.string_like_regexp("WorkflowStateMachineRole")}]}})
+    (policy,) = policies.values()
+    return policy["Properties"]["PolicyDocument"]["Statement"]
+
+
+def test_definition_settings_and_substitutions(template):
+    (machine,) = template.find_resources("AWS::StepFunctions::StateMachine").values()
+    props = machine["Properties"]
+    assert set(props["DefinitionSubstitutions"]) == set(PLACEHOLDERS)
+    definition = json.loads(props["DefinitionString"])
+    train = definition["States"]["Train"]["Parameters"]
+    assert train["EnableNetworkIsolation"] is True and train["VpcConfig"] == {"Subnets": ["subnet-1"], "SecurityGroupIds": ["sg-1"]}
+    assert train["ResourceConfig"]["VolumeSizeInGB"] == 200 and train["ResourceConfig"]["VolumeKmsKeyId"] == "${KeyArn}"
+    assert "QualityGate" not in definition["States"]
+    assert definition["States"]["Register"]["Parameters"]["ModelApprovalStatus"] == "Approved"
+
+
+def test_logging_and_tracing(template):
+    template.has_resource_properties("AWS::StepFunctions::StateMachine", {
+        "LoggingConfiguration": {"Level": "ALL", "IncludeExecutionData": True, "Destinations": Match.any_value()},
+        "TracingConfiguration": {"Enabled": True},
+    })
+    template.has_resource_properties("AWS::Logs::LogGroup", {"KmsKeyId": Match.any_value(), "RetentionInDays": 365})
+
+
+def test_training_jobs_are_limited_to_the_prefix(template):
+    (statement,) = [s for s in policy_statements(template) if "sagemaker:CreateTrainingJob" in s["Action"]]
+    assert json.dumps(statement["Resource"]).endswith(':training-job/ftstack-*"]]}')
+
+
+def test_pass_role_only_to_sagemaker(template):
+    (statement,) = [s for s in policy_statements(template) if s["Action"] == "iam:PassRole"]
+    assert statement["Condition"] == {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}
+    assert "Fn::GetAtt" in statement["Resource"]
+
+
+def test_managed_sync_rule_and_model_packages(template):
+    (events,) = [s for s in policy_statements(template) if "events:PutRule" in s["Action"]]
+    assert SAGEMAKER_SYNC_RULE in json.dumps(events["Resource"])
+    (packages,) = [s for s in policy_statements(template) if s["Action"] == "sagemaker:CreateModelPackage"]
+    assert "model-package-group/ftstack-models" in json.dumps(packages["Resource"]) and "model-package/ftstack-models/*" in json.dumps(packages["Resource"])
+
+
+def test_no_unacknowledged_nag_finding(new_stack, nag_findings):
+    app, stack = new_stack("Nag")
+    build(stack)
+    assert [f for f in nag_findings(app) if "/Workflow/" in f] == []
