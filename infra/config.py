@@ -150,3 +150,13 @@ def _coerce(key: str, annotation: str, value: Any) -> Any:
 
 
 CONTEXT_KEYS = tuple(f.name for f in fields(InfraConfig))
+
+
+def reference_table() -> str:
+    """The deployment options as a Markdown table (the README embeds it; a test keeps them equal)."""
+    lines = ["| context key | default | meaning |", "|---|---|---|"]
+    for f in fields(InfraConfig):
+        default = f.default
+        shown = "(empty)" if default in (None, ()) else json.dumps(list(default)) if isinstance(default, tuple) else json.dumps(default)
+        lines.append(f"| `{f.name}` | `{shown}` | {f.metadata['doc']} |")
+    return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Regenerates the configuration reference in README.md from the config's own field docs."""
+"""Regenerates the README's reference sections from their sources: the training config's field
+docs, the deployment config's field docs and the execution input's JSON schema."""
 
 from __future__ import annotations
 
@@ -6,17 +7,28 @@ import re
 import sys
 from pathlib import Path
 
-from ftstack_train.config import reference_table
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-SECTION = re.compile(r"(<!-- config-reference:[^\n]*-->\n).*?(<!-- /config-reference -->)", re.DOTALL)
+
+def sections() -> dict[str, str]:
+    """Section name -> its generated Markdown."""
+    sys.path.insert(0, str(ROOT))
+    from ftstack_train.config import reference_table as training_table
+    from infra.config import reference_table as infra_table
+
+    schema = (ROOT / "infra" / "execution_input.schema.json").read_text().strip()
+    return {"config-reference": training_table(), "infra-config-reference": infra_table(), "execution-input-schema": f"```json\n{schema}\n```"}
 
 
 def render(text: str) -> str:
-    """README text with the reference section replaced by the current table."""
-    if not SECTION.search(text):
-        sys.exit("README.md has no config-reference markers")
-    return SECTION.sub(lambda m: m.group(1) + reference_table() + "\n" + m.group(2), text)
+    """README text with every generated section replaced by its current content."""
+    for name, body in sections().items():
+        pattern = re.compile(rf"(<!-- {name}:[^\n]*-->\n).*?(<!-- /{name} -->)", re.DOTALL)
+        if not pattern.search(text):
+            sys.exit(f"README.md has no {name} markers")
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+    return text
 
 
 if __name__ == "__main__":

@@ -153,3 +153,31 @@ def test_config_errors_name_the_key():
     with pytest.raises(InfraConfigError, match="base_model"):
         load_config({"network_isolation": True})
     assert load_config({"notification_emails": "a@example.com,b@example.com"}).notification_emails == ("a@example.com", "b@example.com")
+
+
+@pytest.mark.slow
+def test_template_metric_regexes_read_a_real_local_run(definition, tmp_path):
+    """The regexes as deployed (taken from the synthesized template, not from the module) find
+    every metric in what a real 2-process training run prints."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer {i}."}) + "\n" for i in range(24)))
+    log = subprocess.run(
+        [sys.executable, "-m", "ftstack.cli", "local", "--train", str(data), "--test", str(data), "--model", "tiny-mpt",
+         "--output", str(tmp_path / "run"), "max_seq_len=64", "global_train_batch_size=4", "device_train_microbatch_size=2",
+         "max_duration=3ba", "eval_interval=3ba"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert log.returncode == 0, log.stdout + log.stderr
+    lines = log.stdout.splitlines()
+    for metric in definition["States"]["Train"]["Parameters"]["AlgorithmSpecification"]["MetricDefinitions"]:
+        values = [float(m.group(1)) for line in lines if (m := re.search(metric["Regex"], line))]
+        assert values, f"{metric['Name']}: nothing matched {metric['Regex']}"
+        assert all(v == v for v in values), f"{metric['Name']}: NaN read"
+
+
+def test_python_app_py_synthesizes(tmp_path):
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "CDK_OUTDIR": str(tmp_path),
+           "JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "20", "CDK_CONTEXT_JSON": json.dumps(CDK_CONTEXT)}
+    result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "ftstack.template.json").is_file()

@@ -1,0 +1,71 @@
+"""The data-staging Lambda construct: runtime, settings, its narrow role, and an asset made of
+exactly the files the handler imports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import aws_cdk as cdk
+import pytest
+from aws_cdk.assertions import Match, Template
+
+from infra.stage_data.handler import ASSET_PATHS
+from infra.staging import StagingFunction
+from infra.storage import Storage
+
+SETTINGS = {"job_prefix": "ftstack", "instance_type": "ml.p4d.24xlarge", "fallback_instance_types": [], "instance_count": 1,
+            "max_instance_count": 4, "spot": False, "base_model": "mosaicml/mpt-7b", "test_split": 0.05}
+
+
+@pytest.fixture(scope="module")
+def built(new_stack):
+    app, stack = new_stack()
+    storage = Storage(stack, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN)
+    StagingFunction(stack, "Staging", bucket=storage.bucket, key=storage.key, settings=SETTINGS)
+    assembly = app.synth()
+    return Template.from_stack(stack), Path(assembly.directory)
+
+
+def test_function_settings(built):
+    template, _ = built
+    template.has_resource_properties("AWS::Lambda::Function", {
+        "Handler": "infra.stage_data.handler.handler",
+        "Runtime": "python3.14",
+        "Timeout": 900,
+        "EphemeralStorage": {"Size": 10240},
+        "Environment": {"Variables": {"BUCKET": Match.any_value(), "SETTINGS": json.dumps(SETTINGS, sort_keys=True)}},
+    })
+    template.has_resource_properties("AWS::Logs::LogGroup", {"KmsKeyId": Match.any_value()})
+    template.resource_properties_count_is("AWS::IAM::Role", {"ManagedPolicyArns": Match.any_value()}, 0)
+
+
+def test_role_reads_incoming_and_writes_only_staged_data(built):
+    template, _ = built
+    (policy,) = [p for p in template.find_resources("AWS::IAM::Policy").values() if "StagingRole" in json.dumps(p["Properties"]["Roles"])]
+    text = json.dumps(policy["Properties"]["PolicyDocument"])
+    assert "/incoming/*" in text and "/scratch/*/data/*" in text and "/base-models/*" in text
+    assert "/executions/" not in text and "/checkpoints/" not in text
+    writes = [s for s in policy["Properties"]["PolicyDocument"]["Statement"] if "s3:PutObject" in s["Action"]]
+    assert writes and all("/scratch/*/data/*" in json.dumps(s["Resource"]) for s in writes)
+
+
+def test_asset_holds_exactly_the_imported_files(built):
+    template, outdir = built
+    (function,) = template.find_resources("AWS::Lambda::Function").values()
+    key = function["Properties"]["Code"]["S3Key"]
+    asset = outdir / f"asset.{key.removesuffix('.zip')}"
+    files = sorted(str(p.relative_to(asset)) for p in asset.rglob("*") if p.is_file())
+    expected = sorted(
+        str(p.relative_to(Path(__file__).resolve().parents[2]))
+        for path in ASSET_PATHS
+        for p in ([Path(__file__).resolve().parents[2] / path] if not path.endswith("/") else (Path(__file__).resolve().parents[2] / path).rglob("*.py"))
+    )
+    assert files == expected
+
+
+def test_no_unacknowledged_nag_finding(new_stack, nag_findings):
+    app, stack = new_stack("Nag")
+    storage = Storage(stack, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN)
+    StagingFunction(stack, "Staging", bucket=storage.bucket, key=storage.key, settings=SETTINGS)
+    assert [f for f in nag_findings(app) if "/Staging/" in f] == []
