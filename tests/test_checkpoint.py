@@ -3,7 +3,6 @@ from and which ones are deleted (fabricated folders), and a real save/load throu
 torch.distributed.checkpoint in a one-process gloo group with an FSDP2-sharded tiny MPT."""
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -150,31 +149,13 @@ def test_doomed_keeps_newest_even_when_older_ones_are_unfinished(tmp_path):
 
 # --- a real save and load: one process, gloo, FSDP2 --------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def process_group():
+def process_group(free_port):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         yield
     finally:
         dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def tiny_mpt(tmp_path_factory) -> Path:
-    """A tiny MPT made once per session (test_export.py makes the same one under the same name)."""
-    from ftstack_train.model import make_tiny_model
-
-    path = tmp_path_factory.getbasetemp() / "tiny-mpt-seed3"
-    if not path.is_dir():
-        texts = [f"What is the code word for {i}? The code word is word{i}." for i in range(20)]
-        make_tiny_model("tiny-mpt", texts, path, seed=3)
-    return path
 
 
 def sharded(source: Path) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

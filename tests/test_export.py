@@ -4,7 +4,6 @@ and a sharded FSDP2 model exported in a one-process gloo group reloads with tran
 classes with the trained weights."""
 
 import json
-import socket
 from pathlib import Path
 
 import jinja2
@@ -218,26 +217,8 @@ def test_model_card_closes_the_block_of_a_template_without_a_final_newline():
 
 # --- exporting the sharded model ----------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def tiny_mpt(tmp_path_factory) -> Path:
-    """A tiny MPT made once per session (test_checkpoint.py makes the same one under the same name)."""
-    from ftstack_train.model import make_tiny_model
-
-    path = tmp_path_factory.getbasetemp() / "tiny-mpt-seed3"
-    if not path.is_dir():
-        texts = [f"What is the code word for {i}? The code word is word{i}." for i in range(20)]
-        make_tiny_model("tiny-mpt", texts, path, seed=3)
-    return path
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_mpt):
+def trained(tiny_mpt, free_port):
     """The tiny MPT as train.py builds it (fp32, sharded per block), after one optimizer step, in a
     one-process gloo group that lasts for this module."""
     from ftstack_train.distributed import apply_fsdp
