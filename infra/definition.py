@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from ftstack_train.contract import MODEL_CHANNEL, TEST_CHANNEL, TRAIN_CHANNEL, METRICS_FILE
+from ftstack_train.contract import DEFAULT_ROOT, METRICS_FILE, MODEL_CHANNEL, TEST_CHANNEL, TRAIN_CHANNEL, SageMakerPaths
 from ftstack_train.metrics import METRIC_DEFINITIONS
+
+CONTAINER_PATHS = SageMakerPaths(Path(DEFAULT_ROOT))
+"""The training container's folders, where SageMaker puts them."""
 
 PLACEHOLDERS = (
     "Bucket", "KeyArn", "TrainingRoleArn", "TrainingImage", "InferenceImage", "StagingFunctionArn",
@@ -180,7 +184,7 @@ def _train_state(s: WorkflowSettings) -> dict[str, Any]:
         },
         "StoppingCondition.$": "$.job.stopping",
         "EnableManagedSpotTraining.$": "$.staged.spot",
-        "CheckpointConfig": {"S3Uri.$": "$.staged.checkpoint_uri", "LocalPath": "/opt/ml/checkpoints"},
+        "CheckpointConfig": {"S3Uri.$": "$.staged.checkpoint_uri", "LocalPath": str(CONTAINER_PATHS.checkpoints)},
         "EnableInterContainerTrafficEncryption.$": "$.job.encrypt_traffic",
         "EnableNetworkIsolation": s.network_isolation,
         "Tags": [{"Key": "ftstack:execution", "Value.$": "$$.Execution.Name"}],
