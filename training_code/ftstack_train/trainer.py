@@ -124,7 +124,7 @@ def evaluate(model: Model, split: TokenizedSplit, rows: list[list[int]], cfg: Tr
     with torch.no_grad():
         for b in range(n_batches):
             chunk = mine[b * cfg.device_eval_batch_size : (b + 1) * cfg.device_eval_batch_size]
-            batch = collate(split, (rows_i for rows_i in chunk), cfg.max_seq_len, model.pad_id)
+            batch = collate(split, chunk, cfg.max_seq_len, model.pad_id)
             total += float(model.loss_sum(batch, d.device))
             tokens += batch.label_tokens
     model.module.train()
