@@ -42,7 +42,7 @@ from .request import (  # noqa: E402, F401
 )
 
 ASSET_PATHS = (
-    "infra/__init__.py", "infra/layout.py", "infra/stage_data/",
+    "infra/__init__.py", "infra/layout.py", "infra/instances.py", "infra/stage_data/",
     *(f"training_code/ftstack_train/{name}.py"
       for name in ("__init__", "validation", "config", "durations", "errors", "contract")),
 )

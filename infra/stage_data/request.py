@@ -24,10 +24,11 @@ _TRAINING_CODE = Path(__file__).resolve().parents[2] / "training_code"
 if str(_TRAINING_CODE) not in sys.path:
     sys.path.insert(0, str(_TRAINING_CODE))
 
-from ftstack_train.config import FIELDS, parse_config  # noqa: E402
+from ftstack_train.config import FIELDS, TrainConfig, batch_split, parse_config  # noqa: E402
 from ftstack_train.errors import ConfigError  # noqa: E402
 
 from infra.layout import BASE_MODELS, INCOMING  # noqa: E402
+from infra.instances import gpus  # noqa: E402
 
 MODEL_KEY = next(key for key, f in FIELDS.items() if f.name == "model")
 """The hyperparameter that names the base model (``model.pretrained_model_name_or_path``)."""
@@ -140,13 +141,30 @@ def check_input(data: Any, settings: Settings) -> Request:
         raise InvalidInput(f"test_split: {test_split!r} is not a number above 0 and at most 0.5; e.g. 0.05 "
                            "holds out every 20th record")
     base_model, base_model_key = _base_model(data.get("base_model", settings.base_model), settings.bucket)
+    hyperparameters, cfg = _hyperparameters(data.get("hyperparameters", {}), base_model)
+    instance_types = _instance_types(data.get("instance_type", settings.instance_type), settings)
+    instance_count = _instance_count(data.get("instance_count", settings.instance_count), settings)
+    _check_batches(cfg, instance_types, instance_count)
     return Request(
         train_key=train_key, test_key=test_key, test_split=test_split, base_model=base_model,
-        base_model_key=base_model_key, hyperparameters=_hyperparameters(data.get("hyperparameters", {}), base_model),
-        instance_types=_instance_types(data.get("instance_type", settings.instance_type), settings),
-        instance_count=_instance_count(data.get("instance_count", settings.instance_count), settings),
-        spot=_flag("spot", data.get("spot", settings.spot)),
+        base_model_key=base_model_key, hyperparameters=hyperparameters, instance_types=instance_types,
+        instance_count=instance_count, spot=_flag("spot", data.get("spot", settings.spot)),
     )
+
+
+def _check_batches(cfg: TrainConfig, instance_types: list[str], instance_count: int) -> None:
+    """Rejects batch sizes that the GPUs of an instance type the run may use cannot split, before
+    any instance starts (the job's launcher would reject them only after start-up)."""
+    for instance_type in instance_types:
+        count = gpus(instance_type)
+        if count is None:
+            continue
+        try:
+            batch_split(cfg, count * instance_count, "cuda")
+        except ConfigError as exc:
+            raise InvalidInput(
+                f"hyperparameters: {exc} (on {instance_count} x {instance_type}, {count * instance_count} GPUs)"
+            ) from None
 
 
 def _data_key(field: str, value: Any, bucket: str) -> str:
@@ -183,8 +201,9 @@ def _base_model(value: Any, bucket: str) -> tuple[str, str | None]:
     return value, None
 
 
-def _hyperparameters(value: Any, base_model: str) -> dict[str, str]:
-    """The hyperparameters as the strings the job gets, checked by the job's own config parser."""
+def _hyperparameters(value: Any, base_model: str) -> tuple[dict[str, str], TrainConfig]:
+    """The hyperparameters as the strings the job gets, with the config the job's own parser
+    makes of them."""
     if not isinstance(value, Mapping):
         raise InvalidInput('hyperparameters: must be an object of names to values, e.g. {"optimizer.lr": "1e-5"}')
     if MODEL_KEY in value:
@@ -199,12 +218,12 @@ def _hyperparameters(value: Any, base_model: str) -> dict[str, str]:
         texts[key] = _hyperparameter_text(key, item)
     texts[MODEL_KEY] = base_model
     try:
-        _, ignored = parse_config(hyperparameters=texts)
+        cfg, ignored = parse_config(hyperparameters=texts)
     except ConfigError as exc:
         raise InvalidInput(f"hyperparameters: {exc}") from None
     for warning in ignored:
         print(f"hyperparameters: {warning}")  # the job ignores them too; CloudWatch keeps the note
-    return texts
+    return texts, cfg
 
 
 def _hyperparameter_text(key: str, value: Any) -> str:

@@ -164,6 +164,28 @@ IGNORED_PREFIXES = (
 sharding with mixed precision as `precision` says, logging is fixed)."""
 
 
+def batch_split(cfg: TrainConfig, world_size: int, device_type: str) -> tuple[int, int]:
+    """(micro batch, accumulation steps) with ``global_train_batch_size = micro batch x
+    accumulation x world size``; ``auto`` micro batches take the whole per-device batch on CPU and
+    at most 4 rows on GPU. Raises ConfigError naming the key and a size that divides."""
+    total = cfg.global_train_batch_size
+    if total % world_size:
+        raise ConfigError(
+            f"global_train_batch_size: {total} rows cannot be split evenly over {world_size} processes; "
+            f"use a multiple of {world_size}"
+        )
+    per_device = total // world_size
+    micro = cfg.device_train_microbatch_size
+    if micro is None:
+        micro = per_device if device_type == "cpu" else max(d for d in range(1, min(4, per_device) + 1) if per_device % d == 0)
+    if micro > per_device or per_device % micro:
+        raise ConfigError(
+            f"device_train_microbatch_size: {micro} does not divide the {per_device} rows each of the {world_size} "
+            f"processes gets per step (global_train_batch_size {total} / {world_size}); use a divisor of {per_device}"
+        )
+    return micro, per_device // micro
+
+
 def parse_size(text: str) -> int:
     """Parses ``5GB``, ``500MB``, ``1.5GiB`` or a byte count."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)

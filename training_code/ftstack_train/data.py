@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TEMPLATE_FIELD
-from .errors import ConfigError, DatasetError
+from .config import TEMPLATE_FIELD, batch_split
+from .errors import DatasetError
 from .contract import DATA_SUFFIXES
 from .validation import Record, read_records
 
@@ -202,24 +202,9 @@ class StepPlan:
 
     @classmethod
     def from_config(cls, cfg, world_size: int, device_type: str) -> StepPlan:
-        """Checks ``global_train_batch_size = micro batch x accumulation x world size``; ``auto``
-        micro batches take the whole per-device batch on CPU and at most 4 rows on GPU."""
-        total = cfg.global_train_batch_size
-        if total % world_size:
-            raise ConfigError(
-                f"global_train_batch_size: {total} rows cannot be split evenly over {world_size} processes; "
-                f"use a multiple of {world_size}"
-            )
-        per_device = total // world_size
-        micro = cfg.device_train_microbatch_size
-        if micro is None:
-            micro = per_device if device_type == "cpu" else max(d for d in range(1, min(4, per_device) + 1) if per_device % d == 0)
-        if micro > per_device or per_device % micro:
-            raise ConfigError(
-                f"device_train_microbatch_size: {micro} does not divide the {per_device} rows each of the {world_size} "
-                f"processes gets per step (global_train_batch_size {total} / {world_size}); use a divisor of {per_device}"
-            )
-        return cls(total, micro, per_device // micro, world_size)
+        """The plan for ``world_size`` processes; raises ConfigError when the sizes do not divide."""
+        micro, accumulation = batch_split(cfg, world_size, device_type)
+        return cls(cfg.global_train_batch_size, micro, accumulation, world_size)
 
     def steps_per_epoch(self, n_rows: int) -> int:
         """Every row is used each epoch; the last step may be short (its loss is still weighted

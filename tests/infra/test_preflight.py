@@ -1,0 +1,53 @@
+"""Batch arithmetic is checked against the GPUs of every instance type a run may use, before any
+instance starts, with the training code's own rule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from infra.instances import GPUS, gpus
+from infra.stage_data.request import InvalidInput, Settings, check_input
+
+BUCKET = "ftstack-bucket"
+TRAIN = f"s3://{BUCKET}/incoming/train.jsonl"
+
+
+def settings(**overrides) -> Settings:
+    values = {"job_prefix": "ftstack", "instance_type": "ml.p4d.24xlarge", "fallback_instance_types": ["ml.g5.12xlarge"],
+              "instance_count": 1, "max_instance_count": 4, "spot": False, "base_model": "mosaicml/mpt-7b", "test_split": 0.05}
+    return Settings.from_env({"BUCKET": BUCKET, "SETTINGS": json.dumps(values | overrides)})
+
+
+def test_the_tutorial_batch_fits_every_default_instance_type():
+    request = check_input({"train_data": TRAIN}, settings())
+    assert request.instance_types == ["ml.p4d.24xlarge", "ml.g5.12xlarge"]
+
+
+@pytest.mark.parametrize(("execution_input", "expected"), [
+    ({"hyperparameters": {"global_train_batch_size": 12}}, "global_train_batch_size: 12 rows cannot be split evenly over 8 processes"),
+    ({"hyperparameters": {"global_train_batch_size": 16, "device_train_microbatch_size": 3}}, "device_train_microbatch_size: 3"),
+    ({"hyperparameters": {"global_train_batch_size": 64}, "instance_count": 3}, "over 24 processes"),
+])
+def test_a_batch_the_gpus_cannot_split_is_rejected_naming_the_key_and_instances(execution_input, expected):
+    with pytest.raises(InvalidInput, match="hyperparameters") as info:
+        check_input({"train_data": TRAIN} | execution_input, settings())
+    assert expected in str(info.value) and "ml.p4d.24xlarge" in str(info.value)
+
+
+def test_a_fallback_type_that_cannot_split_the_batch_is_named():
+    # 4 rows fit the 4 GPUs of the g5.12xlarge asked for, not the 8 of the p4d fallback.
+    with pytest.raises(InvalidInput, match=r"over 8 processes.*1 x ml\.p4d\.24xlarge, 8 GPUs"):
+        check_input({"train_data": TRAIN, "instance_type": "ml.g5.12xlarge", "hyperparameters": {
+            "global_train_batch_size": 4, "device_train_microbatch_size": 1}}, settings(fallback_instance_types=["ml.p4d.24xlarge"]))
+
+
+def test_unknown_instance_types_are_left_to_the_launcher():
+    request = check_input({"train_data": TRAIN, "instance_type": "ml.trn9.48xlarge", "hyperparameters": {"global_train_batch_size": 7}},
+                          settings(fallback_instance_types=[]))
+    assert request.instance_types == ["ml.trn9.48xlarge"] and gpus("ml.trn9.48xlarge") is None
+
+
+def test_gpu_table_is_sane():
+    assert all(name.startswith("ml.") and count in (1, 4, 8) for name, count in GPUS.items())
