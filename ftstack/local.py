@@ -14,7 +14,7 @@ from ftstack_train.contract import (
     CONFIG_CHANNEL, MODEL_CHANNEL, ROOT_ENV, TEST_CHANNEL, TINY_MODELS, TRAIN_CHANNEL, SageMakerPaths,
 )
 from ftstack_train.errors import ConfigError
-from ftstack_train.validation import DataError, validate_files
+from ftstack_train.validation import check_files
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,7 @@ def hold_out(source: Path, train_channel: Path, test_channel: Path) -> tuple[int
     """Splits ``source``: every 20th record goes to the test channel, the rest to the train
     channel. Deterministic and streaming; the source is validated first, so that problems are
     reported with its own line numbers. Returns (kept, held out)."""
-    report = validate_files([source])
-    if not report.ok:
-        raise DataError(list(report.problems), report.problem_count)
+    report = check_files([source])
     if report.records < HOLD_OUT_EVERY:
         raise ConfigError(f"--train {source}: {report.records} records are too few to hold out a test set; give --test")
     for channel in (train_channel, test_channel):

@@ -1,5 +1,6 @@
 """Tests for ftstack_train.validation: every bad-input class, the good edge cases, and streaming."""
 
+import io
 import itertools
 import json
 import pickle
@@ -8,7 +9,7 @@ import pytest
 
 from ftstack_train import validation
 from ftstack_train.validation import (
-    DataError, LengthStats, Problem, Record, read_records, scan_lines, validate_files,
+    DataError, LengthStats, Problem, Record, read_records, scan_lines, split_chunks, validate_files,
     validate_stream,
 )
 
@@ -380,3 +381,21 @@ def test_validate_files_refuses_bad_arguments():
 def test_validate_files_zero_max_problems_still_counts(tmp_path):
     report = validate_files([write(tmp_path, "a.jsonl", b"x\n" * 3)], max_problems=0)
     assert report.problems == () and report.problem_count == 3 and not report.ok
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"a", b"\n", b"ab\ncd", b"ab\ncd\n", b"a\r\nb\rc\n\n\nd", b"\n\nxyz\n" * 5, bytes(range(256)) * 3,
+])
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1000])
+def test_split_chunks_matches_a_binary_file(data, chunk):
+    chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+    assert list(split_chunks(chunks)) == io.BytesIO(data).readlines()
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_split_chunks_keeps_only_the_start_of_an_over_long_line(monkeypatch, chunk):
+    monkeypatch.setattr(validation, "MAX_LINE_BYTES", 10)
+    data = b"short\n" + b"x" * 50 + b"\n" + b"y" * 11 + b"\nlast"
+    lines = list(split_chunks(data[i:i + chunk] for i in range(0, len(data), chunk)))
+    assert lines == [b"short\n", b"x" * 11, b"y" * 11, b"last"]
+    assert [getattr(line, "size", len(line)) for line in lines] == [6, 51, 12, 4]

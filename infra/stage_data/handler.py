@@ -118,43 +118,6 @@ def stage(event: Mapping[str, Any], settings: Settings, s3: Any) -> dict[str, An
     }
 
 
-def split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Splits a byte stream into lines at ``\\n`` only, endings kept, as a file opened ``'rb'`` does.
-
-    Not botocore's ``iter_lines``: it also splits at a lone ``\\r`` (which is JSON whitespace, so
-    line numbers would differ from ``ftstack validate``'s) and holds a line of any length in memory.
-    A line over ``validation.MAX_LINE_BYTES`` comes out as its start, carrying its full size, the
-    way ``validation`` reads files, so that ``scan_lines`` reports it without holding all of it.
-    """
-    limit = validation.MAX_LINE_BYTES
-    head, size = bytearray(), 0  # the unfinished line: its first limit + 1 bytes, its full length
-    for chunk in chunks:
-        start = 0
-        while start < len(chunk):
-            end = chunk.find(b"\n", start)
-            stop = len(chunk) if end < 0 else end + 1
-            if end >= 0 and not size and stop - start <= limit:
-                yield chunk[start:stop]  # the common case: a whole line inside one chunk
-            else:
-                head += chunk[start:min(stop, start + max(0, limit + 1 - len(head)))]
-                size += stop - start
-                if end >= 0:
-                    yield _finished(head, size, limit)
-                    head, size = bytearray(), 0
-            start = stop
-    if size:
-        yield _finished(head, size, limit)
-
-
-def _finished(head: bytearray, size: int, limit: int) -> bytes:
-    if size <= limit:
-        return bytes(head)
-    # validation's marker for an over-long line; scan_lines takes its size from it.
-    line = validation._LongLine(head)
-    line.size = size
-    return line
-
-
 def _execution_name(event: Mapping[str, Any]) -> str:
     execution = event.get("execution") if isinstance(event, Mapping) else None
     if not isinstance(execution, str) or not 0 < len(execution) <= 80 or "/" in execution or execution in (".", ".."):
@@ -260,7 +223,7 @@ def _copy_records(s3: Any, bucket: str, key: str, field: str, problems: _Problem
     uri = _uri(bucket, key)
     body = s3.get_object(Bucket=bucket, Key=key)["Body"]
     try:
-        cursor = _Cursor(split_lines(body.iter_chunks(CHUNK_BYTES)))
+        cursor = _Cursor(validation.split_chunks(body.iter_chunks(CHUNK_BYTES)))
         records = 0
         for item in validation.scan_lines(cursor, uri):
             if isinstance(item, validation.Problem):

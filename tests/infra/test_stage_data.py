@@ -23,7 +23,7 @@ from ftstack_train import validation  # noqa: E402
 from ftstack_train.config import parse_config  # noqa: E402
 
 from infra.stage_data import handler as stage_data  # noqa: E402
-from infra.stage_data.handler import InvalidDataset, InvalidInput, job_name_prefix, split_lines  # noqa: E402
+from infra.stage_data.handler import InvalidDataset, InvalidInput, job_name_prefix  # noqa: E402
 
 BUCKET = "ftstack-data-bucket"
 SETTINGS = {"job_prefix": "ftstack", "instance_type": "ml.p4d.24xlarge", "fallback_instance_types": ["ml.g5.48xlarge"],
@@ -386,24 +386,6 @@ def test_objects_are_streamed_in_chunks_never_read_whole(s3, monkeypatch):
     monkeypatch.undo()
     assert len(sizes) >= len(records(40)) // 7 and set(sizes) == {7}
     assert staged(s3, result, "train") == records(40)
-
-
-@pytest.mark.parametrize("data", [
-    b"", b"a", b"\n", b"ab\ncd", b"ab\ncd\n", b"a\r\nb\rc\n\n\nd", b"\n\nxyz\n" * 5, bytes(range(256)) * 3,
-])
-@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1000])
-def test_split_lines_matches_a_binary_file(data, chunk):
-    chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
-    assert list(split_lines(chunks)) == io.BytesIO(data).readlines()
-
-
-@pytest.mark.parametrize("chunk", [1, 5, 64])
-def test_split_lines_keeps_only_the_start_of_an_over_long_line(monkeypatch, chunk):
-    monkeypatch.setattr(validation, "MAX_LINE_BYTES", 10)
-    data = b"short\n" + b"x" * 50 + b"\n" + b"y" * 11 + b"\nlast"
-    lines = list(split_lines(data[i:i + chunk] for i in range(0, len(data), chunk)))
-    assert lines == [b"short\n", b"x" * 11, b"y" * 11, b"last"]
-    assert [getattr(line, "size", len(line)) for line in lines] == [6, 51, 12, 4]
 
 
 def test_a_failed_upload_leaves_nothing_staged(s3):

@@ -22,7 +22,7 @@ from pathlib import Path
 from .contract import CHECKPOINT_BASE_MODEL, TEST_CHANNEL, TINY_MODELS, TRAIN_CHANNEL, SageMakerPaths
 from .errors import EXIT_STOPPED, EXIT_USER_ERROR, PID_DIR_ENV, STOPPED_FILE, USER_ERROR_FILE, USER_ERRORS, ConfigError
 from .job import base_model_source, checkpoint_dir, load_job_config, write_failure
-from .validation import DataError, validate_files
+from .validation import check_files
 
 NPROC_ENV = "FTSTACK_NPROC_PER_NODE"
 """Processes per node when there is no GPU (local runs); on GPUs it is always the GPU count."""
@@ -93,10 +93,7 @@ def prepare(paths: SageMakerPaths) -> list[str]:
     files = {}
     for name in (TRAIN_CHANNEL, TEST_CHANNEL):
         files[name] = list_data_files(paths.channel(name))
-        report = validate_files(files[name])
-        print(f"{name} data:\n{report.format()}", flush=True)
-        if not report.ok:
-            raise DataError(list(report.problems), report.problem_count)
+        print(f"{name} data:\n{check_files(files[name]).format()}", flush=True)
     hosts, current = read_resource_config(paths)
     nproc, device = processes_per_node()
     StepPlan.from_config(cfg, len(hosts) * nproc, device)

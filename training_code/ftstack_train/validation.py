@@ -17,13 +17,14 @@ from typing import BinaryIO, Iterable, Iterator, Sequence
 
 __all__ = [
     "FIELDS", "MAX_LINE_BYTES", "DataError", "LengthStats", "Problem", "Record", "Report",
-    "read_records", "scan_lines", "validate_files", "validate_stream",
+    "check_files", "read_records", "scan_lines", "split_chunks", "validate_files", "validate_stream",
 ]
 
 FIELDS = ("prompt", "response")
 """The string fields every record needs, in the order they are checked."""
 
 MAX_LINE_BYTES = 16 * 1024 * 1024
+_READ_BYTES = 1 << 20
 """Longest line accepted as one record. No real record is ~4M tokens, and a minified JSON array is
 a single line: the cap stops a multi-gigabyte one from being loaded only to be rejected."""
 
@@ -215,6 +216,15 @@ def validate_files(paths: Sequence[str | os.PathLike], max_problems: int = 20) -
     return tally.report(sources)
 
 
+def check_files(paths: Sequence[str | os.PathLike]) -> Report:
+    """validate_files for a step that must not go on with bad data: raises DataError listing the
+    first problems when there is any, else returns the Report."""
+    report = validate_files(paths)
+    if not report.ok:
+        raise DataError(list(report.problems), report.problem_count)
+    return report
+
+
 class _LongLine(bytes):
     """The start of a line longer than MAX_LINE_BYTES; ``size`` is the whole line's length."""
 
@@ -277,17 +287,43 @@ def _scan_file(path: str | os.PathLike, source: str,
 
 def _file_lines(f: BinaryIO) -> Iterator[bytes]:
     """Yields a binary file's lines, holding at most MAX_LINE_BYTES of any one in memory."""
-    limit = MAX_LINE_BYTES + 1
-    while line := f.readline(limit):
-        if len(line) < limit or line.endswith(b"\n"):
-            yield line
-            continue
-        head, size = _LongLine(line), len(line)
-        while line and not line.endswith(b"\n"):
-            line = f.readline(limit)
-            size += len(line)
-        head.size = size
-        yield head
+    return split_chunks(iter(lambda: f.read(_READ_BYTES), b""))
+
+
+def split_chunks(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Splits a byte stream (a file read in blocks, an S3 body) into lines at ``\\n`` only, endings
+    kept, as a file opened ``'rb'`` does.
+
+    Not botocore's ``iter_lines``: it also splits at a lone ``\\r`` (JSON whitespace, so line numbers
+    would differ) and holds a line of any length in memory. A line over MAX_LINE_BYTES comes out
+    as its start, carrying its full size, so that ``scan_lines`` reports it without holding it all.
+    """
+    limit = MAX_LINE_BYTES
+    head, size = bytearray(), 0  # the unfinished line: its first limit + 1 bytes, its full length
+    for chunk in chunks:
+        start = 0
+        while start < len(chunk):
+            end = chunk.find(b"\n", start)
+            stop = len(chunk) if end < 0 else end + 1
+            if end >= 0 and not size and stop - start <= limit:
+                yield chunk[start:stop]  # the common case: a whole line inside one chunk
+            else:
+                head += chunk[start:min(stop, start + max(0, limit + 1 - len(head)))]
+                size += stop - start
+                if end >= 0:
+                    yield _finished(head, size, limit)
+                    head, size = bytearray(), 0
+            start = stop
+    if size:
+        yield _finished(head, size, limit)
+
+
+def _finished(head: bytearray, size: int, limit: int) -> bytes:
+    if size <= limit:
+        return bytes(head)
+    line = _LongLine(head)  # scan_lines takes the line's size from it
+    line.size = size
+    return line
 
 
 def _byte_size(line: bytes) -> int:
