@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ftstack_train.config import parse_config
 from ftstack_train.contract import (
-    CONFIG_CHANNEL, MODEL_CHANNEL, ROOT_ENV, TEST_CHANNEL, TINY_MODELS, TRAIN_CHANNEL, SageMakerPaths,
+    CONFIG_CHANNEL, DEFAULT_TEST_SPLIT, MODEL_CHANNEL, ROOT_ENV, TEST_CHANNEL, TINY_MODELS, TRAIN_CHANNEL,
+    SageMakerPaths, hold_out_every,
 )
 from ftstack_train.errors import ConfigError
 from ftstack_train.validation import check_files
@@ -40,11 +41,11 @@ def _put(source: Path, channel: Path, name: str | None = None) -> None:
     shutil.copyfile(source, channel / (name or source.name))
 
 
-HOLD_OUT_EVERY = 20
+HOLD_OUT_EVERY = hold_out_every(DEFAULT_TEST_SPLIT)
 
 
 def hold_out(source: Path, train_channel: Path, test_channel: Path) -> tuple[int, int]:
-    """Splits ``source``: every 20th record goes to the test channel, the rest to the train
+    """Splits ``source``: every HOLD_OUT_EVERY-th record goes to the test channel, the rest to the train
     channel. Deterministic and streaming; the source is validated first, so that problems are
     reported with its own line numbers. Returns (kept, held out)."""
     report = check_files([source])

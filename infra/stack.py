@@ -8,6 +8,8 @@ from pathlib import Path
 import aws_cdk as cdk
 from constructs import Construct
 
+from ftstack_train.contract import DEFAULT_TEST_SPLIT
+
 from .config import InfraConfig
 from .definition import WorkflowSettings
 from .notifications import Notifications
@@ -35,7 +37,7 @@ class FineTuningStack(cdk.Stack):
             "job_prefix": config.job_prefix, "instance_type": config.instance_type,
             "fallback_instance_types": list(config.fallback_instance_types), "instance_count": config.instance_count,
             "max_instance_count": config.max_instance_count, "spot": config.spot, "base_model": config.base_model,
-            "test_split": 0.05,
+            "test_split": DEFAULT_TEST_SPLIT,
         })
         registry = ModelRegistry(self, "Registry", group_name=f"{config.stack_name}-models",
                                  description=f"Models fine-tuned by the {config.stack_name} workflow")

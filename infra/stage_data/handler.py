@@ -31,7 +31,7 @@ if str(_TRAINING_CODE) not in sys.path:
     sys.path.insert(0, str(_TRAINING_CODE))
 
 from ftstack_train import validation  # noqa: E402
-from ftstack_train.contract import TEST_CHANNEL, TRAIN_CHANNEL  # noqa: E402
+from ftstack_train.contract import TEST_CHANNEL, TRAIN_CHANNEL, hold_out_every  # noqa: E402
 
 from infra.layout import checkpoint_prefix, model_prefix, staged_data_prefix  # noqa: E402
 
@@ -77,7 +77,7 @@ def stage(event: Mapping[str, Any], settings: Settings, s3: Any) -> dict[str, An
     bucket = settings.bucket
     _check_objects(s3, bucket, request)
     prefixes = {channel: staged_data_prefix(execution, channel) for channel in (TRAIN_CHANNEL, TEST_CHANNEL)}
-    every = round(1 / request.test_split)
+    every = hold_out_every(request.test_split)
     with tempfile.TemporaryDirectory(prefix="ftstack-stage-") as tmp:
         train, test = _StagedFile(Path(tmp) / "train.jsonl"), _StagedFile(Path(tmp) / "test.jsonl")
         problems = _Problems()

@@ -9,6 +9,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from ftstack_train.contract import DEFAULT_TEST_SPLIT
 from infra.stage_data.handler import INPUT_KEYS
 
 from test_workflow_behaviour import BAD_INPUTS, GOOD_INPUT  # tests/infra is on sys.path (rootdir-relative import)
@@ -19,6 +20,7 @@ SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "infra" / "execution_
 def test_schema_is_valid_and_lists_the_accepted_keys():
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
     assert set(SCHEMA["properties"]) == set(INPUT_KEYS)
+    assert SCHEMA["properties"]["test_split"]["default"] == DEFAULT_TEST_SPLIT
 
 
 @pytest.mark.parametrize("execution_input", [

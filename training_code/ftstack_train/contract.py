@@ -26,6 +26,16 @@ YAML config (the first ``*.yaml``/``*.yml`` file in it)."""
 DATA_SUFFIXES = (".jsonl", ".json")
 """Files a data channel may hold; anything else there is an error, never skipped."""
 
+DEFAULT_TEST_SPLIT = 0.05
+"""Share of the training records held out for evaluation when no test data is given, by
+``ftstack local`` and by the workflow's staging step alike."""
+
+
+def hold_out_every(test_split: float) -> int:
+    """Holding out ``test_split`` means every this-many-th record (20 for 0.05), counted from 1."""
+    return round(1 / test_split)
+
+
 METRICS_FILE = "metrics.json"
 """Final train and eval figures and the eval history, in the exported model directory."""
 
