@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftstack_train.config import parse_config
+from ftstack_train.config import MODEL_KEY, parse_config, parse_overrides
 from ftstack_train.contract import (
     CONFIG_CHANNEL, DEFAULT_TEST_SPLIT, MODEL_CHANNEL, ROOT_ENV, TEST_CHANNEL, TINY_MODELS, TRAIN_CHANNEL,
     SageMakerPaths, hold_out_every,
@@ -74,14 +74,9 @@ def lay_out(run: LocalRun) -> SageMakerPaths:
             raise ConfigError(f"{what} {path}: no such file")
     if run.nproc < 1:
         raise ConfigError(f"--nproc {run.nproc}: give at least 1 process")
-    hyperparameters = {}
-    for item in run.overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{item!r}: write overrides as key=value, e.g. optimizer.lr=1e-4")
-        hyperparameters[key.strip()] = value.strip()
+    hyperparameters = parse_overrides(run.overrides)
     if run.model in TINY_MODELS:
-        hyperparameters["model.pretrained_model_name_or_path"] = run.model
+        hyperparameters[MODEL_KEY] = run.model
     elif run.model is not None and not Path(run.model).is_dir():
         raise ConfigError(f"--model {run.model}: not a directory; give a Hugging Face model directory or one of {', '.join(TINY_MODELS)}")
     # Fail on a bad config now, with the same parser the job uses, before anything is written.

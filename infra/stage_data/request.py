@@ -24,14 +24,12 @@ _TRAINING_CODE = Path(__file__).resolve().parents[2] / "training_code"
 if str(_TRAINING_CODE) not in sys.path:
     sys.path.insert(0, str(_TRAINING_CODE))
 
-from ftstack_train.config import FIELDS, TrainConfig, batch_split, parse_config  # noqa: E402
+from ftstack_train.config import MODEL_KEY, TrainConfig, batch_split, parse_config  # noqa: E402
 from ftstack_train.errors import ConfigError  # noqa: E402
 
 from infra.layout import BASE_MODELS, INCOMING  # noqa: E402
 from infra.instances import gpus  # noqa: E402
 
-MODEL_KEY = next(key for key, f in FIELDS.items() if f.name == "model")
-"""The hyperparameter that names the base model (``model.pretrained_model_name_or_path``)."""
 MAX_JOB_NAME_PREFIX = 52
 """SageMaker job names are at most 63 characters; the workflow appends ``-a<attempt>``."""
 MAX_HYPERPARAMETERS = 100

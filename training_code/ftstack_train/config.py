@@ -28,6 +28,10 @@ DEFAULT_PROMPT_TEMPLATE = (
 
 TEMPLATE_FIELD = "{question}"
 
+MODEL_KEY = "model.pretrained_model_name_or_path"
+"""The key that names the base model; ``ftstack local --model`` and the workflow's ``base_model``
+set it."""
+
 
 def _key(key: str, doc: str, **kwargs: Any) -> Any:
     return field(metadata={"key": key, "doc": doc}, **kwargs)
@@ -38,7 +42,7 @@ class TrainConfig:
     """Every option of a fine-tuning run. The user-facing name of each field is its ``key``."""
 
     model: str = _key(
-        "model.pretrained_model_name_or_path",
+        MODEL_KEY,
         "Base model: a local directory, a Hugging Face hub id (needs network access), or "
         "`tiny-mpt` / `tiny-llama` for a small random model. A `model` channel overrides it.",
         default="mosaicml/mpt-7b",
@@ -308,12 +312,19 @@ def parse_config(
         if key.startswith("sagemaker_"):
             continue  # the SageMaker Python SDK's own bookkeeping, not ours
         values[key] = _Value(_unquote(text), "hyperparameter")
-    for item in overrides:
+    values.update({key: _Value(text, "override") for key, text in parse_overrides(overrides).items()})
+    return _build(values)
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, str]:
+    """``key=value`` arguments as a mapping (later ones win); raises ConfigError for a malformed one."""
+    parsed = {}
+    for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override {item!r}: write key=value, e.g. optimizer.lr=1e-4")
-        values[key.strip()] = _Value(text.strip(), "override")
-    return _build(values)
+            raise ConfigError(f"{item!r}: write overrides as key=value, e.g. optimizer.lr=1e-4")
+        parsed[key.strip()] = text.strip()
+    return parsed
 
 
 def _unquote(text: str) -> Any:
