@@ -10,9 +10,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .instances import INSTANCE_TYPE
+
 APPROVAL_STATUSES = ("PendingManualApproval", "Approved")
 REMOVAL_POLICIES = ("retain", "destroy")
-_INSTANCE = re.compile(r"^ml\.[a-z0-9]+\.[0-9]*x?large$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,39}$")
 
@@ -72,7 +73,7 @@ def _check(cfg: InfraConfig) -> None:
     if not re.match(r"^[a-z]{2}(-[a-z]+)+-\d$", cfg.region):
         fail("region", f"{cfg.region!r} is not a region name, e.g. us-east-1")
     for key, value in [("instance_type", cfg.instance_type)] + [("fallback_instance_types", t) for t in cfg.fallback_instance_types]:
-        if not _INSTANCE.match(value):
+        if not INSTANCE_TYPE.match(value):
             fail(key, f"{value!r} is not a SageMaker instance type, e.g. ml.p4d.24xlarge")
     if not 1 <= cfg.instance_count <= cfg.max_instance_count:
         fail("instance_count", f"must be between 1 and max_instance_count ({cfg.max_instance_count})")

@@ -3,6 +3,12 @@ batch arithmetic of a run against it before any instance starts."""
 
 from __future__ import annotations
 
+import re
+
+INSTANCE_TYPE = re.compile(r"^ml\.[a-z0-9]+\.[0-9]*x?large$")
+"""What a SageMaker training instance type looks like (the deployment config, the staging step and
+the execution input schema all check against it)."""
+
 GPUS = {
     "ml.p5.48xlarge": 8, "ml.p5e.48xlarge": 8, "ml.p5en.48xlarge": 8,
     "ml.p4d.24xlarge": 8, "ml.p4de.24xlarge": 8,

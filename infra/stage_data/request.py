@@ -28,7 +28,7 @@ from ftstack_train.config import MODEL_KEY, TrainConfig, batch_split, parse_conf
 from ftstack_train.errors import ConfigError  # noqa: E402
 
 from infra.layout import BASE_MODELS, INCOMING  # noqa: E402
-from infra.instances import gpus  # noqa: E402
+from infra.instances import INSTANCE_TYPE, gpus  # noqa: E402
 
 MAX_JOB_NAME_PREFIX = 52
 """SageMaker job names are at most 63 characters; the workflow appends ``-a<attempt>``."""
@@ -38,7 +38,6 @@ MAX_HYPERPARAMETER_CHARS = 2500
 
 INPUT_KEYS = ("train_data", "test_data", "test_split", "base_model", "hyperparameters",
               "instance_type", "instance_count", "spot")
-_INSTANCE = re.compile(r"^ml\.[a-z0-9]+\.[0-9]*x?large$")
 _HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _HUB_ID = re.compile(rf"^(?:{_HUB_PART}/)?{_HUB_PART}$")
 _JOB_PREFIX = re.compile(r"^[A-Za-z0-9](-?[A-Za-z0-9])*$")
@@ -243,7 +242,7 @@ def _hyperparameter_text(key: str, value: Any) -> str:
 
 
 def _instance_types(value: Any, settings: Settings) -> list[str]:
-    if not isinstance(value, str) or not _INSTANCE.match(value):
+    if not isinstance(value, str) or not INSTANCE_TYPE.match(value):
         raise InvalidInput(f"instance_type: {value!r} is not a SageMaker training instance type, e.g. ml.p4d.24xlarge")
     return list(dict.fromkeys((value, *settings.fallback_instance_types)))
 

@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 
 from ftstack_train.contract import DEFAULT_TEST_SPLIT
+from infra.instances import INSTANCE_TYPE
 from infra.stage_data.handler import INPUT_KEYS
 
 from test_workflow_behaviour import BAD_INPUTS, GOOD_INPUT  # tests/infra is on sys.path (rootdir-relative import)
@@ -21,6 +22,7 @@ def test_schema_is_valid_and_lists_the_accepted_keys():
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
     assert set(SCHEMA["properties"]) == set(INPUT_KEYS)
     assert SCHEMA["properties"]["test_split"]["default"] == DEFAULT_TEST_SPLIT
+    assert SCHEMA["properties"]["instance_type"]["pattern"] == INSTANCE_TYPE.pattern
 
 
 @pytest.mark.parametrize("execution_input", [
