@@ -25,6 +25,11 @@ MARKER = "ftstack-complete.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
+def _step_dirs(folder: Path) -> list[Path]:
+    """The checkpoint folders under ``folder``, oldest first (names sort by step)."""
+    return sorted(p for p in folder.iterdir() if _STEP_DIR.match(p.name) and p.is_dir())
+
+
 def step_dir(folder: Path, step: int) -> Path:
     return folder / f"step-{step:08d}"
 
@@ -48,8 +53,7 @@ def latest_complete(folder: Path) -> Path | None:
     """The newest complete checkpoint under ``folder``, or None."""
     if not folder.is_dir():
         return None
-    steps = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
-    for _, path in reversed(steps):
+    for path in reversed(_step_dirs(folder)):
         if is_complete(path):
             return path
     return None
@@ -117,7 +121,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def _doomed(folder: Path, keep: int, newest: Path) -> list[str]:
     """Checkpoint folders to delete: complete ones beyond the newest ``keep``, and unfinished ones
     older than ``newest`` (they can never complete any more)."""
-    steps = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
-    complete = [p for _, p in steps if is_complete(p)]
+    steps = _step_dirs(folder)
+    complete = [p for p in steps if is_complete(p)]
     kept = set(complete[-keep:])
-    return [p.name for _, p in steps if p not in kept and (p in complete or p.name < newest.name)]
+    return [p.name for p in steps if p not in kept and (p in complete or p.name < newest.name)]
