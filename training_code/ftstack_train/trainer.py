@@ -119,16 +119,16 @@ def evaluate(model: Model, split: TokenizedSplit, rows: list[list[int]], cfg: Tr
     n_batches = math.ceil(per_rank / cfg.device_eval_batch_size)
     if cfg.eval_subset_num_batches > 0:
         n_batches = min(n_batches, cfg.eval_subset_num_batches)
-    total, tokens = 0.0, 0
+    total, tokens = torch.zeros((), dtype=torch.float64, device=d.device), 0
     model.module.eval()
     with torch.no_grad():
         for b in range(n_batches):
             chunk = mine[b * cfg.device_eval_batch_size : (b + 1) * cfg.device_eval_batch_size]
             batch = collate(split, chunk, cfg.max_seq_len, model.pad_id)
-            total += float(model.loss_sum(batch, d.device))
+            total += model.loss_sum(batch, d.device)
             tokens += batch.label_tokens
     model.module.train()
-    total, tokens = _all_sum([total, float(tokens)], d.device)
+    total, tokens = _all_sum([total.item(), float(tokens)], d.device)
     return total / max(tokens, 1.0), int(tokens)
 
 
@@ -186,39 +186,42 @@ def train(
     order_epoch, order = -1, []
     window_start, window_tokens = time.perf_counter(), 0.0
     while step < sched.total_steps:
-        if _all_sum([float(stop.flag)], d.device)[0] > 0:
-            if saved_at != step:
-                checkpoint(step)
-            _log(d, f"stop requested: saved a checkpoint at step {step}; start the run again to resume")
-            return RunResult(True, step, state["history"], state["final_train"])
         epoch, in_epoch = divmod(step, sched.steps_per_epoch)
         if epoch != order_epoch:
             order, order_epoch = epoch_order(len(train_rows), cfg.seed, epoch, cfg.shuffle), epoch
         micro = plan.micro_batches(order, in_epoch, d.rank)
         batches = [collate(train_split, (train_rows[i] for i in mb), cfg.max_seq_len, model.pad_id) for mb in micro]
-        local = [float(sum(b.label_tokens for b in batches)), float(sum(b.real_tokens for b in batches)), float(sum(b.input_ids.numel() for b in batches))]
-        targets, real, slots = _all_sum(local, d.device)
-        loss_total = 0.0
+        # One collective per step before the forward passes: the loss scale needs the global
+        # target count, and every rank must agree on a requested stop.
+        local = [sum(b.label_tokens for b in batches), sum(b.real_tokens for b in batches), sum(b.input_ids.numel() for b in batches)]
+        targets, real, slots, stops = _all_sum([*map(float, local), float(stop.flag)], d.device)
+        if stops > 0:
+            if saved_at != step:
+                checkpoint(step)
+            _log(d, f"stop requested: saved a checkpoint at step {step}; start the run again to resume")
+            return RunResult(True, step, state["history"], state["final_train"])
+        loss_total = torch.zeros((), dtype=torch.float64, device=d.device)  # summed on device: no sync per micro batch
         for batch in batches:
             loss = model.loss_sum(batch, d.device)
             # FSDP averages gradients over ranks; scaling by world/targets makes the result the
             # mean over every target token of the global batch, however they fall on ranks.
             (loss * d.world_size / targets).backward()
-            loss_total += float(loss.detach())
+            loss_total += loss.detach()
         grad_norm = _clip(model.module, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         window_tokens += real
-        ce = _all_sum([loss_total], d.device)[0] / targets
-        state["final_train"] = {"cross_entropy": ce, "perplexity": perplexity(ce)}
         if step % cfg.console_log_interval.to_steps(1) == 0 or step == sched.total_steps:
+            dist.all_reduce(loss_total)  # the loss is only read (and synchronised) when logged
+            ce = loss_total.item() / targets
+            state["final_train"] = {"cross_entropy": ce, "perplexity": perplexity(ce)}
             elapsed = time.perf_counter() - window_start
             _log(d, format_line(
                 "train", step=step, epoch=round(step / sched.steps_per_epoch, 4), loss=ce, perplexity=perplexity(ce),
                 lr=scheduler.get_last_lr()[0], tokens_per_s=window_tokens / max(elapsed, 1e-9),
-                real_token_share=real / slots, grad_norm=grad_norm,
+                real_token_share=real / slots, grad_norm=_full(grad_norm).item(),
             ))
             window_start, window_tokens = time.perf_counter(), 0.0
         evaluated = step % sched.eval_every == 0 or step == sched.total_steps
@@ -233,13 +236,17 @@ def train(
     return RunResult(False, step, state["history"], state["final_train"])
 
 
-def _clip(model: torch.nn.Module, max_norm: float) -> float:
+def _clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clips the gradients' global norm (0: only measures it); returns the norm, unsynchronised."""
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (FSDP2 returns the gradient norm as one), a plain tensor as is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _log(d: Dist, line: str) -> None:
