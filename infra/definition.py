@@ -18,6 +18,8 @@ from typing import Any
 from ftstack_train.contract import DEFAULT_ROOT, METRICS_FILE, MODEL_CHANNEL, TEST_CHANNEL, TRAIN_CHANNEL, SageMakerPaths
 from ftstack_train.metrics import METRIC_DEFINITIONS
 
+from .layout import JOB_MODEL_DIR
+
 CONTAINER_PATHS = SageMakerPaths(Path(DEFAULT_ROOT))
 """The training container's folders, where SageMaker puts them."""
 
@@ -199,7 +201,7 @@ def _train_state(s: WorkflowSettings) -> dict[str, Any]:
         "ResultPath": "$.training",
         "Retry": [{"ErrorEquals": RETRYABLE_API_ERRORS, "IntervalSeconds": 30, "BackoffRate": 2.0, "MaxAttempts": 6}],
         "Catch": _catch_all("CapacityProblem?"),
-        "Next": "ReadMetrics",
+        "Next": "LocateModel",
     }
 
 
@@ -269,13 +271,21 @@ def _failure_states(s: WorkflowSettings) -> dict[str, Any]:
 
 
 def _result_states(s: WorkflowSettings) -> dict[str, Any]:
-    metrics_key = f"States.Format('{{}}{{}}/output/model/{METRICS_FILE}', $.staged.output_prefix, $.job.name)"
-    model_uri = "States.Format('{}{}/output/model/', $.staged.output_uri, $.job.name)"
     states: dict[str, Any] = {
+        "LocateModel": {  # the one place that spells out where the job's model and metrics.json are
+            "Type": "Pass",
+            "Parameters": {
+                "uri.$": f"States.Format('{{}}{{}}/{JOB_MODEL_DIR}', $.staged.output_uri, $.job.name)",
+                "metrics_key.$": f"States.Format('{{}}{{}}/{JOB_MODEL_DIR}{METRICS_FILE}', $.staged.output_prefix, $.job.name)",
+                "metrics_uri.$": f"States.Format('{{}}{{}}/{JOB_MODEL_DIR}{METRICS_FILE}', $.staged.output_uri, $.job.name)",
+            },
+            "ResultPath": "$.model",
+            "Next": "ReadMetrics",
+        },
         "ReadMetrics": {
             "Type": "Task",
             "Resource": "arn:aws:states:::aws-sdk:s3:getObject",
-            "Parameters": {"Bucket": "${Bucket}", "Key.$": metrics_key},
+            "Parameters": {"Bucket": "${Bucket}", "Key.$": "$.model.metrics_key"},
             "ResultSelector": {"document.$": "States.StringToJson($.Body)"},
             "ResultPath": "$.metrics",
             "Catch": _catch_all("NotifyError"),
@@ -293,7 +303,7 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
             "Type": "Pass",
             "Parameters": {
                 "Error": "MetricsMissing",
-                "Cause.$": f"States.Format('{{}}/output/model/{METRICS_FILE} of training job {{}} has no numeric final.eval_cross_entropy; nothing was registered', $.staged.output_uri, $.job.name)",
+                "Cause.$": "States.Format('{} of training job {} has no numeric final.eval_cross_entropy; nothing was registered', $.model.metrics_uri, $.job.name)",
             },
             "ResultPath": "$.error",
             "Next": "NotifyError",
@@ -311,7 +321,7 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
                 "InferenceSpecification": {
                     "Containers": [{
                         "Image": "${InferenceImage}",
-                        "ModelDataSource": {"S3DataSource": {"S3Uri.$": model_uri, "S3DataType": "S3Prefix", "CompressionType": "None"}},
+                        "ModelDataSource": {"S3DataSource": {"S3Uri.$": "$.model.uri", "S3DataType": "S3Prefix", "CompressionType": "None"}},
                         "Environment": {"HF_MODEL_ID": "/opt/ml/model"},
                     }],
                     "SupportedContentTypes": ["application/json"],
@@ -319,7 +329,7 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
                 },
                 "ModelMetrics": {"ModelQuality": {"Statistics": {
                     "ContentType": "application/json",
-                    "S3Uri.$": f"States.Format('s3://{{}}/{{}}{{}}/output/model/{METRICS_FILE}', '${{Bucket}}', $.staged.output_prefix, $.job.name)",
+                    "S3Uri.$": "$.model.metrics_uri",
                 }}},
                 "CustomerMetadataProperties": {
                     "base_model.$": "$.staged.base_model.name",

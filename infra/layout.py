@@ -33,6 +33,9 @@ def checkpoint_prefix(execution: str) -> str:
 
 
 def model_prefix(execution: str) -> str:
-    """``executions/<execution>/model/``: the job's output path; SageMaker writes the
-    uncompressed model under ``<job name>/output/model/``."""
+    """``executions/<execution>/model/``: the jobs' output path (S3OutputPath)."""
     return f"{EXECUTIONS}{execution}/model/"
+
+
+JOB_MODEL_DIR = "output/model/"
+"""Where SageMaker puts a job's uncompressed model under ``<S3OutputPath><job name>/``."""

@@ -115,9 +115,11 @@ def test_channels_paths_and_output_agree_with_the_training_code(definition):
     assert train["OutputDataConfig"]["CompressionType"] == "NONE"
     # SageMaker writes an uncompressed model to <S3OutputPath><job>/output/model/: where the
     # workflow reads metrics.json and what it registers.
-    assert METRICS_FILE in states["ReadMetrics"]["Parameters"]["Key.$"] and "/output/model/" in states["ReadMetrics"]["Parameters"]["Key.$"]
+    located = states["LocateModel"]["Parameters"]
+    assert states["ReadMetrics"]["Parameters"]["Key.$"] == "$.model.metrics_key"
+    assert f"/output/model/{METRICS_FILE}'" in located["metrics_key.$"] and "/output/model/'" in located["uri.$"]
     source = states["Register"]["Parameters"]["InferenceSpecification"]["Containers"][0]["ModelDataSource"]["S3DataSource"]
-    assert source["S3DataType"] == "S3Prefix" and source["CompressionType"] == "None" and "/output/model/" in source["S3Uri.$"]
+    assert source["S3DataType"] == "S3Prefix" and source["CompressionType"] == "None" and source["S3Uri.$"] == "$.model.uri"
     assert layout.model_prefix("x").startswith(layout.EXECUTIONS) and layout.checkpoint_prefix("x").startswith(layout.SCRATCH)
 
 

@@ -124,6 +124,12 @@ def test_happy_path_trains_gates_registers_and_notifies():
     assert job["name"] == "ftstack-run1-a0" and job["instance_type"] == "ml.p4d.24xlarge"
     assert job["stopping"] == {"MaxRuntimeInSeconds": 86400} and job["encrypt_traffic"] is False
     assert [c["ChannelName"] for c in job["channels"]["list"]] == ["train", "test"]
+    (model,) = [out["model"] for out in exited(events, "LocateModel")]
+    assert model == {
+        "uri": "s3://ftstack-bucket/executions/run1/model/ftstack-run1-a0/output/model/",
+        "metrics_key": "executions/run1/model/ftstack-run1-a0/output/model/metrics.json",
+        "metrics_uri": "s3://ftstack-bucket/executions/run1/model/ftstack-run1-a0/output/model/metrics.json",
+    }
     message = exited(events, "NotifySuccess")[0]["sent"]["NotifySuccess"]["Message"]
     assert "model-package/ftstack-models/1" in message and "1.2" in message and "ftstack-run1-a0" in message
 
@@ -160,6 +166,8 @@ def test_other_training_failures_are_not_retried_and_report_the_failure_reason()
 def test_quality_gate_fails_without_registering(metrics, error):
     described, events = run(scenario([TRAINED], metrics=metrics), GOOD_INPUT)
     assert described["status"] == "FAILED" and described["error"] == error, described
+    if error == "MetricsMissing":
+        assert described["cause"].startswith("s3://ftstack-bucket/executions/run1/model/ftstack-run1-a0/output/model/metrics.json ")
     assert "Register" not in entered(events)
     assert "NotifyError" in entered(events)
 
