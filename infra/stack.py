@@ -15,6 +15,7 @@ from .definition import WorkflowSettings
 from .notifications import Notifications
 from .registry import ModelRegistry
 from .roles import TrainingRole
+from .stage_data.request import Settings
 from .staging import StagingFunction
 from .storage import Storage
 from .training_image import TrainingImage
@@ -33,12 +34,12 @@ class FineTuningStack(cdk.Stack):
         image = TrainingImage(self, "TrainingImage", directory=str(TRAINING_CODE), base_image=base_image)
         training = TrainingRole(self, "TrainingRole", bucket=storage.bucket, key=storage.key, repository=image.repository,
                                 in_vpc=bool(config.vpc_subnet_ids))
-        staging = StagingFunction(self, "Staging", bucket=storage.bucket, key=storage.key, settings={
-            "job_prefix": config.job_prefix, "instance_type": config.instance_type,
-            "fallback_instance_types": list(config.fallback_instance_types), "instance_count": config.instance_count,
-            "max_instance_count": config.max_instance_count, "spot": config.spot, "base_model": config.base_model,
-            "test_split": DEFAULT_TEST_SPLIT,
-        })
+        staging = StagingFunction(self, "Staging", bucket=storage.bucket, key=storage.key, settings=Settings(
+            bucket=storage.bucket.bucket_name, job_prefix=config.job_prefix, instance_type=config.instance_type,
+            fallback_instance_types=config.fallback_instance_types, instance_count=config.instance_count,
+            max_instance_count=config.max_instance_count, spot=config.spot, base_model=config.base_model,
+            test_split=DEFAULT_TEST_SPLIT,
+        ))
         registry = ModelRegistry(self, "Registry", group_name=f"{config.stack_name}-models",
                                  description=f"Models fine-tuned by the {config.stack_name} workflow")
         notifications = Notifications(self, "Notifications", key=storage.key, emails=config.notification_emails)

@@ -3,7 +3,6 @@ own modules, splits off a test set, and writes the job's channels."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import aws_cdk as cdk
@@ -16,6 +15,7 @@ from constructs import Construct
 
 from . import layout
 from .stage_data.handler import ASSET_PATHS
+from .stage_data.request import Settings
 from .nag import acknowledge, arn_of, grant_wildcards, wildcard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def _asset_excludes() -> list[str]:
 class StagingFunction(Construct):
     """``self.function``: reads ``incoming/``, writes ``scratch/<execution>/data/``."""
 
-    def __init__(self, scope: Construct, construct_id: str, *, bucket: s3.IBucket, key: kms.IKey, settings: dict) -> None:
+    def __init__(self, scope: Construct, construct_id: str, *, bucket: s3.IBucket, key: kms.IKey, settings: Settings) -> None:
         super().__init__(scope, construct_id)
         log_group = logs.LogGroup(self, "Logs", encryption_key=key, retention=logs.RetentionDays.ONE_YEAR,
                                   removal_policy=cdk.RemovalPolicy.DESTROY)
@@ -55,7 +55,7 @@ class StagingFunction(Construct):
             memory_size=1024,
             ephemeral_storage_size=cdk.Size.gibibytes(10),
             timeout=cdk.Duration.minutes(15),
-            environment={"BUCKET": bucket.bucket_name, "SETTINGS": json.dumps(settings, sort_keys=True)},
+            environment=settings.environment(),
             description="ftstack: validate the execution input and data, stage the training channels",
         )
         bucket.grant_read(role, f"{layout.INCOMING}*")

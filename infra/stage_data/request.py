@@ -15,7 +15,7 @@ import math
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,12 @@ class Settings:
     spot: bool
     base_model: str
     test_split: float
+
+    def environment(self) -> dict[str, str]:
+        """The function's environment variables that ``from_env`` reads back (the stack sets them)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "bucket"}
+        values["fallback_instance_types"] = list(self.fallback_instance_types)
+        return {"BUCKET": self.bucket, "SETTINGS": json.dumps(values, sort_keys=True)}
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

@@ -11,6 +11,7 @@ import pytest
 from aws_cdk.assertions import Match, Template
 
 from infra.stage_data.handler import ASSET_PATHS
+from infra.stage_data.request import Settings
 from infra.staging import StagingFunction
 from infra.storage import Storage
 
@@ -18,11 +19,20 @@ SETTINGS = {"job_prefix": "ftstack", "instance_type": "ml.p4d.24xlarge", "fallba
             "max_instance_count": 4, "spot": False, "base_model": "mosaicml/mpt-7b", "test_split": 0.05}
 
 
+def typed(storage: Storage) -> Settings:
+    return Settings(bucket=storage.bucket.bucket_name, **SETTINGS | {"fallback_instance_types": tuple(SETTINGS["fallback_instance_types"])})
+
+
+def test_settings_round_trip_through_the_environment():
+    settings = Settings(bucket="ftstack-bucket", **SETTINGS | {"fallback_instance_types": ("ml.g5.48xlarge",)})
+    assert Settings.from_env(settings.environment()) == settings
+
+
 @pytest.fixture(scope="module")
 def built(new_stack):
     app, stack = new_stack()
     storage = Storage(stack, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN)
-    StagingFunction(stack, "Staging", bucket=storage.bucket, key=storage.key, settings=SETTINGS)
+    StagingFunction(stack, "Staging", bucket=storage.bucket, key=storage.key, settings=typed(storage))
     assembly = app.synth()
     return Template.from_stack(stack), Path(assembly.directory)
 
@@ -67,5 +77,5 @@ def test_asset_holds_exactly_the_imported_files(built):
 def test_no_unacknowledged_nag_finding(new_stack, nag_findings):
     app, stack = new_stack("Nag")
     storage = Storage(stack, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN)
-    StagingFunction(stack, "Staging", bucket=storage.bucket, key=storage.key, settings=SETTINGS)
+    StagingFunction(stack, "Staging", bucket=storage.bucket, key=storage.key, settings=typed(storage))
     assert [f for f in nag_findings(app) if "/Staging/" in f] == []
