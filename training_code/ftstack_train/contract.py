@@ -39,6 +39,10 @@ def hold_out_every(test_split: float) -> int:
 METRICS_FILE = "metrics.json"
 """Final train and eval figures and the eval history, in the exported model directory."""
 
+FINAL_METRICS_FILE = "final-metrics.json"
+"""Only the final figures (``metrics.json``'s ``final``): what the workflow reads for its quality
+gate. Its size does not grow with the run, as the eval history does."""
+
 FAILURE_FILE = "failure"
 """SageMaker shows this file's text as the job's FailureReason."""
 

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 from .config import TEMPLATE_FIELD, TrainConfig
-from .contract import METRICS_FILE
+from .contract import FINAL_METRICS_FILE, METRICS_FILE
 from .metrics import json_safe
 from .data import format_prompt
 from .modelcard import render_model_card
@@ -144,5 +144,6 @@ def _write_metadata(model, tokenizer, cfg: TrainConfig, out: Path, dtype: torch.
     tokenizer.chat_template = chat_template(cfg.prompt_template, tokenizer.bos_token if adds_bos(tokenizer) else None)
     tokenizer.save_pretrained(out)
     (out / METRICS_FILE).write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
+    (out / FINAL_METRICS_FILE).write_text(json.dumps(json_safe(metrics.get("final", {})), allow_nan=False))
     example = format_prompt(cfg.prompt_template, "<your question>")
     (out / "README.md").write_text(render_model_card(cfg, metrics, lineage, example))
