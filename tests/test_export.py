@@ -335,3 +335,60 @@ def test_exported_tokenizer_formats_prompts_as_training_did(trained, tmp_path):
 
     completions = generate(model_dir, ["What is the code word for 3?", "hi"], max_new_tokens=3)
     assert len(completions) == 2 and all(isinstance(c, str) for c in completions)
+
+
+# --- a base model whose hub config points at remote code ------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_hub_like(trained, hub_like_mpt):
+    """The hub-shaped tiny MPT (``auto_map`` to files it lacks), built and stepped as train.py
+    does, in the process group that ``trained`` holds."""
+    from ftstack_train.distributed import apply_fsdp
+    from ftstack_train.model import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(str(hub_like_mpt))
+    model = apply_fsdp(load_model(str(hub_like_mpt), True, len(tokenizer)), torch.device("cpu"), "fp32", activation_checkpointing=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    return model, tokenizer
+
+
+def test_the_hub_shaped_base_model_needs_its_missing_remote_code(hub_like_mpt):
+    # The defect the export must not carry over: trust_remote_code=True follows auto_map to a file
+    # that is not there.
+    with pytest.raises(OSError, match="modeling_mpt.py|configuration_mpt.py"):
+        AutoModelForCausalLM.from_pretrained(hub_like_mpt, trust_remote_code=True)
+
+
+def test_export_of_a_hub_shaped_model_loads_natively_with_and_without_remote_code(trained_hub_like, tmp_path):
+    from transformers import MptForCausalLM
+
+    model_dir = tmp_path / "model"
+    export(trained_hub_like, model_dir, "export.dtype=fp32")
+
+    config = json.loads((model_dir / "config.json").read_text())
+    assert "auto_map" not in config and "custom_pipelines" not in config
+    # transformers' native class; vLLM's registry maps this name to its MPT as well.
+    assert config["architectures"] == ["MptForCausalLM"] and config["model_type"] == "mpt"
+    assert "auto_map" not in json.loads((model_dir / "tokenizer_config.json").read_text())
+
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    native = MptForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        expected = native(input_ids=ids).logits
+        for trust in (False, True):
+            loaded = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust).eval()
+            assert type(loaded) is MptForCausalLM, trust
+            torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
+            assert tokenizer("What is 2+2?")["input_ids"] == trained_hub_like[1]("What is 2+2?")["input_ids"]
+        # ... and the native class computes what the trained (sharded) model computes.
+        model = trained_hub_like[0]
+        model.eval()
+        try:
+            trained_logits = model(input_ids=ids, use_cache=False).logits
+        finally:
+            model.train()
+    torch.testing.assert_close(expected, trained_logits)

@@ -132,17 +132,50 @@ def export_hf_model(model: torch.nn.Module, tokenizer, cfg: TrainConfig, model_d
     dist.barrier()
 
 
+REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
+"""Keys that send a ``trust_remote_code=True`` loader to Python files of the base model's hub
+repository (mosaicml/mpt-7b's ``auto_map`` names ``modeling_mpt.MPTForCausalLM``). The export
+holds no such files: training ran transformers' native class, so the export names only that."""
+
+
+def native_architecture(config) -> str:
+    """The name of the transformers class that ``AutoModelForCausalLM`` builds for ``config``
+    (``MptForCausalLM`` for MPT), which is the class that trained; the live model's own class name
+    will not do, FSDP2 wraps it in a generated subclass."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__
+
+
+def _drop_remote_code(path: Path, architecture: str | None = None) -> None:
+    """Rewrites a saved config file without the remote-code keys (and, for config.json, with the
+    native architecture), so that native transformers, ``trust_remote_code=True`` loaders and
+    vLLM all load the folder. vLLM looks ``architectures`` up in its registry
+    (vllm/model_executor/models/registry.py), which maps transformers' ``MptForCausalLM`` and the
+    hub's ``MPTForCausalLM`` alike to its own MPT."""
+    if not path.is_file():
+        return  # a tokenizer class that keeps no tokenizer_config.json has no auto_map to drop
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    for key in REMOTE_CODE_KEYS:
+        doc.pop(key, None)
+    if architecture is not None:
+        doc["architectures"] = [architecture]
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def _write_metadata(model, tokenizer, cfg: TrainConfig, out: Path, dtype: torch.dtype, metrics: dict[str, Any], lineage: dict[str, Any]) -> None:
     config = model.config
     config.use_cache = True
     config.dtype = dtype
     config.save_pretrained(out)
+    _drop_remote_code(out / "config.json", native_architecture(config))
     generation = model.generation_config
     generation.eos_token_id = tokenizer.eos_token_id
     generation.pad_token_id = tokenizer.pad_token_id
     generation.save_pretrained(out)
     tokenizer.chat_template = chat_template(cfg.prompt_template, tokenizer.bos_token if adds_bos(tokenizer) else None)
     tokenizer.save_pretrained(out)
+    _drop_remote_code(out / "tokenizer_config.json")
     (out / METRICS_FILE).write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
     (out / FINAL_METRICS_FILE).write_text(json.dumps(json_safe(metrics.get("final", {})), allow_nan=False))
     example = format_prompt(cfg.prompt_template, "<your question>")
