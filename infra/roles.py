@@ -30,7 +30,12 @@ class TrainingRole(Construct):
         bucket.grant_put(self.role, f"{layout.EXECUTIONS}*/model/*")
         # The training volume and the model output are encrypted with the stack's key.
         key.grant_encrypt_decrypt(self.role)
-        key.grant(self.role, "kms:CreateGrant", "kms:DescribeKey")
+        key.grant(self.role, "kms:DescribeKey")
+        # SageMaker creates KMS grants for the job's encrypted volume; only AWS services may use this.
+        self.role.add_to_policy(iam.PolicyStatement(
+            actions=["kms:CreateGrant"], resources=[key.key_arn],
+            conditions={"Bool": {"kms:GrantIsForAWSResource": "true"}},
+        ))
         repository.grant_pull(self.role)
         stack = cdk.Stack.of(self)
         self.role.add_to_policy(iam.PolicyStatement(

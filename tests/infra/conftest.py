@@ -1,4 +1,5 @@
-"""Fixtures for the CDK tests: bare apps and stacks, and cdk-nag's AwsSolutions findings."""
+"""Fixtures for the CDK tests: bare apps and stacks, the whole app synthesized once, and cdk-nag's
+AwsSolutions findings."""
 
 from __future__ import annotations
 
@@ -18,6 +19,23 @@ import pytest  # noqa: E402
 from cdk_nag import AwsSolutionsChecks  # noqa: E402
 
 TEST_ENV = cdk.Environment(account="123456789012", region="us-east-1")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def synthesized(tmp_path_factory):
+    """``(outdir, stack, template, assembly)``: the app as ``cdk synth`` builds it (cdk.json's
+    feature flags, cdk-nag), once per session: a synth of the whole app takes about 10 s."""
+    from aws_cdk.assertions import Template
+
+    import app as ftstack_app
+
+    context = json.loads((ROOT / "cdk.json").read_text())["context"]
+    outdir = tmp_path_factory.mktemp("cdk.out")
+    app = cdk.App(outdir=str(outdir), context=context | {"quality_threshold": 1.5, "notification_emails": ["ml@example.com"]})
+    stack = ftstack_app.build_app(app)
+    assembly = app.synth()
+    return outdir, stack, Template.from_stack(stack), assembly
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aws_cdk as cdk
 import pytest
-from aws_cdk.assertions import Match, Template
+from aws_cdk.assertions import Match
 from statelint.linter import Linter
 
 import app as ftstack_app
@@ -25,16 +25,6 @@ from infra.definition import PLACEHOLDERS
 ROOT = Path(__file__).resolve().parents[2]
 CDK_CONTEXT = json.loads((ROOT / "cdk.json").read_text())["context"]
 """The feature flags `cdk synth` applies; the tests synthesize with the same."""
-
-
-@pytest.fixture(scope="module")
-def synthesized(tmp_path_factory):
-    """The app as ``cdk synth`` builds it (with cdk-nag), in its own output folder."""
-    outdir = tmp_path_factory.mktemp("cdk.out")
-    app = cdk.App(outdir=str(outdir), context=CDK_CONTEXT | {"quality_threshold": 1.5, "notification_emails": ["ml@example.com"]})
-    stack = ftstack_app.build_app(app)
-    assembly = app.synth()
-    return outdir, stack, Template.from_stack(stack), assembly
 
 
 @pytest.fixture(scope="module")

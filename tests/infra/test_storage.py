@@ -181,3 +181,16 @@ def test_scratch_days_must_be_positive(new_stack):
 def test_no_unacknowledged_cdk_nag_findings(built, nag_findings):
     app, _ = built
     assert nag_findings(app) == []
+
+
+def test_cloudwatch_logs_of_the_region_may_use_the_key_for_log_groups_of_the_account():
+    """The statement that lets CloudWatch Logs encrypt the stack's log groups (the whole app is
+    checked against every service using the key in test_key_policy.py)."""
+    stack = cdk.Stack(cdk.App(), "West", env=cdk.Environment(account="123456789012", region="eu-west-1"))
+    Storage(stack, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN)
+    (key,) = Template.from_stack(stack).find_resources("AWS::KMS::Key").values()
+    (logs,) = [s for s in key["Properties"]["KeyPolicy"]["Statement"] if "Service" in s["Principal"]]
+    assert logs["Principal"] == {"Service": {"Fn::Join": ["", ["logs.eu-west-1.", {"Ref": "AWS::URLSuffix"}]]}}
+    assert sorted(logs["Action"]) == sorted(storage.LOGS_KEY_ACTIONS) and logs["Resource"] == "*"
+    assert logs["Condition"] == {"ArnLike": {"kms:EncryptionContext:aws:logs:arn": {"Fn::Join": ["", [
+        "arn:", {"Ref": "AWS::Partition"}, ":logs:eu-west-1:123456789012:log-group:*"]]}}}
