@@ -13,7 +13,7 @@ NODE_BIN := $(CURDIR)/node_modules/node/bin
 # 20 is end-of-life and makes jsii print a banner on every start).
 CDK_ENV := PATH="$(NODE_BIN):$(CURDIR)/$(VENV)/bin:$$PATH" JSII_NODE="$(NODE_BIN)/node"
 
-.PHONY: venv demo test test-fast synth docs clean
+.PHONY: venv demo test test-fast synth ecr-login docs clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,15 @@ test-fast: venv
 
 synth: venv
 	$(CDK_ENV) npx --no-install cdk synth --quiet
+
+# Logs Docker in to the registry of the training image's base image, which `cdk deploy` builds
+# FROM. That registry's account and region come from the image resolved for the region (the AWS
+# images live in other accounts in some regions), via the stack's BaseImageLogin output.
+# REGION as in `cdk deploy -c region=...`; empty: cdk.json's.
+CDK_OUT ?= cdk.out
+ecr-login: venv
+	$(CDK_ENV) npx --no-install cdk synth --quiet $(if $(REGION),-c region=$(REGION)) -o $(CDK_OUT) >/dev/null
+	$(PY) -c 'import glob, json; (t,) = glob.glob("$(CDK_OUT)/*.template.json"); print(json.load(open(t))["Outputs"].get("BaseImageLogin", {}).get("Value", "true  # the base image is not in ECR"))' | sh -x
 
 clean:
 	rm -rf $(VENV) node_modules cdk.out runs .pytest_cache

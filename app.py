@@ -34,11 +34,16 @@ def build_app(app: cdk.App) -> FineTuningStack:
 def main() -> int:
     app = cdk.App()
     try:
-        build_app(app)
+        stack = build_app(app)
     except InfraConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     app.synth()
+    # The training image builds FROM the base image, so `cdk deploy` needs Docker logged in to the
+    # base image's registry, whose account and region depend on the region deployed to.
+    login = stack.node.try_find_child("BaseImageLogin")
+    if login is not None:
+        print(f"Before deploying, log Docker in to the base image's registry:\n  {login.value}", file=sys.stderr)
     return 0
 
 

@@ -5,6 +5,7 @@ or ``inference_image`` context key is empty; a failed lookup names the key to se
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from .config import InfraConfigError
 
@@ -13,6 +14,33 @@ _TRAINING_INSTANCE = "ml.p4d.24xlarge"
 _INFERENCE_INSTANCE = "ml.g5.2xlarge"
 # sagemaker-core suggests `pip install -U sagemaker`; here the fix is a context key.
 _UPGRADE_HINT = re.compile(r"\s*You may need to upgrade your SDK version \(pip install -U sagemaker\)[^.]*\.")
+# An ECR registry host: <account>.dkr.ecr[-fips].<region>.amazonaws.com[.cn] (China regions end in .cn).
+_ECR_HOST = re.compile(r"^(?P<account>\d{12})\.dkr\.ecr(?:-fips)?\.(?P<region>[a-z]{2}(?:-[a-z]+)+-\d)\.amazonaws\.com(?:\.cn)?$")
+
+
+@dataclass(frozen=True)
+class Registry:
+    """The ECR registry an image is pulled from. The AWS Deep Learning Containers live in a
+    different AWS account in some regions (763104351884 in most, 871362719292 in ap-east-1,
+    727897471807 in cn-north-1, ...), so the login must come from the image URI, not a constant."""
+
+    account: str
+    region: str
+    host: str
+
+    @property
+    def login_command(self) -> str:
+        """The shell command that logs Docker in to this registry (AWS CLI v2)."""
+        return (f"aws ecr get-login-password --region {self.region} | "
+                f"docker login --username AWS --password-stdin {self.host}")
+
+
+def registry_of(image_uri: str) -> Registry | None:
+    """The ECR registry of ``image_uri``, or None for an image outside ECR (Docker Hub, a
+    private registry), for which no AWS login applies."""
+    host = image_uri.split("/", 1)[0] if "/" in image_uri else ""
+    match = _ECR_HOST.match(host)
+    return Registry(match["account"], match["region"], host) if match else None
 
 
 def training_base_image(region: str, pytorch_version: str, python_version: str) -> str:

@@ -12,6 +12,7 @@ from ftstack_train.contract import DEFAULT_TEST_SPLIT
 
 from .config import InfraConfig
 from .definition import WorkflowSettings
+from .images import registry_of
 from .notifications import Notifications
 from .registry import ModelRegistry
 from .roles import TrainingRole
@@ -66,3 +67,7 @@ class FineTuningStack(cdk.Stack):
             ("TopicArn", notifications.topic.topic_arn, "Run notifications"),
         ):
             cdk.CfnOutput(self, name, value=value, description=description)
+        registry = registry_of(base_image)
+        if registry:  # the image asset builds FROM the base image: Docker must be logged in to its registry
+            cdk.CfnOutput(self, "BaseImageLogin", value=registry.login_command,
+                          description=f"Run before deploying: logs Docker in to {registry.host}, the base image's registry")

@@ -21,6 +21,7 @@ from ftstack_train.metrics import METRIC_DEFINITIONS
 from infra import layout
 from infra.config import InfraConfigError
 from infra.definition import PLACEHOLDERS
+from infra.images import registry_of, training_base_image
 
 ROOT = Path(__file__).resolve().parents[2]
 CDK_CONTEXT = json.loads((ROOT / "cdk.json").read_text())["context"]
@@ -87,8 +88,18 @@ def test_state_machine_logs_everything_encrypted_and_traces(synthesized):
 
 def test_stack_outputs(synthesized):
     _, _, template, _ = synthesized
-    for name in ("BucketName", "StateMachineArn", "ModelPackageGroupName", "TrainingImageUri", "TopicArn"):
+    for name in ("BucketName", "StateMachineArn", "ModelPackageGroupName", "TrainingImageUri", "TopicArn", "BaseImageLogin"):
         template.has_output(name, {"Value": Match.any_value()})
+
+
+def test_the_base_image_login_output_is_the_registry_of_the_resolved_image(synthesized):
+    """The image asset builds FROM the base image; the output is the login for its registry."""
+    _, _, template, _ = synthesized
+    from infra.config import load_config
+
+    config = load_config(CDK_CONTEXT)
+    base = config.base_image or training_base_image(config.region, config.pytorch_version, config.python_version)
+    template.has_output("BaseImageLogin", {"Value": registry_of(base).login_command})
 
 
 def test_metric_definitions_come_from_the_training_code(definition):
@@ -172,4 +183,6 @@ def test_python_app_py_synthesizes(tmp_path):
            "JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "20", "CDK_CONTEXT_JSON": json.dumps(CDK_CONTEXT)}
     result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "ftstack.template.json").is_file()
+    template = json.loads((tmp_path / "ftstack.template.json").read_text())
+    # What the deployer needs before the first deploy is printed, not only a stack output.
+    assert template["Outputs"]["BaseImageLogin"]["Value"] in result.stderr

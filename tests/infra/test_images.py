@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from infra.config import InfraConfig, InfraConfigError
-from infra.images import inference_image, training_base_image
+from infra.images import Registry, inference_image, registry_of, training_base_image
 
 TGI = re.compile(
     r"^763104351884\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com/huggingface-pytorch-tgi-inference:"
@@ -65,3 +65,28 @@ def test_training_lookup_failure_names_the_key(args, key):
 def test_inference_lookup_failure_names_the_key():
     with pytest.raises(InfraConfigError, match="context key 'inference_image'.*xx-nowhere-1"):
         inference_image("xx-nowhere-1")
+
+
+@pytest.mark.parametrize("region, account, host_suffix", [
+    ("eu-west-1", "763104351884", "amazonaws.com"),
+    ("ap-southeast-2", "763104351884", "amazonaws.com"),
+    ("ap-east-1", "871362719292", "amazonaws.com"),  # not the us-east-1 account: why the login is derived
+    ("cn-north-1", "727897471807", "amazonaws.com.cn"),
+])
+def test_the_registry_login_comes_from_the_resolved_image(region, account, host_suffix):
+    image = training_base_image(region, "2.8", "py312")
+    host = f"{account}.dkr.ecr.{region}.{host_suffix}"
+    assert registry_of(image) == Registry(account=account, region=region, host=host)
+    assert registry_of(image).login_command == (
+        f"aws ecr get-login-password --region {region} | docker login --username AWS --password-stdin {host}"
+    )
+
+
+@pytest.mark.parametrize("image", [
+    "pytorch/pytorch:2.8.0-cuda12.8-cudnn9-devel",  # Docker Hub: no AWS login applies
+    "registry.example.com/team/train:1",
+    "public.ecr.aws/deep-learning-containers/pytorch-training:2.8",
+    "763104351884.dkr.ecr.us-east-1.amazonaws.com.evil.example/x:1",
+])
+def test_images_outside_a_private_ecr_registry_need_no_aws_login(image):
+    assert registry_of(image) is None
