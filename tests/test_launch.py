@@ -37,6 +37,8 @@ def paths(tmp_path, monkeypatch) -> SageMakerPaths:
     # main() sets these for the training processes; keep them out of the other tests' environment.
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # prepare() sets it when nothing needs the hub; set here, no test ever reaches the network.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(launch, "supervise", lambda args: pytest.fail(f"torchrun would have started: {args}"))
     sm = SageMakerPaths(tmp_path)
@@ -123,6 +125,7 @@ def test_prepare_returns_torchrun_args_for_a_good_multi_node_job(paths, monkeypa
     monkeypatch.setenv(NPROC_ENV, "2")
     set_resource_config(paths, ["algo-1", "algo-2", "algo-3"], "algo-3")
     set_hyperparameters(paths, {"global_train_batch_size": "24", "save_folder": '"run-1"'})
+    write(paths.channel("model") / "config.json", "{}")  # the base model comes from S3, not the hub
 
     args = prepare(paths)
 

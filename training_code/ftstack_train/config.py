@@ -32,6 +32,9 @@ MODEL_KEY = "model.pretrained_model_name_or_path"
 """The key that names the base model; ``ftstack local --model`` and the workflow's ``base_model``
 set it."""
 
+TOKENIZER_KEY = "tokenizer.name"
+"""The key that names the tokenizer; equal to the base model's id, it follows the model (see job.tokenizer_source)."""
+
 
 def _key(key: str, doc: str, **kwargs: Any) -> Any:
     return field(metadata={"key": key, "doc": doc}, **kwargs)
@@ -51,7 +54,10 @@ class TrainConfig:
         "model.pretrained", "Load the base model's weights; false starts from random weights.", default=True
     )
     tokenizer: str | None = _key(
-        "tokenizer.name", "Tokenizer directory or hub id; empty means the base model's.", default=None
+        TOKENIZER_KEY,
+        "Tokenizer directory or hub id; empty, or the same as the base model's id, means the base "
+        "model's own tokenizer, from wherever the model is loaded (a `model` channel, `--model`).",
+        default=None,
     )
     run_name: str = _key("run_name", "Name shown in logs and in the model card.", default="ftstack")
     seed: int = _key("global_seed", "Seed for initialisation, shuffling and dropout.", default=17)

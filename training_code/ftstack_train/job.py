@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import urllib.error
+import urllib.request
+from http.client import HTTPException
 from pathlib import Path
 
-from .config import TrainConfig, parse_config
+from .config import MODEL_KEY, TOKENIZER_KEY, TrainConfig, parse_config
 from .errors import ConfigError
 from .contract import CHECKPOINT_BASE_MODEL, CONFIG_CHANNEL, MODEL_CHANNEL, TINY_MODELS, SageMakerPaths
 
@@ -66,6 +70,90 @@ def base_model_source(cfg: TrainConfig, paths: SageMakerPaths) -> str:
     if cfg.model in TINY_MODELS:
         return str(checkpoint_dir(cfg, paths) / CHECKPOINT_BASE_MODEL)
     return cfg.model
+
+
+def tokenizer_source(cfg: TrainConfig, model_source: str) -> str:
+    """Where the tokenizer comes from: ``tokenizer.name`` when it names something other than the
+    base model, otherwise the base model's own source. So the tutorial's ``tokenizer.name:
+    mosaicml/mpt-7b`` next to the same model id follows the model to the ``model`` channel (or
+    ``--model``) instead of fetching the tokenizer of a model that is not the one being trained."""
+    if cfg.tokenizer is None or cfg.tokenizer == cfg.model:
+        return model_source
+    return cfg.tokenizer
+
+
+HUB_OFFLINE_ENV = "HF_HUB_OFFLINE"
+"""Hugging Face's switch that stops every hub request (and its retries) in the libraries."""
+
+HUB_ENDPOINT_ENV = "HF_ENDPOINT"
+HUB_PROBE_TIMEOUT_S = 5.0
+
+# What huggingface_hub accepts as a repository id: one `owner/name` or a bare `name`.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+_HUB_FIX = {
+    MODEL_KEY: "stage the model in S3 under base-models/ and pass it as base_model (locally: --model DIR), "
+    "or run the job with network access",
+    TOKENIZER_KEY: "put the tokenizer files in the model folder and leave tokenizer.name empty, "
+    "or run the job with network access",
+}
+
+
+def require_hub_access(cfg: TrainConfig, paths: SageMakerPaths) -> None:
+    """Checks, before any training process starts, that every hub id among the model and tokenizer
+    sources can be fetched; raises ConfigError with one line naming the key, the id and the fix
+    when one cannot (no network: the libraries would retry for most of a minute, then fail on
+    every rank). Sets HF_HUB_OFFLINE for the training processes when nothing needs the hub."""
+    model = base_model_source(cfg, paths)
+    sources = {MODEL_KEY: model}
+    tokenizer = tokenizer_source(cfg, model)
+    if tokenizer != model:
+        sources[TOKENIZER_KEY] = tokenizer
+    hub = {}
+    for key, source in sources.items():
+        if Path(source).is_dir() or (key == MODEL_KEY and cfg.model in TINY_MODELS):
+            continue
+        if not _HUB_ID.fullmatch(source):
+            raise ConfigError(
+                f"{key}: {source!r} is not a directory here, nor a Hugging Face hub id; give a model directory "
+                "or an id such as mosaicml/mpt-7b"
+            )
+        hub[key] = source
+    if hub:
+        reason = _hub_unreachable()
+        if reason is None:
+            return
+        for key, source in hub.items():
+            if not _in_hub_cache(source, key):
+                raise ConfigError(
+                    f"{key}: {source!r} is a Hugging Face hub id, but {reason} and it is not in the local "
+                    f"Hugging Face cache; {_HUB_FIX[key]}"
+                )
+    # Everything is local (or cached): no library may try the hub, and none retries.
+    os.environ[HUB_OFFLINE_ENV] = "1"
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached from here, or None when it answers. One request, no retries."""
+    if os.environ.get(HUB_OFFLINE_ENV, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return f"{HUB_OFFLINE_ENV} is set"
+    endpoint = os.environ.get(HUB_ENDPOINT_ENV, "https://huggingface.co")
+    try:
+        # urllib honours HTTPS_PROXY/NO_PROXY, as the hub client does.
+        with urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S):
+            return None
+    except urllib.error.HTTPError:
+        return None  # any HTTP answer means the hub is reachable
+    except (urllib.error.URLError, HTTPException, OSError, ValueError) as exc:
+        detail = getattr(exc, "reason", None) or exc
+        return f"this job cannot reach the hub at {endpoint} ({detail})"
+
+
+def _in_hub_cache(repo_id: str, key: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    filename = "config.json" if key == MODEL_KEY else "tokenizer_config.json"
+    return isinstance(try_to_load_from_cache(repo_id, filename), str)
 
 
 def _model_root(channel: Path) -> Path:

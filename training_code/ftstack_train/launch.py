@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .contract import CHECKPOINT_BASE_MODEL, TEST_CHANNEL, TINY_MODELS, TRAIN_CHANNEL, SageMakerPaths
 from .errors import EXIT_STOPPED, EXIT_USER_ERROR, PID_DIR_ENV, STOPPED_FILE, USER_ERROR_FILE, USER_ERRORS, ConfigError
-from .job import base_model_source, checkpoint_dir, load_job_config, write_failure
+from .job import base_model_source, checkpoint_dir, load_job_config, require_hub_access, write_failure
 from .validation import check_files
 
 NPROC_ENV = "FTSTACK_NPROC_PER_NODE"
@@ -107,6 +107,7 @@ def prepare(paths: SageMakerPaths) -> list[str]:
         )
         make_tiny_model(cfg.model, texts, source, cfg.seed)
         print(f"made a random {cfg.model} base model in {source}", flush=True)
+    require_hub_access(cfg, paths)
     folder.mkdir(parents=True, exist_ok=True)
     paths.model_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port() if len(hosts) == 1 else MULTI_NODE_PORT

@@ -16,7 +16,7 @@ from .data import StepPlan, list_data_files, pack_rows, tokenize_files
 from .distributed import build_sharded_model, compute_dtype, init_distributed
 from .errors import EXIT_USER_ERROR, PID_DIR_ENV, STOPPED_FILE, USER_ERROR_FILE, USER_ERRORS
 from .export import export_hf_model
-from .job import base_model_source, checkpoint_dir, load_job_config, write_failure
+from .job import base_model_source, checkpoint_dir, load_job_config, tokenizer_source, write_failure
 from .model import load_model, load_tokenizer
 from .trainer import Model, StopRequested, build_optimizer, train
 
@@ -27,7 +27,7 @@ def run(paths: SageMakerPaths, stop: StopRequested) -> bool:
     torch.manual_seed(cfg.seed)
     torch.use_deterministic_algorithms(d.device.type == "cpu")
     source = base_model_source(cfg, paths)
-    tokenizer = load_tokenizer(cfg.tokenizer or source)
+    tokenizer = load_tokenizer(tokenizer_source(cfg, source))
     splits = {}
     for name in (TRAIN_CHANNEL, TEST_CHANNEL):
         channel = paths.channel(name)
