@@ -12,67 +12,17 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from ftstack_train.checkpoint import MARKER, is_complete, step_dir
+from ftstack_train.checkpoint import is_complete, part_marker, step_dir
 from ftstack_train.config import DEFAULT_PROMPT_TEMPLATE
 from ftstack_train.data import format_prompt
-from ftstack_train.metrics import METRIC_DEFINITIONS, parse_line
+from ftstack_train.metrics import METRIC_DEFINITIONS
 
 pytestmark = pytest.mark.slow
-
-WORDS = ["amber", "birch", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo", "juniper",
-         "kestrel", "lagoon", "meadow", "nickel", "onyx", "pepper", "quartz", "raven", "saffron", "tundra"]
-
-# Small enough for seconds per run; micro batch 1 with 2 processes means 2 accumulation steps.
-BASE_OVERRIDES = (
-    "max_seq_len=64", "global_train_batch_size=4", "device_train_microbatch_size=1",
-    "optimizer.lr=3e-3", "scheduler.t_warmup=2ba", "eval_interval=10ba", "save_interval=4ba",
-    "export.dtype=fp32", "export.max_shard_size=100KB", "save_num_checkpoints_to_keep=2",
-)
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> tuple[Path, Path]:
-    """A memorisable dataset: the test set is part of the training set, so eval loss must fall."""
-    folder = tmp_path_factory.mktemp("data")
-    records = [{"prompt": f"What is the code word for {i}?", "response": f"The code word for {i} is {w}."} for i, w in enumerate(WORDS)]
-    return write_jsonl(folder / "train.jsonl", records), write_jsonl(folder / "test.jsonl", records[:6])
-
-
-def local_command(dataset, output: Path, *overrides: str) -> list[str]:
-    train, test = dataset
-    return [sys.executable, "-m", "ftstack.cli", "local", "--train", str(train), "--test", str(test),
-            "--model", "tiny-mpt", "--nproc", "2", "--output", str(output), *BASE_OVERRIDES, *overrides]
-
-
-def start(command: list[str], log: Path) -> subprocess.Popen:
-    handle = open(log, "ab")
-    return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def run(command: list[str], log: Path, timeout: float = 240) -> int:
-    proc = start(command, log)
-    return proc.wait(timeout=timeout)
-
-
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert proc.poll() is None, "the run ended before the moment the test waits for"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def descendants(pid: int) -> list[int]:
@@ -94,30 +44,11 @@ def descendants(pid: int) -> list[int]:
     return tree
 
 
-def metrics_lines(log: Path) -> list[tuple[str, dict[str, float]]]:
-    return [parsed for line in log.read_text().splitlines() if (parsed := parse_line(line))]
-
-
-def exported_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
-
-
-@pytest.fixture(scope="module")
-def reference(dataset, tmp_path_factory) -> tuple[Path, Path]:
-    """One uninterrupted run of 40 steps; the interrupted runs must end with its weights."""
-    output = tmp_path_factory.mktemp("reference")
-    log = output.parent / f"{output.name}.log"
-    assert run(local_command(dataset, output, "max_duration=40ba"), log) == 0, log.read_text()
-    return output, log
-
-
-def test_run_learns_and_export_matches_the_trained_model(reference):
+def test_run_learns_and_export_matches_the_trained_model(runs, reference):
     output, log = reference
     text = log.read_text()
     assert "Traceback" not in text
-    evals = [values for kind, values in metrics_lines(log) if kind == "eval"]
+    evals = [values for kind, values in runs.metrics_lines(log) if kind == "eval"]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 40
     assert evals[-1]["cross_entropy"] < 0.3 * evals[0]["cross_entropy"], evals
 
@@ -155,46 +86,39 @@ def test_run_learns_and_export_matches_the_trained_model(reference):
     assert "### Question:" in card and "tiny-mpt" in card
 
 
-def test_metric_regexes_read_the_lines_a_run_prints(reference):
+def test_metric_regexes_read_the_lines_a_run_prints(runs, reference):
     _, log = reference
     lines = log.read_text().splitlines()
     for definition in METRIC_DEFINITIONS:
         values = [float(m.group(1)) for line in lines if (m := re.search(definition.regex, line))]
         assert values, f"{definition.name}: no line matched {definition.regex}"
     eval_ce = [float(m.group(1)) for line in lines if (m := re.search(dict((d.name, d.regex) for d in METRIC_DEFINITIONS)["eval:cross_entropy"], line))]
-    assert eval_ce == [v["cross_entropy"] for k, v in metrics_lines(log) if k == "eval"]
+    assert eval_ce == [v["cross_entropy"] for k, v in runs.metrics_lines(log) if k == "eval"]
 
 
-def assert_same_weights(output: Path, reference_output: Path) -> None:
-    resumed, expected = exported_weights(output / "model"), exported_weights(reference_output / "model")
-    assert resumed.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
-
-
-def test_sigterm_saves_and_a_restart_ends_like_an_uninterrupted_run(dataset, reference, tmp_path):
+def test_sigterm_saves_and_a_restart_ends_like_an_uninterrupted_run(runs, reference, tmp_path):
     output, log = tmp_path / "run", tmp_path / "run.log"
-    command = local_command(dataset, output, "max_duration=40ba")
-    proc = start(command, log)
-    wait_for(lambda: any(k == "train" and v["step"] >= 13 for k, v in metrics_lines(log)), proc)
+    command = runs.command(output, "max_duration=40ba")
+    proc = runs.start(command, log)
+    runs.wait_for(lambda: any(k == "train" and v["step"] >= 13 for k, v in runs.metrics_lines(log)), proc)
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=60) == 143, log.read_text()
     text = log.read_text()
     assert "stopped on request" in text and "Traceback" not in text
-    stopped_at = max(v["step"] for k, v in metrics_lines(log) if k == "train")
+    stopped_at = max(v["step"] for k, v in runs.metrics_lines(log) if k == "train")
     assert stopped_at < 40 and is_complete(step_dir(output / "checkpoints", int(stopped_at)))
     assert not (output / "model" / "config.json").exists()
 
-    assert run(command, log) == 0, log.read_text()
+    assert runs.run(command, log) == 0, log.read_text()
     assert f"resumed from step-{int(stopped_at):08d}" in log.read_text()
-    assert_same_weights(output, reference[0])
+    runs.assert_same_weights(output / "model", reference[0] / "model")
 
 
-def test_sigkill_resumes_from_the_last_complete_checkpoint(dataset, reference, tmp_path):
+def test_sigkill_resumes_from_the_last_complete_checkpoint(runs, reference, tmp_path):
     output, log = tmp_path / "run", tmp_path / "run.log"
-    command = local_command(dataset, output, "max_duration=40ba")
-    proc = start(command, log)
-    wait_for(lambda: is_complete(step_dir(output / "checkpoints", 12)), proc)
+    command = runs.command(output, "max_duration=40ba")
+    proc = runs.start(command, log)
+    runs.wait_for(lambda: is_complete(step_dir(output / "checkpoints", 12)), proc)
     tree = descendants(proc.pid)
     for pid in tree:  # freeze first, so that no process reacts to another's death
         os.kill(pid, signal.SIGSTOP)
@@ -204,31 +128,31 @@ def test_sigkill_resumes_from_the_last_complete_checkpoint(dataset, reference, t
     last = max(int(p.name.split("-")[1]) for p in (output / "checkpoints").glob("step-*") if is_complete(p))
     assert last >= 12
 
-    assert run(command, log) == 0, log.read_text()
+    assert runs.run(command, log) == 0, log.read_text()
     assert f"resumed from step-{last:08d}" in log.read_text()
-    assert_same_weights(output, reference[0])
+    runs.assert_same_weights(output / "model", reference[0] / "model")
 
 
-def test_an_unfinished_checkpoint_is_skipped(dataset, reference, tmp_path):
+def test_an_unfinished_checkpoint_is_skipped(runs, reference, tmp_path):
     """A checkpoint whose marker lists a file that is missing (a kill mid-save) does not count."""
     import shutil
 
     output, log = tmp_path / "run", tmp_path / "run.log"
     shutil.copytree(reference[0] / "checkpoints", output / "checkpoints")
     newest = step_dir(output / "checkpoints", 40)
-    marker = json.loads((newest / MARKER).read_text())
-    (newest / marker["files"][0]).unlink()
+    marker = json.loads(part_marker(newest, 0).read_text())
+    (newest / sorted(marker["files"])[0]).unlink()
     assert not is_complete(newest)
-    assert run(local_command(dataset, output, "max_duration=40ba"), log) == 0, log.read_text()
+    assert runs.run(runs.command(output, "max_duration=40ba"), log) == 0, log.read_text()
     assert "resumed from step-00000036" in log.read_text()
-    assert_same_weights(output, reference[0])
+    runs.assert_same_weights(output / "model", reference[0] / "model")
 
 
-def test_bad_data_in_the_training_processes_fails_with_the_reason(dataset, tmp_path):
+def test_bad_data_in_the_training_processes_fails_with_the_reason(runs, tmp_path):
     """All prompts are longer than max_seq_len: the workers reject the data (after the launcher's
     validation passed); the failure file says why and nobody prints a traceback."""
     output, log = tmp_path / "run", tmp_path / "run.log"
-    code = run(local_command(dataset, output, "max_duration=2ba", "max_seq_len=8"), log)
+    code = runs.run(runs.command(output, "max_duration=2ba", "max_seq_len=8"), log)
     assert code == 2
     failure = (output / "output" / "failure").read_text()
     assert "max_seq_len=8" in failure and "max_dropped_fraction" in failure
@@ -236,7 +160,7 @@ def test_bad_data_in_the_training_processes_fails_with_the_reason(dataset, tmp_p
     assert not (output / "model" / "config.json").exists()
 
 
-def test_tiny_llama_loads_identically_on_every_rank_and_exports_bf16(dataset, tmp_path):
+def test_tiny_llama_loads_identically_on_every_rank_and_exports_bf16(runs, tmp_path):
     """Rank 0 alone reads the weights and broadcasts them into the shards: the baseline loss with
     2 processes must equal the one with 1. Llama also covers the path for models with position
     ids and untied embeddings, and the default bf16 export."""
@@ -245,10 +169,10 @@ def test_tiny_llama_loads_identically_on_every_rank_and_exports_bf16(dataset, tm
     baselines = {}
     for nproc in (1, 2):
         output, log = tmp_path / f"n{nproc}", tmp_path / f"n{nproc}.log"
-        command = local_command(dataset, output, "max_duration=2ba", "export.dtype=bf16")
+        command = runs.command(output, "max_duration=2ba", "export.dtype=bf16")
         command[command.index("tiny-mpt")] = "tiny-llama"
         command[command.index("--nproc") + 1] = str(nproc)
-        assert run(command, log) == 0, log.read_text()
+        assert runs.run(command, log) == 0, log.read_text()
         history = json.loads((output / "model" / "metrics.json").read_text())["history"]
         baselines[nproc] = history[0]["cross_entropy"]  # full precision, unlike the log line
     assert baselines[2] == pytest.approx(baselines[1], rel=1e-6)
@@ -260,5 +184,5 @@ def test_tiny_llama_loads_identically_on_every_rank_and_exports_bf16(dataset, tm
     for name in sorted(set(index["weight_map"].values())):
         with safe_open(model_dir / name, "pt") as shard:
             assert {shard.get_tensor(k).dtype for k in shard.keys()} == {torch.bfloat16}
-    weights = exported_weights(model_dir)
+    weights = runs.exported_weights(model_dir)
     assert all(torch.isfinite(w).all() for w in weights.values())

@@ -134,7 +134,9 @@ class TrainConfig:
         "save_interval", "Checkpoint every `Nba` steps (and always at each epoch end and at the end).", default=Duration(100, "ba")
     )
     save_num_checkpoints_to_keep: int = _key(
-        "save_num_checkpoints_to_keep", "Complete checkpoints kept; older ones are deleted.", default=2
+        "save_num_checkpoints_to_keep",
+        "Complete checkpoints kept (at least 2: SageMaker is still uploading the newest); older ones are deleted.",
+        default=2,
     )
     console_log_interval: Duration = _key("console_log_interval", "Print a training metrics line every `Nba` steps.", default=Duration(1, "ba"))
     dist_timeout: float = _key("dist_timeout", "Seconds a collective may wait before the run fails.", default=1800.0)
@@ -251,8 +253,10 @@ def _check(cfg: TrainConfig) -> None:
         fail("algorithms.gradient_clipping.clipping_threshold", "must be positive, or 0 to turn clipping off")
     if cfg.precision not in ("amp_bf16", "bf16", "fp32"):
         fail("precision", f"{cfg.precision!r} is not supported; use amp_bf16 (or bf16) or fp32")
-    if cfg.save_num_checkpoints_to_keep < 1:
-        fail("save_num_checkpoints_to_keep", "keep at least 1, or a run cannot resume")
+    if cfg.save_num_checkpoints_to_keep < 2:
+        # SageMaker uploads the checkpoint folder in the background and mirrors deletions to S3.
+        fail("save_num_checkpoints_to_keep", "keep at least 2: with 1, the only complete checkpoint is deleted "
+             "while SageMaker is still uploading the next one, and an interruption leaves nothing to resume")
     if cfg.dist_timeout <= 0:
         fail("dist_timeout", "must be a positive number of seconds")
     if cfg.export_dtype not in ("bf16", "fp16", "fp32"):

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import latest_complete, load_checkpoint, save_checkpoint
+from .checkpoint import agree_on_resume, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Batch, StepPlan, TokenizedSplit, attention_bias, collate, epoch_order
 from .distributed import Dist
@@ -161,7 +161,7 @@ def train(
         optimizer, lambda s: lr_factor(s, sched.total_steps, sched.warmup_steps, cfg)
     )
     state: dict[str, Any] = {"step": 0, "history": [], "final_train": {}}
-    resume = latest_complete(checkpoint_dir)
+    resume = agree_on_resume(checkpoint_dir)  # collective: every rank picks the same one
     if resume is not None:
         state = load_checkpoint(resume, model.module, optimizer)
         scheduler.last_epoch = state["step"]
@@ -177,8 +177,11 @@ def train(
         state["history"].append(entry)
         _log(d, format_line("eval", **entry))
 
-    def checkpoint(step: int) -> None:
-        save_checkpoint(checkpoint_dir, step, model.module, optimizer, dict(state, step=step), cfg.save_num_checkpoints_to_keep, d.is_local_main)
+    def checkpoint(step: int, prune: bool = True) -> None:
+        save_checkpoint(
+            checkpoint_dir, step, model.module, optimizer, dict(state, step=step), cfg.save_num_checkpoints_to_keep,
+            d.is_local_main, prune=prune,
+        )
 
     if state["step"] == 0 and cfg.eval_first and not state["history"]:
         record_eval(0)
@@ -197,7 +200,9 @@ def train(
         targets, real, slots, stops = _all_sum([*map(float, local), float(stop.flag)], d.device)
         if stops > 0:
             if saved_at != step:
-                checkpoint(step)
+                # No pruning: this save may not finish uploading before the instance goes, so
+                # the periodic checkpoints before it must all stay.
+                checkpoint(step, prune=False)
             _log(d, f"stop requested: saved a checkpoint at step {step}; start the run again to resume")
             return RunResult(True, step, state["history"], state["final_train"])
         loss_total = torch.zeros((), dtype=torch.float64, device=d.device)  # summed on device: no sync per micro batch
