@@ -29,6 +29,11 @@ NPROC_ENV = "FTSTACK_NPROC_PER_NODE"
 
 MULTI_NODE_PORT = 29500
 
+RENDEZVOUS_ENV = "FTSTACK_RENDEZVOUS"
+"""``host:port`` of the multi-node rendezvous instead of the first host on MULTI_NODE_PORT. Only for
+several "nodes" on one machine (tests/test_multinode.py), where SageMaker's host names do not
+resolve and other runs may hold the port; never set in a SageMaker job."""
+
 
 def read_resource_config(paths: SageMakerPaths) -> tuple[list[str], str]:
     """``hosts`` and ``current_host`` from resourceconfig.json; one local host when absent."""
@@ -44,14 +49,14 @@ def read_resource_config(paths: SageMakerPaths) -> tuple[list[str], str]:
     return hosts, current
 
 
-def torchrun_args(hosts: list[str], current_host: str, nproc_per_node: int, port: int) -> list[str]:
+def torchrun_args(hosts: list[str], current_host: str, nproc_per_node: int, port: int, master: str | None = None) -> list[str]:
     """torchrun's arguments: one node per host, rank by position in ``hosts``, the first host
-    as the rendezvous master."""
+    (or ``master``) as the rendezvous master."""
     return [
         "--nnodes", str(len(hosts)),
         "--node_rank", str(hosts.index(current_host)),
         "--nproc_per_node", str(nproc_per_node),
-        "--master_addr", "127.0.0.1" if len(hosts) == 1 else hosts[0],
+        "--master_addr", master or ("127.0.0.1" if len(hosts) == 1 else hosts[0]),
         "--master_port", str(port),
         "--max_restarts", "0",
         "-m", "ftstack_train.train",
@@ -111,7 +116,13 @@ def prepare(paths: SageMakerPaths) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     paths.model_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port() if len(hosts) == 1 else MULTI_NODE_PORT
-    return torchrun_args(hosts, current, nproc, port)
+    master, rendezvous = None, os.environ.get(RENDEZVOUS_ENV)
+    if rendezvous and len(hosts) > 1:
+        master, _, port_text = rendezvous.rpartition(":")
+        if not master or not port_text.isdigit():
+            raise ConfigError(f"{RENDEZVOUS_ENV}={rendezvous!r}: give host:port, e.g. 127.0.0.1:29500")
+        port = int(port_text)
+    return torchrun_args(hosts, current, nproc, port, master)
 
 
 def supervise(args: list[str]) -> int:

@@ -72,7 +72,7 @@ def main() -> int:
         Path(pid_dir, f"rank-{rank}.pid").write_text(str(os.getpid()))
     try:
         finished = run(paths, stop)
-        if not finished and rank == 0 and pid_dir:
+        if not finished and pid_dir:  # every rank: each node's launcher reads only its own pid folder
             Path(pid_dir, STOPPED_FILE).touch()
         code = 0
     except USER_ERRORS as exc:
