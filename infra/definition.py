@@ -4,56 +4,33 @@ The definition is a dict with ``${Name}`` placeholders for the resources the sta
 ``PLACEHOLDERS``); ``infra.workflow`` hands it to Step Functions with the real values, and the tests
 run the same dict in moto's interpreter with stand-ins for the service calls.
 
-Validate input -> stage data (Lambda) -> train (SageMaker, ``.sync``; new job name and next instance
-type on capacity errors) -> read metrics -> quality gate -> register (idempotent per job) -> notify.
+Validate input -> stage data (Lambda) -> train (SageMaker, a poll loop; new job name and next
+instance type on capacity and quota errors, see ``infra.training_states``) -> read the final
+metrics -> quality gate -> register (idempotent per job) -> notify.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ftstack_train.contract import DEFAULT_ROOT, METRICS_FILE, MODEL_CHANNEL, TEST_CHANNEL, TRAIN_CHANNEL, SageMakerPaths
-from ftstack_train.metrics import METRIC_DEFINITIONS
+from ftstack_train.contract import FINAL_METRICS_FILE, METRICS_FILE
 
 from .layout import JOB_MODEL_DIR
+from .settings import WorkflowSettings
+from .training_states import attempt_states, fallback_states, train_states
 
-CONTAINER_PATHS = SageMakerPaths(Path(DEFAULT_ROOT))
-"""The training container's folders, where SageMaker puts them."""
+__all__ = ["PLACEHOLDERS", "WorkflowSettings", "build_definition", "render"]
 
 PLACEHOLDERS = (
     "Bucket", "KeyArn", "TrainingRoleArn", "TrainingImage", "InferenceImage", "StagingFunctionArn",
     "TopicArn", "ModelPackageGroupName",
 )
 
-CAPACITY_ERRORS = ("*CapacityError*", "*InsufficientInstanceCapacity*", "*InsufficientCapacity*")
-"""How a training job that got no instances of its type reads in the failure cause."""
-
-RETRYABLE_API_ERRORS = ["SageMaker.ThrottlingException", "ThrottlingException", "SageMaker.ResourceLimitExceededException"]
-"""Rejected at CreateTrainingJob, so no job of that name exists: retrying the same name is safe."""
-
-EVAL_CE = "$.metrics.document.final.eval_cross_entropy"
-"""The final eval cross-entropy in the job's metrics.json, once read."""
+EVAL_CE = "$.metrics.final.eval_cross_entropy"
+"""The final eval cross-entropy, once the job's final-metrics file is read."""
 
 LAMBDA_ERRORS = ["Lambda.ServiceException", "Lambda.AWSLambdaException", "Lambda.SdkClientException", "Lambda.TooManyRequestsException"]
-
-
-@dataclass(frozen=True)
-class WorkflowSettings:
-    """What the definition needs from the deployment's configuration."""
-
-    region: str
-    volume_size_gb: int
-    max_runtime_s: int
-    max_wait_s: int
-    max_instance_count: int
-    network_isolation: bool
-    subnets: tuple[str, ...]
-    security_groups: tuple[str, ...]
-    approval_status: str
-    quality_threshold: float | None
 
 
 def _input_checks(max_instance_count: int) -> list[tuple[str, dict[str, Any], str]]:
@@ -109,159 +86,33 @@ def _catch_all(next_state: str) -> list[dict[str, Any]]:
     return [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": next_state}]
 
 
-def _channel(name: str, uri_path: str) -> dict[str, Any]:
-    return {
-        "ChannelName": name,
-        "ContentType": "application/jsonlines" if name != MODEL_CHANNEL else "application/octet-stream",
-        "InputMode": "File",
-        "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3DataDistributionType": "FullyReplicated", "S3Uri.$": uri_path}},
-    }
-
-
-def _job_setup_states(s: WorkflowSettings) -> dict[str, Any]:
-    """Per-attempt values: job name, instance type, stopping condition, channels, encryption."""
-    data_channels = [_channel(TRAIN_CHANNEL, "$.staged.train.s3_uri"), _channel(TEST_CHANNEL, "$.staged.test.s3_uri")]
-    return {
-        "PrepareAttempt": {
-            "Type": "Pass",
-            "Parameters": {
-                "name.$": "States.Format('{}-a{}', $.staged.job_name_prefix, $.attempt.index)",
-                "instance_type.$": "States.ArrayGetItem($.staged.instance_types, $.attempt.index)",
-                "encrypt_traffic": False,
-                "stopping": {"MaxRuntimeInSeconds": s.max_runtime_s},
-                "channels": {"list": data_channels},  # Pass states build objects, not bare arrays
-            },
-            "ResultPath": "$.job",
-            "Next": "MultiNode?",
-        },
-        "MultiNode?": {
-            "Type": "Choice",
-            "Choices": [{"Variable": "$.staged.instance_count", "NumericGreaterThan": 1, "Next": "EncryptInterNodeTraffic"}],
-            "Default": "Spot?",
-        },
-        "EncryptInterNodeTraffic": {"Type": "Pass", "Result": True, "ResultPath": "$.job.encrypt_traffic", "Next": "Spot?"},
-        "Spot?": {
-            "Type": "Choice",
-            "Choices": [{"Variable": "$.staged.spot", "BooleanEquals": True, "Next": "SpotStoppingCondition"}],
-            "Default": "ModelChannel?",
-        },
-        "SpotStoppingCondition": {
-            "Type": "Pass",
-            "Result": {"MaxRuntimeInSeconds": s.max_runtime_s, "MaxWaitTimeInSeconds": s.max_wait_s},
-            "ResultPath": "$.job.stopping",
-            "Next": "ModelChannel?",
-        },
-        "ModelChannel?": {
-            "Type": "Choice",
-            "Choices": [{"Not": {"Variable": "$.staged.base_model.s3_uri", "StringEquals": ""}, "Next": "AddModelChannel"}],
-            "Default": "Train",
-        },
-        "AddModelChannel": {
-            "Type": "Pass",
-            "Parameters": {"list": data_channels + [_channel(MODEL_CHANNEL, "$.staged.base_model.s3_uri")]},
-            "ResultPath": "$.job.channels",
-            "Next": "Train",
-        },
-    }
-
-
-def _train_state(s: WorkflowSettings) -> dict[str, Any]:
-    params: dict[str, Any] = {
-        "TrainingJobName.$": "$.job.name",
-        "RoleArn": "${TrainingRoleArn}",
-        "AlgorithmSpecification": {
-            "TrainingImage": "${TrainingImage}",
-            "TrainingInputMode": "File",
-            "MetricDefinitions": [{"Name": d.name, "Regex": d.regex} for d in METRIC_DEFINITIONS],
-            "EnableSageMakerMetricsTimeSeries": True,
-        },
-        "HyperParameters.$": "$.staged.hyperparameters",
-        "InputDataConfig.$": "$.job.channels.list",
-        "OutputDataConfig": {"S3OutputPath.$": "$.staged.output_uri", "KmsKeyId": "${KeyArn}", "CompressionType": "NONE"},
-        "ResourceConfig": {
-            "InstanceType.$": "$.job.instance_type",
-            "InstanceCount.$": "$.staged.instance_count",
-            "VolumeSizeInGB": s.volume_size_gb,
-            "VolumeKmsKeyId": "${KeyArn}",
-        },
-        "StoppingCondition.$": "$.job.stopping",
-        "EnableManagedSpotTraining.$": "$.staged.spot",
-        "CheckpointConfig": {"S3Uri.$": "$.staged.checkpoint_uri", "LocalPath": str(CONTAINER_PATHS.checkpoints)},
-        "EnableInterContainerTrafficEncryption.$": "$.job.encrypt_traffic",
-        "EnableNetworkIsolation": s.network_isolation,
-        "Tags": [{"Key": "ftstack:execution", "Value.$": "$$.Execution.Name"}],
-    }
-    if s.subnets:
-        params["VpcConfig"] = {"Subnets": list(s.subnets), "SecurityGroupIds": list(s.security_groups)}
-    return {
-        "Type": "Task",
-        "Resource": "arn:aws:states:::sagemaker:createTrainingJob.sync",
-        "Parameters": params,
-        "ResultSelector": {"name.$": "$.TrainingJobName", "arn.$": "$.TrainingJobArn"},
-        "ResultPath": "$.training",
-        "Retry": [{"ErrorEquals": RETRYABLE_API_ERRORS, "IntervalSeconds": 30, "BackoffRate": 2.0, "MaxAttempts": 6}],
-        "Catch": _catch_all("CapacityProblem?"),
-        "Next": "LocateModel",
-    }
-
-
 def _failure_states(s: WorkflowSettings) -> dict[str, Any]:
     logs = (
         f"https://{s.region}.console.aws.amazon.com/cloudwatch/home?region={s.region}"
         "#logsV2:log-groups/log-group/$252Faws$252Fsagemaker$252FTrainingJobs$3FlogStreamNameFilter$3D{}"
     )
     return {
-        "CapacityProblem?": {
-            "Type": "Choice",
-            "Choices": [{"Or": [{"Variable": "$.error.Cause", "StringMatches": p} for p in CAPACITY_ERRORS], "Next": "NextInstanceType"}],
-            "Default": "DescribeFailedJob",
-        },
-        "NextInstanceType": {
-            "Type": "Pass",
-            "Parameters": {"index.$": "States.MathAdd($.attempt.index, 1)", "count.$": "States.ArrayLength($.staged.instance_types)"},
-            "ResultPath": "$.attempt",
-            "Next": "InstanceTypeLeft?",
-        },
-        "InstanceTypeLeft?": {
-            "Type": "Choice",
-            "Choices": [{"Variable": "$.attempt.index", "NumericLessThanPath": "$.attempt.count", "Next": "PrepareAttempt"}],
-            "Default": "DescribeFailedJob",
-        },
-        "DescribeFailedJob": {
-            "Type": "Task",
-            "Resource": "arn:aws:states:::aws-sdk:sagemaker:describeTrainingJob",
-            "Parameters": {"TrainingJobName.$": "$.job.name"},
-            "ResultSelector": {"reason.$": "$.FailureReason"},
-            "ResultPath": "$.failure",
-            "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.describe_error", "Next": "FailureFromError"}],
-            "Next": "NotifyTrainingFailed",
-        },
-        "FailureFromError": {
-            "Type": "Pass",
-            "Parameters": {"reason.$": "$.error.Cause"},
-            "ResultPath": "$.failure",
-            "Next": "NotifyTrainingFailed",
-        },
         "NotifyTrainingFailed": {
             "Type": "Task",
             "Resource": "arn:aws:states:::sns:publish",
             "Parameters": {
                 "TopicArn": "${TopicArn}",
                 "Subject": "ftstack: training failed",
-                "Message.$": "States.Format('Execution {} failed in training job {} ({}).\\n\\nReason: {}\\n\\nLogs: "
-                + logs + "', $$.Execution.Name, $.job.name, $.job.instance_type, $.failure.reason, $.job.name)",
+                "Message.$": "States.Format('Execution {} failed in training job {} ({}): {} ({}). Reason: {} {}Logs: "
+                + logs + "', $$.Execution.Name, $.job.name, $.job.instance_type, $.ended.status, $.ended.secondary, "
+                "$.ended.reason, $.notes.quotas, $.job.name)",
             },
             "ResultPath": None,
             "Next": "TrainingFailed",
         },
-        "TrainingFailed": {"Type": "Fail", "Error": "TrainingFailed", "CausePath": "$.failure.reason"},
+        "TrainingFailed": {"Type": "Fail", "Error": "TrainingFailed", "CausePath": "$.ended.reason"},
         "NotifyError": {
             "Type": "Task",
             "Resource": "arn:aws:states:::sns:publish",
             "Parameters": {
                 "TopicArn": "${TopicArn}",
                 "Subject": "ftstack: run failed",
-                "Message.$": "States.Format('Execution {} failed: {}\\n\\n{}', $$.Execution.Name, $.error.Error, $.error.Cause)",
+                "Message.$": "States.Format('Execution {} failed: {}. {}', $$.Execution.Name, $.error.Error, $.error.Cause)",
             },
             "ResultPath": None,
             "Next": "Failed",
@@ -276,8 +127,9 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
             "Type": "Pass",
             "Parameters": {
                 "uri.$": f"States.Format('{{}}{{}}/{JOB_MODEL_DIR}', $.staged.output_uri, $.job.name)",
-                "metrics_key.$": f"States.Format('{{}}{{}}/{JOB_MODEL_DIR}{METRICS_FILE}', $.staged.output_prefix, $.job.name)",
+                "final_metrics_key.$": f"States.Format('{{}}{{}}/{JOB_MODEL_DIR}{FINAL_METRICS_FILE}', $.staged.output_prefix, $.job.name)",
                 "metrics_uri.$": f"States.Format('{{}}{{}}/{JOB_MODEL_DIR}{METRICS_FILE}', $.staged.output_uri, $.job.name)",
+                "final_metrics_uri.$": f"States.Format('{{}}{{}}/{JOB_MODEL_DIR}{FINAL_METRICS_FILE}', $.staged.output_uri, $.job.name)",
             },
             "ResultPath": "$.model",
             "Next": "ReadMetrics",
@@ -285,8 +137,10 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
         "ReadMetrics": {
             "Type": "Task",
             "Resource": "arn:aws:states:::aws-sdk:s3:getObject",
-            "Parameters": {"Bucket": "${Bucket}", "Key.$": "$.model.metrics_key"},
-            "ResultSelector": {"document.$": "States.StringToJson($.Body)"},
+            # Only the final figures: the full metrics.json holds the eval history, which can
+            # outgrow the 256 KB state payload (States.DataLimitExceeded is not catchable).
+            "Parameters": {"Bucket": "${Bucket}", "Key.$": "$.model.final_metrics_key"},
+            "ResultSelector": {"final.$": "States.StringToJson($.Body)"},
             "ResultPath": "$.metrics",
             "Catch": _catch_all("NotifyError"),
             "Next": "MetricsComplete?",
@@ -303,7 +157,7 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
             "Type": "Pass",
             "Parameters": {
                 "Error": "MetricsMissing",
-                "Cause.$": "States.Format('{} of training job {} has no numeric final.eval_cross_entropy; nothing was registered', $.model.metrics_uri, $.job.name)",
+                "Cause.$": "States.Format('{} of training job {} has no numeric eval_cross_entropy; nothing was registered', $.model.final_metrics_uri, $.job.name)",
             },
             "ResultPath": "$.error",
             "Next": "NotifyError",
@@ -315,8 +169,9 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
                 "ModelPackageGroupName": "${ModelPackageGroupName}",
                 "ModelPackageDescription.$": "States.Format('Fine-tuned from {} by execution {}', $.staged.base_model.name, $$.Execution.Name)",
                 # The same job always sends the same token, so a re-run of this step returns the
-                # package it created the first time instead of registering a second one.
-                "ClientToken.$": "$.job.name",
+                # package it created the first time instead of registering a second one. The token
+                # takes 1-36 of [a-zA-Z0-9-]; a job name has up to 63, so it is hashed (32 hex).
+                "ClientToken.$": "States.Hash($.job.name, 'MD5')",
                 "ModelApprovalStatus": s.approval_status,
                 "InferenceSpecification": {
                     "Containers": [{
@@ -337,7 +192,7 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
                     "training_job.$": "$.job.name",
                     "execution.$": "$$.Execution.Name",
                     "training_image": "${TrainingImage}",
-                    "eval_cross_entropy.$": "States.Format('{}', $.metrics.document.final.eval_cross_entropy)",
+                    "eval_cross_entropy.$": "States.Format('{}', $.metrics.final.eval_cross_entropy)",
                 },
             },
             "ResultSelector": {"arn.$": "$.ModelPackageArn"},
@@ -354,7 +209,7 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
                 "Subject": "ftstack: model registered",
                 "Message.$": "States.Format('Execution {} registered model package {} (eval cross-entropy {}, training job {}). "
                 "Review and approve it in the SageMaker Model Registry.', $$.Execution.Name, $.registered.arn, "
-                "$.metrics.document.final.eval_cross_entropy, $.job.name)",
+                "$.metrics.final.eval_cross_entropy, $.job.name)",
             },
             "ResultPath": None,
             "Next": "Succeeded",
@@ -371,7 +226,7 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
             "Type": "Pass",
             "Parameters": {
                 "Error": "QualityGateFailed",
-                "Cause.$": f"States.Format('final eval cross-entropy {{}} of training job {{}} is above the threshold {s.quality_threshold}; nothing was registered', $.metrics.document.final.eval_cross_entropy, $.job.name)",
+                "Cause.$": f"States.Format('final eval cross-entropy {{}} of training job {{}} is above the threshold {s.quality_threshold}; nothing was registered', $.metrics.final.eval_cross_entropy, $.job.name)",
             },
             "ResultPath": "$.error",
             "Next": "NotifyError",
@@ -403,11 +258,12 @@ def build_definition(s: WorkflowSettings) -> dict[str, Any]:
     }
     states["Staged"] = {
         "Type": "Pass",
-        "Parameters": {"staged.$": "$.staging.value", "attempt": {"index": 0}},
+        "Parameters": {"staged.$": "$.staging.value", "attempt": {"index": 0}, "notes": {"quotas": ""}},
         "Next": "PrepareAttempt",
     }
-    states |= _job_setup_states(s)
-    states["Train"] = _train_state(s)
+    states |= attempt_states(s)
+    states |= train_states(s)
+    states |= fallback_states(s)
     states |= _failure_states(s)
     states |= _result_states(s)
     return {

@@ -28,3 +28,13 @@ GPUS = {
 def gpus(instance_type: str) -> int | None:
     """The GPU count of ``instance_type``, or None when it is not known here."""
     return GPUS.get(instance_type)
+
+
+def volume_kms_instance_types(extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The known instance types (``GPUS`` and ``extra``) whose training volume takes a KMS key,
+    by sagemaker-core's own rule (``instance_supports_kms``): types with local NVMe storage
+    (p4d, p5, g5, g6, ...) have none, and CreateTrainingJob rejects VolumeKmsKeyId for them.
+    Called at synth only; the staging Lambda never imports sagemaker-core."""
+    from sagemaker.core.common_utils import instance_supports_kms
+
+    return tuple(sorted(t for t in {*GPUS, *extra} if instance_supports_kms(t)))

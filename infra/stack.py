@@ -13,6 +13,8 @@ from ftstack_train.contract import DEFAULT_TEST_SPLIT
 from .config import InfraConfig
 from .definition import WorkflowSettings
 from .images import registry_of
+from .instances import volume_kms_instance_types
+from .job_reaper import JobReaper
 from .notifications import Notifications
 from .registry import ModelRegistry
 from .roles import TrainingRole
@@ -39,7 +41,7 @@ class FineTuningStack(cdk.Stack):
             bucket=storage.bucket.bucket_name, job_prefix=config.job_prefix, instance_type=config.instance_type,
             fallback_instance_types=config.fallback_instance_types, instance_count=config.instance_count,
             max_instance_count=config.max_instance_count, spot=config.spot, base_model=config.base_model,
-            test_split=DEFAULT_TEST_SPLIT,
+            test_split=DEFAULT_TEST_SPLIT, key_arn=storage.key.key_arn, network_isolation=config.network_isolation,
         ))
         registry = ModelRegistry(self, "Registry", group_name=f"{config.stack_name}-models",
                                  description=f"Models fine-tuned by the {config.stack_name} workflow")
@@ -52,12 +54,14 @@ class FineTuningStack(cdk.Stack):
                 max_instance_count=config.max_instance_count, network_isolation=config.network_isolation,
                 subnets=config.vpc_subnet_ids, security_groups=config.vpc_security_group_ids,
                 approval_status=config.model_approval_status, quality_threshold=config.quality_threshold,
+                volume_kms_instance_types=volume_kms_instance_types((config.instance_type, *config.fallback_instance_types)),
             ),
             bucket=storage.bucket, key=storage.key, training_role=training.role, training_image=image.image_uri,
             inference_image=inference_image, staging_function=staging.function, topic=notifications.topic,
             model_package_group=registry.group_name, job_prefix=config.job_prefix,
         )
         workflow.node.add_dependency(registry)
+        JobReaper(self, "JobReaper", state_machine=workflow.state_machine, key=storage.key, job_prefix=config.job_prefix)
 
         for name, value, description in (
             ("BucketName", storage.bucket.bucket_name, "Upload data to s3://<bucket>/incoming/"),

@@ -35,6 +35,11 @@ def _asset_excludes() -> list[str]:
     return ["*", ".*", "**/.*", *dict.fromkeys(keep), "**/__pycache__", "**/*.pyc"]
 
 
+def asset_code() -> lambda_.Code:
+    """The functions' code: the repository filtered to ``ASSET_PATHS`` (one asset for all)."""
+    return lambda_.Code.from_asset(str(ROOT), exclude=_asset_excludes())
+
+
 class StagingFunction(Construct):
     """``self.function``: reads ``incoming/``, writes ``scratch/<execution>/data/``."""
 
@@ -49,7 +54,7 @@ class StagingFunction(Construct):
             self, "Function",
             runtime=lambda_.Runtime.PYTHON_3_14,
             handler="infra.stage_data.handler.handler",
-            code=lambda_.Code.from_asset(str(ROOT), exclude=_asset_excludes()),
+            code=asset_code(),
             role=role,
             log_group=log_group,
             memory_size=1024,

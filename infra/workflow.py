@@ -1,5 +1,8 @@
 """The Step Functions state machine of a fine-tuning run, with its log group and the narrow
-permissions its tasks need (the definition is raw ASL, so nothing is generated for it)."""
+permissions its tasks need (the definition is raw ASL, so nothing is generated for it).
+
+``TASK_ACTIONS`` maps each task resource of the definition to the IAM actions it calls; a test
+checks that every task of the definition is in it and that the role allows each action."""
 
 from __future__ import annotations
 
@@ -13,12 +16,31 @@ from aws_cdk import aws_sns as sns
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
+from ftstack_train.contract import FINAL_METRICS_FILE
+
 from . import layout
+from .layout import JOB_MODEL_DIR
 from .nag import acknowledge, arn_in_finding, arn_of, grant_wildcards, wildcard
 from .definition import WorkflowSettings, build_definition, render
 
-SAGEMAKER_SYNC_RULE = "StepFunctionsGetEventsForSageMakerTrainingJobsRule"
-"""The EventBridge rule Step Functions manages for ``createTrainingJob.sync``."""
+TASK_ACTIONS = {
+    # CreateTrainingJob with Tags needs AddTags as well (SageMaker's IAM reference).
+    "arn:aws:states:::aws-sdk:sagemaker:createTrainingJob": ("sagemaker:CreateTrainingJob", "sagemaker:AddTags"),
+    "arn:aws:states:::aws-sdk:sagemaker:describeTrainingJob": ("sagemaker:DescribeTrainingJob",),
+    "arn:aws:states:::aws-sdk:sagemaker:createModelPackage": ("sagemaker:CreateModelPackage",),
+    "arn:aws:states:::aws-sdk:s3:getObject": ("s3:GetObject",),
+    "arn:aws:states:::lambda:invoke": ("lambda:InvokeFunction",),
+    "arn:aws:states:::sns:publish": ("sns:Publish",),
+}
+"""The IAM actions behind each task resource the definition uses."""
+
+
+def model_package_group_arn(stack: cdk.Stack, group: str, *, packages: bool = False) -> str:
+    """The ARN of a model package group (or, with ``packages``, of its versions). SageMaker writes
+    these ARNs in lower case whatever the group name's case, and IAM compares ARNs case-sensitively."""
+    if packages:
+        return stack.format_arn(service="sagemaker", resource="model-package", resource_name=f"{group.lower()}/*")
+    return stack.format_arn(service="sagemaker", resource="model-package-group", resource_name=group.lower())
 
 
 class FineTuningWorkflow(Construct):
@@ -51,7 +73,7 @@ class FineTuningWorkflow(Construct):
         role = self.state_machine.role
         training_jobs = stack.format_arn(service="sagemaker", resource="training-job", resource_name=f"{job_prefix}-*")
         role.add_to_principal_policy(iam.PolicyStatement(
-            actions=["sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob", "sagemaker:StopTrainingJob", "sagemaker:AddTags"],
+            actions=["sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob", "sagemaker:AddTags"],
             resources=[training_jobs],
         ))
         role.add_to_principal_policy(iam.PolicyStatement(
@@ -59,29 +81,29 @@ class FineTuningWorkflow(Construct):
             conditions={"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}},
         ))
         role.add_to_principal_policy(iam.PolicyStatement(
-            actions=["events:PutTargets", "events:PutRule", "events:DescribeRule"],
-            resources=[stack.format_arn(service="events", resource="rule", resource_name=SAGEMAKER_SYNC_RULE)],
-        ))
-        role.add_to_principal_policy(iam.PolicyStatement(
             actions=["sagemaker:CreateModelPackage"],
-            resources=[
-                stack.format_arn(service="sagemaker", resource="model-package-group", resource_name=model_package_group),
-                stack.format_arn(service="sagemaker", resource="model-package", resource_name=f"{model_package_group}/*"),
-            ],
+            resources=[model_package_group_arn(stack, model_package_group),
+                       model_package_group_arn(stack, model_package_group, packages=True)],
         ))
-        # The job's volume and output use the key; SageMaker takes grants on it for the job.
-        key.grant(role, "kms:CreateGrant", "kms:DescribeKey")
+        # The job's volume and output use the key; SageMaker creates grants on it, with the
+        # caller's credentials, for the job's resources only.
+        key.grant(role, "kms:DescribeKey")
+        role.add_to_principal_policy(iam.PolicyStatement(
+            actions=["kms:CreateGrant"], resources=[key.key_arn],
+            conditions={"Bool": {"kms:GrantIsForAWSResource": "true"}},
+        ))
         key.grant_encrypt_decrypt(role)
-        bucket.grant_read(role, f"{layout.EXECUTIONS}*/model/*")
+        bucket.grant_read(role, f"{layout.EXECUTIONS}*/model/*/{JOB_MODEL_DIR}{FINAL_METRICS_FILE}")
         staging_function.grant_invoke(role)
         topic.grant_publish(role)
         acknowledge(role, grant_wildcards(
             "Action::s3:GetObject*", "Action::s3:GetBucket*", "Action::s3:List*",
             "Action::kms:GenerateDataKey*", "Action::kms:ReEncrypt*",
         ) | {
-            wildcard(f"Resource::{arn_of(bucket)}/{layout.EXECUTIONS}*/model/*"): "reads metrics.json of the execution's job",
+            wildcard(f"Resource::{arn_of(bucket)}/{layout.EXECUTIONS}*/model/*/{JOB_MODEL_DIR}{FINAL_METRICS_FILE}"):
+                "reads the final metrics of the execution's job (execution and job names are known at run time only)",
             wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"training-job/{job_prefix}-*")): "job names carry the execution name and attempt, known only at run time",
-            wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"model-package/{model_package_group}/*")):
+            wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"model-package/{model_package_group.lower()}/*")):
                 "each registration creates a new version in the group",
             wildcard(f"Resource::{arn_of(staging_function)}:*"): "grant_invoke covers the function's versions",
             wildcard("Resource::*"): "X-Ray and CloudWatch Logs delivery (the state machine's logging) support no resource scoping",

@@ -98,7 +98,7 @@ def stage(event: Mapping[str, Any], settings: Settings, s3: Any) -> dict[str, An
                 f"train_data {_uri(bucket, request.train_key)}: {train.records + test.records} records are too few "
                 f"to hold out every {every}th as test data (test_split {request.test_split}); give test_data, a "
                 f"larger test_split, or at least {every} records")
-        _upload(s3, bucket, [(train.path, prefixes[TRAIN_CHANNEL] + "train.jsonl"),
+        _upload(s3, bucket, settings.key_arn, [(train.path, prefixes[TRAIN_CHANNEL] + "train.jsonl"),
                              (test.path, prefixes[TEST_CHANNEL] + "test.jsonl")])
     return {
         "train": train.summary(_uri(bucket, prefixes[TRAIN_CHANNEL])),
@@ -114,7 +114,7 @@ def stage(event: Mapping[str, Any], settings: Settings, s3: Any) -> dict[str, An
         "job_name_prefix": job_name_prefix(settings.job_prefix, execution),
         "output_uri": _uri(bucket, model_prefix(execution)),
         "output_prefix": model_prefix(execution),
-        "checkpoint_uri": _uri(bucket, checkpoint_prefix(execution)),
+        "checkpoint_uri": _uri(bucket, checkpoint_prefix(request.resume_from or execution)),
     }
 
 
@@ -138,6 +138,12 @@ def _check_objects(s3: Any, bucket: str, request: Request) -> None:
         checks.append(("base_model", request.base_model_key + "config.json",
                        "has no config.json; give the folder of a Hugging Face model directory (config.json, "
                        "tokenizer and weights)"))
+    if request.resume_from is not None:
+        listed = s3.list_objects_v2(Bucket=bucket, Prefix=checkpoint_prefix(request.resume_from), MaxKeys=1)
+        if not listed.get("KeyCount"):
+            raise InvalidInput(f"resume_from: execution {request.resume_from!r} left no checkpoints in "
+                               f"{_uri(bucket, checkpoint_prefix(request.resume_from))} (none was saved, or they "
+                               "expired); start without resume_from")
     size = 0
     for field, key, fix in checks:
         try:
@@ -238,14 +244,15 @@ def _copy_records(s3: Any, bucket: str, key: str, field: str, problems: _Problem
         body.close()
 
 
-def _upload(s3: Any, bucket: str, files: list[tuple[Path, str]]) -> None:
-    """Uploads the staged files, KMS-encrypted with the bucket's key; on a failure removes the
-    ones already uploaded, so that a failed execution has no staged data."""
+def _upload(s3: Any, bucket: str, key_arn: str, files: list[tuple[Path, str]]) -> None:
+    """Uploads the staged files, encrypted with the stack's key (``aws:kms`` without a key id
+    would mean the account's ``aws/s3`` key); on a failure removes the ones already uploaded, so
+    that a failed execution has no staged data."""
     done = []
     try:
         for path, key in files:
-            s3.upload_file(str(path), bucket, key,
-                           ExtraArgs={"ServerSideEncryption": "aws:kms", "ContentType": "application/jsonlines"})
+            s3.upload_file(str(path), bucket, key, ExtraArgs={
+                "ServerSideEncryption": "aws:kms", "SSEKMSKeyId": key_arn, "ContentType": "application/jsonlines"})
             done.append(key)
     except BaseException:
         for key in done:

@@ -24,7 +24,7 @@ _TRAINING_CODE = Path(__file__).resolve().parents[2] / "training_code"
 if str(_TRAINING_CODE) not in sys.path:
     sys.path.insert(0, str(_TRAINING_CODE))
 
-from ftstack_train.config import MODEL_KEY, TrainConfig, batch_split, parse_config  # noqa: E402
+from ftstack_train.config import MODEL_KEY, TOKENIZER_KEY, TrainConfig, batch_split, parse_config  # noqa: E402
 from ftstack_train.errors import ConfigError  # noqa: E402
 
 from infra.layout import BASE_MODELS, INCOMING  # noqa: E402
@@ -35,9 +35,15 @@ MAX_JOB_NAME_PREFIX = 52
 MAX_HYPERPARAMETERS = 100
 MAX_HYPERPARAMETER_CHARS = 2500
 """SageMaker's limits on a training job's hyperparameters."""
+MAX_HYPERPARAMETER_TOTAL = 32 * 1024
+"""The workflow's own limit on all hyperparameters together (names and values): they travel in the
+execution's state, and twice once the ended job is described, under Step Functions' 256 KB
+payload limit (States.DataLimitExceeded cannot be caught)."""
 
 INPUT_KEYS = ("train_data", "test_data", "test_split", "base_model", "hyperparameters",
-              "instance_type", "instance_count", "spot")
+              "instance_type", "instance_count", "spot", "resume_from")
+_EXECUTION_NAME = re.compile(r"^[^\s/<>{}\[\]?*\"#%\\^|~`$&,;:]{1,80}$")
+"""What Step Functions allows in an execution name."""
 _HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _HUB_ID = re.compile(rf"^(?:{_HUB_PART}/)?{_HUB_PART}$")
 _JOB_PREFIX = re.compile(r"^[A-Za-z0-9](-?[A-Za-z0-9])*$")
@@ -60,6 +66,10 @@ class Settings:
     spot: bool
     base_model: str
     test_split: float
+    key_arn: str
+    """The stack's KMS key: staged data is encrypted with it, not with the account's aws/s3 key."""
+    network_isolation: bool
+    """Training jobs have no network: a hub base model is refused here, before any instance starts."""
 
     def environment(self) -> dict[str, str]:
         """The function's environment variables that ``from_env`` reads back (the stack sets them)."""
@@ -76,8 +86,8 @@ class Settings:
         try:
             raw = json.loads(environ["SETTINGS"])
             settings = cls(bucket=environ["BUCKET"], fallback_instance_types=tuple(raw["fallback_instance_types"]),
-                           **{k: raw[k] for k in ("job_prefix", "instance_type", "instance_count",
-                                                   "max_instance_count", "spot", "base_model", "test_split")})
+                           **{k: raw[k] for k in ("job_prefix", "instance_type", "instance_count", "max_instance_count",
+                                                   "spot", "base_model", "test_split", "key_arn", "network_isolation")})
         except KeyError as exc:
             raise fail(f"{exc.args[0]} is not set") from None
         except (ValueError, TypeError) as exc:
@@ -100,6 +110,8 @@ class Request:
     instance_types: list[str]
     instance_count: int
     spot: bool
+    resume_from: str | None = None
+    """An earlier execution whose checkpoints this run continues from."""
 
 
 def job_name_prefix(job_prefix: str, execution: str) -> str:
@@ -145,6 +157,8 @@ def check_input(data: Any, settings: Settings) -> Request:
                            "holds out every 20th record")
     base_model, base_model_key = _base_model(data.get("base_model", settings.base_model), settings.bucket)
     hyperparameters, cfg = _hyperparameters(data.get("hyperparameters", {}), base_model)
+    if settings.network_isolation:
+        _check_isolated(cfg, base_model_key, settings.bucket)
     instance_types = _instance_types(data.get("instance_type", settings.instance_type), settings)
     instance_count = _instance_count(data.get("instance_count", settings.instance_count), settings)
     _check_batches(cfg, instance_types, instance_count)
@@ -152,7 +166,17 @@ def check_input(data: Any, settings: Settings) -> Request:
         train_key=train_key, test_key=test_key, test_split=test_split, base_model=base_model,
         base_model_key=base_model_key, hyperparameters=hyperparameters, instance_types=instance_types,
         instance_count=instance_count, spot=_flag("spot", data.get("spot", settings.spot)),
+        resume_from=_resume_from(data.get("resume_from")),
     )
+
+
+def _resume_from(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _EXECUTION_NAME.match(value):
+        raise InvalidInput(f"resume_from: {value!r} is not an execution name; give the name of the execution whose "
+                           "checkpoints to continue from (it is in its notification)")
+    return value
 
 
 def _check_batches(cfg: TrainConfig, instance_types: list[str], instance_count: int) -> None:
@@ -204,6 +228,20 @@ def _base_model(value: Any, bucket: str) -> tuple[str, str | None]:
     return value, None
 
 
+def _check_isolated(cfg: TrainConfig, base_model_key: str | None, bucket: str) -> None:
+    """With network isolation the job cannot reach the hub: every source must be in S3."""
+    fix = (f"copy the Hugging Face model directory to s3://{bucket}/{BASE_MODELS}<name>/ (`ftstack stage-model`) "
+           "and give that URI as base_model; this deployment runs training with network_isolation")
+    if base_model_key is None:
+        raise InvalidInput(f"base_model: {cfg.model!r} is a hub id, which a training job without network "
+                           f"cannot download; {fix}")
+    tokenizer = cfg.tokenizer
+    if tokenizer and tokenizer != cfg.model:
+        raise InvalidInput(f"hyperparameters.{TOKENIZER_KEY}: {tokenizer!r} would be downloaded from the hub, "
+                           "which a training job without network cannot reach; leave it out to use the base "
+                           "model's own tokenizer")
+
+
 def _hyperparameters(value: Any, base_model: str) -> tuple[dict[str, str], TrainConfig]:
     """The hyperparameters as the strings the job gets, with the config the job's own parser
     makes of them."""
@@ -220,6 +258,11 @@ def _hyperparameters(value: Any, base_model: str) -> tuple[dict[str, str], Train
             raise InvalidInput(f"hyperparameters.{key}: names starting with sagemaker_ are SageMaker's own; remove it")
         texts[key] = _hyperparameter_text(key, item)
     texts[MODEL_KEY] = base_model
+    total = sum(len(k) + len(v) for k, v in texts.items())
+    if total > MAX_HYPERPARAMETER_TOTAL:
+        raise InvalidInput(f"hyperparameters: {total:,} characters in all, over the workflow's limit of "
+                           f"{MAX_HYPERPARAMETER_TOTAL:,} (they travel in the execution's state, which Step Functions "
+                           "caps at 256 KB); shorten the longest values")
     try:
         cfg, ignored = parse_config(hyperparameters=texts)
     except ConfigError as exc:

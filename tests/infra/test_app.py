@@ -16,7 +16,7 @@ from statelint.linter import Linter
 
 import app as ftstack_app
 from ftstack_train.config import parse_config
-from ftstack_train.contract import CHANNELS, METRICS_FILE, MODEL_CHANNEL, TEST_CHANNEL, TRAIN_CHANNEL, SageMakerPaths
+from ftstack_train.contract import CHANNELS, FINAL_METRICS_FILE, METRICS_FILE, MODEL_CHANNEL, TEST_CHANNEL, TRAIN_CHANNEL, SageMakerPaths
 from ftstack_train.metrics import METRIC_DEFINITIONS
 from infra import layout
 from infra.config import InfraConfigError
@@ -115,10 +115,11 @@ def test_channels_paths_and_output_agree_with_the_training_code(definition):
     assert train["CheckpointConfig"]["LocalPath"] == str(SageMakerPaths(Path("/opt/ml")).checkpoints)
     assert train["OutputDataConfig"]["CompressionType"] == "NONE"
     # SageMaker writes an uncompressed model to <S3OutputPath><job>/output/model/: where the
-    # workflow reads metrics.json and what it registers.
+    # workflow reads the final metrics, what it registers as the model's statistics, and the model.
     located = states["LocateModel"]["Parameters"]
-    assert states["ReadMetrics"]["Parameters"]["Key.$"] == "$.model.metrics_key"
-    assert f"/output/model/{METRICS_FILE}'" in located["metrics_key.$"] and "/output/model/'" in located["uri.$"]
+    assert states["ReadMetrics"]["Parameters"]["Key.$"] == "$.model.final_metrics_key"
+    assert f"/output/model/{FINAL_METRICS_FILE}'" in located["final_metrics_key.$"] and "/output/model/'" in located["uri.$"]
+    assert f"/output/model/{METRICS_FILE}'" in located["metrics_uri.$"]
     source = states["Register"]["Parameters"]["InferenceSpecification"]["Containers"][0]["ModelDataSource"]["S3DataSource"]
     assert source["S3DataType"] == "S3Prefix" and source["CompressionType"] == "None" and source["S3Uri.$"] == "$.model.uri"
     assert layout.model_prefix("x").startswith(layout.EXECUTIONS) and layout.checkpoint_prefix("x").startswith(layout.SCRATCH)
@@ -130,7 +131,8 @@ def test_the_workflows_hyperparameters_parse_with_the_training_config():
 
     settings = Settings.from_env({"BUCKET": "ftstack-bucket", "SETTINGS": json.dumps({
         "job_prefix": "ftstack", "instance_type": "ml.p4d.24xlarge", "fallback_instance_types": [], "instance_count": 1,
-        "max_instance_count": 4, "spot": False, "base_model": "mosaicml/mpt-7b", "test_split": 0.05})})
+        "max_instance_count": 4, "spot": False, "base_model": "mosaicml/mpt-7b", "test_split": 0.05,
+        "key_arn": "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab", "network_isolation": False})})
     request = check_input({"train_data": "s3://ftstack-bucket/incoming/t.jsonl", "hyperparameters": {
         "optimizer.lr": 1e-5, "packing": False, "optimizer.betas": [0.9, 0.95], "max_duration": "2ep"}}, settings)
     assert all(isinstance(v, str) for v in request.hyperparameters.values())

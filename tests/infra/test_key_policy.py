@@ -146,7 +146,7 @@ def test_the_key_policy_delegates_to_iam_and_names_no_one_else(key):
 
 
 # ---------------------------------------------------------------------------------------------
-# CloudWatch Logs: the state machine's and the staging Lambda's log groups
+# CloudWatch Logs: the state machine's, the staging Lambda's and the job reaper's log groups
 # ---------------------------------------------------------------------------------------------
 
 def encrypted_log_group_arns(resources: dict, key_arn: str, stack) -> dict[str, str]:
@@ -161,10 +161,10 @@ def encrypted_log_group_arns(resources: dict, key_arn: str, stack) -> dict[str, 
     return arns
 
 
-def test_both_log_groups_are_encrypted_with_the_key(resources, key, stack):
+def test_every_log_group_is_encrypted_with_the_key(resources, key, stack):
     key_arn, _ = key
     groups = encrypted_log_group_arns(resources, key_arn, stack)
-    assert len(groups) == 2, "the state machine's and the staging Lambda's log groups"
+    assert len(groups) == 3, "the state machine's, the staging Lambda's and the job reaper's log groups"
     assert len(of_type(resources, "AWS::Logs::LogGroup")) == len(groups), "every log group of the stack is encrypted"
 
 

@@ -27,7 +27,8 @@ from infra.stage_data.handler import InvalidDataset, InvalidInput, job_name_pref
 
 BUCKET = "ftstack-data-bucket"
 SETTINGS = {"job_prefix": "ftstack", "instance_type": "ml.p4d.24xlarge", "fallback_instance_types": ["ml.g5.48xlarge"],
-            "instance_count": 1, "max_instance_count": 4, "spot": False, "base_model": "mosaicml/mpt-7b", "test_split": 0.05}
+            "instance_count": 1, "max_instance_count": 4, "spot": False, "base_model": "mosaicml/mpt-7b", "test_split": 0.05,
+            "key_arn": "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab", "network_isolation": False}
 TRAIN = f"s3://{BUCKET}/incoming/train.jsonl"
 TEST = f"s3://{BUCKET}/incoming/test.jsonl"
 SAGEMAKER_JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
@@ -107,7 +108,9 @@ def test_default_split_holds_out_every_20th_record(s3):
     assert result["test"]["s3_uri"] == f"s3://{BUCKET}/scratch/run-1/data/test/"
     assert written(s3) == ["scratch/run-1/data/test/test.jsonl", "scratch/run-1/data/train/train.jsonl"]
     for key in written(s3):
-        assert s3.head_object(Bucket=BUCKET, Key=key)["ServerSideEncryption"] == "aws:kms"
+        head = s3.head_object(Bucket=BUCKET, Key=key)
+        # With the stack's key: "aws:kms" alone would mean the account's aws/s3 key.
+        assert (head["ServerSideEncryption"], head["SSEKMSKeyId"]) == ("aws:kms", SETTINGS["key_arn"])
 
     assert result["hyperparameters"] == {"model.pretrained_model_name_or_path": "mosaicml/mpt-7b"}
     assert result["base_model"] == {"name": "mosaicml/mpt-7b", "s3_uri": ""}
@@ -188,6 +191,55 @@ def test_instance_types_requested_first_then_fallbacks_once(s3, monkeypatch, set
     result = invoke({"train_data": TRAIN, "instance_count": 4, "spot": True, **input_})
     assert result["instance_types"] == expected
     assert (result["instance_count"], result["spot"]) == (4, True)
+
+
+@pytest.mark.parametrize(("input_", "says"), [
+    ({}, "base_model: 'mosaicml/mpt-7b' is a hub id, which a training job without network cannot download"),
+    ({"base_model": f"s3://{BUCKET}/base-models/mpt/", "hyperparameters": {"tokenizer.name": "EleutherAI/gpt-neox-20b"}},
+     "hyperparameters.tokenizer.name: 'EleutherAI/gpt-neox-20b' would be downloaded from the hub"),
+])
+def test_network_isolation_refuses_what_would_come_from_the_hub(s3, monkeypatch, input_, says):
+    monkeypatch.setenv("SETTINGS", json.dumps(SETTINGS | {"network_isolation": True}))
+    put(s3, TRAIN, records(20))
+    put(s3, f"s3://{BUCKET}/base-models/mpt/config.json", b"{}")
+    with pytest.raises(stage_data.InvalidInput, match=re.escape(says)):
+        invoke({"train_data": TRAIN, **input_})
+    assert [k for k in written(s3) if k.startswith("scratch/")] == []
+
+
+def test_network_isolation_takes_a_model_in_the_bucket_with_its_own_tokenizer(s3, monkeypatch):
+    monkeypatch.setenv("SETTINGS", json.dumps(SETTINGS | {"network_isolation": True}))
+    put(s3, TRAIN, records(20))
+    put(s3, f"s3://{BUCKET}/base-models/mpt/config.json", b"{}")
+    result = invoke({"train_data": TRAIN, "base_model": f"s3://{BUCKET}/base-models/mpt/"})
+    assert result["base_model"]["s3_uri"] == f"s3://{BUCKET}/base-models/mpt/"
+
+
+def test_hyperparameters_together_stay_far_below_the_state_payload_limit(s3):
+    put(s3, TRAIN, records(20))
+    many = {f"extra.key{i}": "x" * 2400 for i in range(14)}  # each value under SageMaker's 2,500
+    with pytest.raises(stage_data.InvalidInput, match=r"hyperparameters: 33,\d{3} characters in all, over the workflow's limit of 32,768"):
+        invoke({"train_data": TRAIN, "hyperparameters": many})
+
+
+def test_resume_from_continues_in_the_earlier_executions_checkpoints(s3):
+    put(s3, TRAIN, records(20))
+    put(s3, f"s3://{BUCKET}/scratch/run-0/checkpoints/step-00000010/ftstack-complete.json", b"{}")
+    result = invoke({"train_data": TRAIN, "resume_from": "run-0"}, execution="run-1")
+    assert result["checkpoint_uri"] == f"s3://{BUCKET}/scratch/run-0/checkpoints/"
+    assert result["output_uri"] == f"s3://{BUCKET}/executions/run-1/model/"
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    ("run-0", "resume_from: execution 'run-0' left no checkpoints"),
+    ("../x", "resume_from: '../x' is not an execution name"),
+    (7, "resume_from: 7 is not an execution name"),
+])
+def test_resume_from_must_name_an_execution_with_checkpoints(s3, value, says):
+    put(s3, TRAIN, records(20))
+    with pytest.raises(stage_data.InvalidInput, match=re.escape(says)):
+        invoke({"train_data": TRAIN, "resume_from": value})
+    assert [k for k in written(s3) if k.startswith("scratch/")] == []
 
 
 # --- job names -------------------------------------------------------------------------------
@@ -449,7 +501,7 @@ for name in ("yaml", "torch", "ftstack", "transformers"):
     sys.modules[name] = None
 sys.path.insert(0, {str(asset)!r})
 from infra.stage_data import handler
-settings = handler.Settings("b", "ftstack", "ml.p4d.24xlarge", (), 1, 4, False, "mosaicml/mpt-7b", 0.05)
+settings = handler.Settings("b", "ftstack", "ml.p4d.24xlarge", (), 1, 4, False, "mosaicml/mpt-7b", 0.05, "arn:aws:kms:us-east-1:1:key/k", False)
 request = handler.check_input({{"train_data": "s3://b/incoming/t.jsonl", "hyperparameters": {{"optimizer.lr": 1e-4}}}}, settings)
 print(json.dumps({{"hp": request.hyperparameters, "files": sorted(m.__file__ for n, m in sys.modules.items()
       if m is not None and n.split(".")[0] in ("infra", "ftstack_train") and getattr(m, "__file__", None))}}))

@@ -16,7 +16,8 @@ from infra.staging import StagingFunction
 from infra.storage import Storage
 
 SETTINGS = {"job_prefix": "ftstack", "instance_type": "ml.p4d.24xlarge", "fallback_instance_types": [], "instance_count": 1,
-            "max_instance_count": 4, "spot": False, "base_model": "mosaicml/mpt-7b", "test_split": 0.05}
+            "max_instance_count": 4, "spot": False, "base_model": "mosaicml/mpt-7b", "test_split": 0.05,
+            "key_arn": "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab", "network_isolation": False}
 
 
 def typed(storage: Storage) -> Settings:

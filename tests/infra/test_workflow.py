@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 
 import aws_cdk as cdk
@@ -13,11 +14,11 @@ from aws_cdk.assertions import Match, Template
 
 from infra.definition import PLACEHOLDERS, WorkflowSettings
 from infra.storage import Storage
-from infra.workflow import SAGEMAKER_SYNC_RULE, FineTuningWorkflow
+from infra.workflow import TASK_ACTIONS, FineTuningWorkflow
 
 SETTINGS = WorkflowSettings(region="us-east-1", volume_size_gb=200, max_runtime_s=3600, max_wait_s=7200, max_instance_count=2,
                             network_isolation=True, subnets=("subnet-1",), security_groups=("sg-1",),
-                            approval_status="Approved", quality_threshold=None)
+                            approval_status="Approved", quality_threshold=None, volume_kms_instance_types=("ml.p3.2xlarge",))
 
 
 def build(stack: cdk.Stack) -> FineTuningWorkflow:
@@ -27,7 +28,7 @@ def build(stack: cdk.Stack) -> FineTuningWorkflow:
     return FineTuningWorkflow(
         stack, "Workflow", settings=SETTINGS, bucket=storage.bucket, key=storage.key, training_role=role,
         training_image="123456789012.dkr.ecr.us-east-1.amazonaws.com/train:1", inference_image="763104351884.dkr.ecr.us-east-1.amazonaws.com/tgi:1",
-        staging_function=function, topic=sns.Topic(stack, "Topic"), model_package_group="ftstack-models", job_prefix="ftstack",
+        staging_function=function, topic=sns.Topic(stack, "Topic"), model_package_group="FtStack-Models", job_prefix="ftstack",
     )
 
 
@@ -51,7 +52,9 @@ def test_definition_settings_and_substitutions(template):
     definition = json.loads(props["DefinitionString"])
     train = definition["States"]["Train"]["Parameters"]
     assert train["EnableNetworkIsolation"] is True and train["VpcConfig"] == {"Subnets": ["subnet-1"], "SecurityGroupIds": ["sg-1"]}
-    assert train["ResourceConfig"]["VolumeSizeInGB"] == 200 and train["ResourceConfig"]["VolumeKmsKeyId"] == "${KeyArn}"
+    assert train["OutputDataConfig"]["CompressionType"] == "NONE"
+    assert definition["States"]["EncryptVolume"]["Parameters"]["VolumeKmsKeyId"] == "${KeyArn}"
+    assert "VolumeKmsKeyId" not in definition["States"]["Resources"]["Parameters"]
     assert "QualityGate" not in definition["States"]
     assert definition["States"]["Register"]["Parameters"]["ModelApprovalStatus"] == "Approved"
 
@@ -75,11 +78,40 @@ def test_pass_role_only_to_sagemaker(template):
     assert "Fn::GetAtt" in statement["Resource"]
 
 
-def test_managed_sync_rule_and_model_packages(template):
-    (events,) = [s for s in policy_statements(template) if "events:PutRule" in s["Action"]]
-    assert SAGEMAKER_SYNC_RULE in json.dumps(events["Resource"])
+def allowed_actions(template: Template) -> set[str]:
+    return {a for s in policy_statements(template) for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+
+
+def test_every_task_of_the_definition_has_its_actions(template):
+    (machine,) = template.find_resources("AWS::StepFunctions::StateMachine").values()
+    definition = json.loads(props_definition(machine))
+    resources = {s["Resource"] for s in definition["States"].values() if s["Type"] == "Task"}
+    assert resources <= set(TASK_ACTIONS), resources - set(TASK_ACTIONS)
+    needed = {a for r in resources for a in TASK_ACTIONS[r]}
+    allowed = allowed_actions(template)
+    missing = {a for a in needed if not any(fnmatch.fnmatchcase(a, pattern) for pattern in allowed)}
+    assert missing == set()
+
+
+def props_definition(machine: dict) -> str:
+    return machine["Properties"]["DefinitionString"]
+
+
+def test_model_package_arns_are_lower_case_as_sagemaker_writes_them(template):
     (packages,) = [s for s in policy_statements(template) if s["Action"] == "sagemaker:CreateModelPackage"]
-    assert "model-package-group/ftstack-models" in json.dumps(packages["Resource"]) and "model-package/ftstack-models/*" in json.dumps(packages["Resource"])
+    text = json.dumps(packages["Resource"])
+    assert "model-package-group/ftstack-models" in text and "model-package/ftstack-models/*" in text
+    assert "FtStack" not in text
+
+
+def test_create_grant_only_for_aws_resources(template):
+    (grant,) = [s for s in policy_statements(template) if s["Action"] == "kms:CreateGrant"]
+    assert grant["Condition"] == {"Bool": {"kms:GrantIsForAWSResource": "true"}}
+
+
+def test_reads_only_the_final_metrics(template):
+    reads = [s for s in policy_statements(template) if "s3:GetObject*" in s["Action"]]
+    assert reads and all("/output/model/final-metrics.json" in json.dumps(s["Resource"]) for s in reads)
 
 
 def test_no_unacknowledged_nag_finding(new_stack, nag_findings):

@@ -1,205 +1,367 @@
-"""The workflow's own logic, executed in moto's Step Functions interpreter: input validation, the
-instance-type fallback on capacity errors, the quality gate, the failure and success messages.
+"""The workflow as Step Functions runs it: the definition the stack deploys, executed in moto's
+interpreter with its real Parameters, ResultSelectors, Catches and Choices.
 
-The definition is the one the stack deploys. Only its service calls are replaced, each by Pass
-states that give the recorded result of the call (or route its recorded error to the state the
-Catch names, exactly as Step Functions would); notifications become Pass states that evaluate
-the very message expressions of the real task.
+Nothing in the definition is replaced. Every request it makes is checked against botocore's model
+of that API, lengths, patterns and enums included (``aws_contract``). The staging Lambda is the
+real handler, run in-process against moto's S3; S3 reads are moto's; SageMaker answers with
+responses of the API's real shape (checked against its output model), scripted per scenario:
+jobs that complete, fail, stop without a FailureReason, or are refused for capacity or quota.
 """
 
 from __future__ import annotations
 
-import copy
+import io
 import json
 import time
+import uuid
 
 import boto3
 import pytest
+from botocore.response import StreamingBody
 from moto import mock_aws
+from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import state_task_service_aws_sdk
 
-from infra.definition import PLACEHOLDERS, WorkflowSettings, build_definition
+from infra.definition import PLACEHOLDERS, WorkflowSettings, build_definition, render
+from infra.stage_data.handler import InvalidDataset, InvalidInput, Settings, stage
+from infra.training_states import poll_seconds
 
+from aws_contract import AwsCalls, AwsError, operation, problems
+
+ACCOUNT, REGION, BUCKET = "123456789012", "us-east-1", "ftstack-bucket"
+KEY_ARN = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 SETTINGS = WorkflowSettings(
-    region="us-east-1", volume_size_gb=500, max_runtime_s=86400, max_wait_s=172800, max_instance_count=4,
+    region=REGION, volume_size_gb=500, max_runtime_s=86400, max_wait_s=172800, max_instance_count=4,
     network_isolation=False, subnets=(), security_groups=(), approval_status="PendingManualApproval", quality_threshold=1.5,
+    volume_kms_instance_types=("ml.p3.16xlarge", "ml.p3.2xlarge"),
 )
-VALUES = {name: f"test-{name.lower()}" for name in PLACEHOLDERS} | {"Bucket": "ftstack-bucket"}
-STAGED = {
-    "train": {"s3_uri": "s3://ftstack-bucket/scratch/run1/data/train/", "records": 950, "bytes": 1000, "sha256": "ab" * 32},
-    "test": {"s3_uri": "s3://ftstack-bucket/scratch/run1/data/test/", "records": 50, "bytes": 100, "sha256": "cd" * 32, "source": "split"},
-    "dataset_sha256": "ab" * 32,
-    "hyperparameters": {"max_duration": "3ep", "model.pretrained_model_name_or_path": "mosaicml/mpt-7b"},
-    "base_model": {"name": "mosaicml/mpt-7b", "s3_uri": ""},
-    "instance_types": ["ml.p4d.24xlarge", "ml.g5.48xlarge"],
-    "instance_count": 1,
-    "spot": False,
-    "job_name_prefix": "ftstack-run1",
-    "output_uri": "s3://ftstack-bucket/executions/run1/model/",
-    "output_prefix": "executions/run1/model/",
-    "checkpoint_uri": "s3://ftstack-bucket/scratch/run1/checkpoints/",
+VALUES = {
+    "Bucket": BUCKET, "KeyArn": KEY_ARN,
+    "TrainingRoleArn": f"arn:aws:iam::{ACCOUNT}:role/ftstack-TrainingRole",
+    "TrainingImage": f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/cdk-hnb659fds-container-assets:abc123",
+    "InferenceImage": f"763104351884.dkr.ecr.{REGION}.amazonaws.com/huggingface-pytorch-tgi-inference:2.4.0-tgi2.3.1-gpu-py311-cu124-ubuntu22.04",
+    "StagingFunctionArn": f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:ftstack-Staging",
+    "TopicArn": f"arn:aws:sns:{REGION}:{ACCOUNT}:ftstack-Notifications",
+    "ModelPackageGroupName": "ftstack-models",
 }
-GOOD_INPUT = {"train_data": "s3://ftstack-bucket/incoming/train.jsonl"}
-CAPACITY = {"Error": "States.TaskFailed", "Cause": json.dumps({"FailureReason": "CapacityError: Unable to provision requested ML compute capacity."})}
-OOM = {"Error": "States.TaskFailed", "Cause": json.dumps({"FailureReason": "AlgorithmError: CUDA out of memory"})}
+STAGING = Settings(bucket=BUCKET, job_prefix="ftstack", instance_type="ml.p4d.24xlarge", fallback_instance_types=("ml.g5.48xlarge",),
+                   instance_count=1, max_instance_count=4, spot=False, base_model="mosaicml/mpt-7b", test_split=0.05,
+                   key_arn=KEY_ARN, network_isolation=False)
+GOOD_INPUT = {"train_data": f"s3://{BUCKET}/incoming/train.jsonl"}
+RECORDS = "".join(json.dumps({"prompt": f"What is {i} + 1?", "response": str(i + 1)}) + "\n" for i in range(40))
 
 
-def substituted(definition: dict) -> dict:
-    text = json.dumps(definition)
+def test_the_scripted_values_are_what_aws_takes():
+    assert set(VALUES) == set(PLACEHOLDERS)
+    model = operation("sagemaker", "CreateTrainingJob").input_shape
+    assert problems(model.members["RoleArn"], VALUES["TrainingRoleArn"]) == []
+    assert problems(model.members["AlgorithmSpecification"].members["TrainingImage"], VALUES["TrainingImage"]) == []
+
+
+# --- SageMaker, answered with responses of the real shape ---------------------------------------
+
+def job(name: str, status: str, secondary: str, reason: str | None = None) -> dict:
+    """A DescribeTrainingJob response; ``reason`` only where SageMaker gives one (Failed jobs)."""
+    body = {
+        "TrainingJobName": name, "TrainingJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/{name}",
+        "ModelArtifacts": {"S3ModelArtifacts": f"s3://{BUCKET}/executions/x/model/{name}/output/model/"},
+        "TrainingJobStatus": status, "SecondaryStatus": secondary,
+        "StoppingCondition": {"MaxRuntimeInSeconds": 86400}, "CreationTime": "2026-11-29T10:00:00Z",
+        "HyperParameters": {"max_duration": "3ep"},
+    }
+    if reason is not None:
+        body["FailureReason"] = reason
+    return body
+
+
+def created(request: dict) -> dict:
+    return {"TrainingJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/{request['TrainingJobName']}"}
+
+
+def described(*states: tuple[str, str] | tuple[str, str, str]):
+    """Describe answers in turn, each for the job named in the request."""
+    return [lambda request, s=s: job(request["TrainingJobName"], *s) for s in states]
+
+
+def quota_refused(request: dict) -> dict:
+    raise AwsError("ResourceLimitExceeded", f"The account-level service limit 'ml.p4d.24xlarge for training job usage' is 0 "
+                   f"Instances, with current utilization of 0 Instances and a request delta of 1 Instances.")
+
+
+CAPACITY = ("Failed", "Failed", "CapacityError: Unable to provision requested ML compute capacity. Please retry using a different ML instance type.")
+OOM = ("Failed", "Failed", "AlgorithmError: CUDA out of memory")
+COMPLETED = ("Completed", "Completed")
+RUNNING = ("InProgress", "Training")
+
+
+def registered(request: dict) -> dict:
+    return {"ModelPackageArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:model-package/ftstack-models/1"}
+
+
+def published(request: dict) -> dict:
+    return {"MessageId": str(uuid.uuid4())}
+
+
+def staging_lambda(settings: Settings = STAGING):
+    """The real staging handler, run in-process on the Invoke request against moto's S3."""
+    def invoke(request: dict) -> dict:
+        event = json.loads(request["Payload"])
+        try:
+            result, error = stage(event, settings, boto3.client("s3", region_name=REGION)), None
+        except (InvalidInput, InvalidDataset) as exc:
+            result, error = {"errorType": type(exc).__name__, "errorMessage": str(exc)}, "Unhandled"
+        payload = json.dumps(result).encode()
+        response = {"StatusCode": 200, "Payload": StreamingBody(io.BytesIO(payload), len(payload))}
+        return response | ({"FunctionError": error} if error else {})
+    return invoke
+
+
+# --- running it ---------------------------------------------------------------------------------
+
+def definition(settings: WorkflowSettings = SETTINGS) -> str:
+    """The deployed definition with the stack's values; only its waits are shortened (minutes
+    between polls and retries are the point on AWS, and would only slow the tests down)."""
+    built = build_definition(settings)
+    for state in built["States"].values():
+        if state["Type"] == "Wait":
+            assert state["Seconds"] == poll_seconds(settings)
+            state["Seconds"] = 0
+        for retrier in state.get("Retry", []):
+            retrier.update(IntervalSeconds=1, BackoffRate=1.0)
+    text = render(built)
     for name, value in VALUES.items():
         text = text.replace("${" + name + "}", value)
-    return json.loads(text)
+    return text
 
 
-def stub_outcomes(definition: dict, name: str, outcomes: list[tuple[str, dict]]) -> None:
-    """Replaces task ``name`` by a Choice over ``$.attempt.index`` (or a single outcome) whose
-    branches give the recorded result or route the recorded error to the task's Catch."""
-    task = definition["States"][name]
-    branches = {}
-    for i, (kind, value) in enumerate(outcomes):
-        if kind == "ok":
-            state = {"Type": "Pass", "Result": value, "ResultPath": task.get("ResultPath", "$"), "Next": task["Next"]}
-        else:
-            catch = next(c for c in task["Catch"] if "States.ALL" in c["ErrorEquals"] or value["Error"] in c["ErrorEquals"])
-            state = {"Type": "Pass", "Result": value, "ResultPath": catch["ResultPath"], "Next": catch["Next"]}
-        branches[f"{name}Outcome{i}"] = state
-    if len(outcomes) == 1:
-        definition["States"][name] = next(iter(branches.values()))
-        return
-    definition["States"][name] = {
-        "Type": "Choice",
-        "Choices": [{"Variable": "$.attempt.index", "NumericEquals": i, "Next": f"{name}Outcome{i}"} for i in range(len(outcomes))],
+@pytest.fixture(autouse=True)
+def step_functions_as_documented(monkeypatch):
+    """Two things Step Functions does that moto's interpreter does not."""
+    # Error names: moto names aws-sdk errors of services missing from its table after the
+    # lower-case service ("sagemaker.ResourceLimitExceededException"); Step Functions uses the
+    # SDK's service name.
+    monkeypatch.setitem(state_task_service_aws_sdk._SERVICE_ERROR_NAMES, "sagemaker", "SageMaker")
+    # Bodies: an aws-sdk task returns a streamed body (S3 GetObject's Body) as a string (the
+    # Step Functions guide, "Use AWS SDK service integrations"); moto leaves the stream.
+    original = state_task_service_aws_sdk.StateTaskServiceAwsSdk._eval_service_task
+
+    def read_bodies(self, env, *args, **kwargs):
+        original(self, env, *args, **kwargs)
+        response = env.stack[-1]
+        for key, value in list(response.items()):
+            if hasattr(value, "read"):
+                response[key] = value.read().decode("utf-8")
+
+    monkeypatch.setattr(state_task_service_aws_sdk.StateTaskServiceAwsSdk, "_eval_service_task", read_bodies)
+
+
+def run(sagemaker: dict, execution_input: dict, *, name: str = "run1", final_metrics: dict | None = None,
+        settings: WorkflowSettings = SETTINGS, staging: Settings = STAGING,
+        objects: dict[str, bytes] | None = None) -> tuple[dict, list[dict], AwsCalls]:
+    answers = {
+        ("lambda", "Invoke"): [staging_lambda(staging)],
+        ("sagemaker", "CreateTrainingJob"): sagemaker.get("create", [created]),
+        ("sagemaker", "DescribeTrainingJob"): sagemaker.get("describe", described(RUNNING, COMPLETED)),
+        ("sagemaker", "CreateModelPackage"): [registered],
+        ("sns", "Publish"): [published],
     }
-    definition["States"].update(branches)
-
-
-def stub_notifications(definition: dict) -> None:
-    for name, state in definition["States"].items():
-        if state.get("Resource") == "arn:aws:states:::sns:publish":
-            definition["States"][name] = {"Type": "Pass", "Parameters": state["Parameters"], "ResultPath": f"$.sent.{name}", "Next": state["Next"]}
-
-
-def run(definition: dict, execution_input: dict) -> tuple[dict, list[dict]]:
-    with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
-        client = boto3.client("stepfunctions", region_name="us-east-1")
-        arn = client.create_state_machine(name="ftstack", definition=json.dumps(definition), roleArn="arn:aws:iam::123456789012:role/sfn")["stateMachineArn"]
-        execution = client.start_execution(stateMachineArn=arn, name="run1", input=json.dumps(execution_input))["executionArn"]
-        deadline = time.monotonic() + 30
-        while (described := client.describe_execution(executionArn=execution))["status"] == "RUNNING":
-            assert time.monotonic() < deadline
+    with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}), AwsCalls(answers) as calls:
+        s3 = boto3.client("s3", region_name=REGION)
+        s3.create_bucket(Bucket=BUCKET)
+        for key, body in {"incoming/train.jsonl": RECORDS.encode(), **(objects or {})}.items():
+            s3.put_object(Bucket=BUCKET, Key=key, Body=body)
+        metrics = {"eval_cross_entropy": 1.2, "eval_perplexity": 3.32, "step": 90} if final_metrics is None else final_metrics
+        prefix = f"executions/{name}/model/"
+        for attempt in range(3):
+            job_name = stage_name(name, attempt)
+            s3.put_object(Bucket=BUCKET, Key=f"{prefix}{job_name}/output/model/final-metrics.json", Body=json.dumps(metrics).encode())
+        sfn = boto3.client("stepfunctions", region_name=REGION)
+        arn = sfn.create_state_machine(name="ftstack", definition=definition(settings), roleArn=f"arn:aws:iam::{ACCOUNT}:role/sfn")["stateMachineArn"]
+        execution = sfn.start_execution(stateMachineArn=arn, name=name, input=json.dumps(execution_input))["executionArn"]
+        deadline = time.monotonic() + 60
+        while (result := sfn.describe_execution(executionArn=execution))["status"] == "RUNNING":
+            assert time.monotonic() < deadline, "the execution did not end"
             time.sleep(0.02)
-        events = client.get_execution_history(executionArn=execution, maxResults=1000)["events"]
-    return described, events
+        events = sfn.get_execution_history(executionArn=execution, maxResults=1000)["events"]
+    assert calls.problems() == []
+    return result, events, calls
 
 
-def exited(events: list[dict], state: str) -> list[dict]:
-    return [json.loads(e["stateExitedEventDetails"]["output"]) for e in events
-            if "stateExitedEventDetails" in e and e["stateExitedEventDetails"]["name"] == state]
+def stage_name(execution: str, attempt: int) -> str:
+    from infra.stage_data.handler import job_name_prefix
+
+    return f"{job_name_prefix(STAGING.job_prefix, execution)}-a{attempt}"
 
 
 def entered(events: list[dict]) -> list[str]:
     return [e["stateEnteredEventDetails"]["name"] for e in events if "stateEnteredEventDetails" in e]
 
 
-def scenario(train: list[tuple[str, dict]], metrics: dict | None = None, settings: WorkflowSettings = SETTINGS,
-             staging: tuple[str, dict] = ("ok", {"value": STAGED})) -> dict:
-    definition = substituted(build_definition(settings))
-    stub_outcomes(definition, "StageData", [staging])
-    stub_outcomes(definition, "Train", train)
-    stub_outcomes(definition, "DescribeFailedJob", [("ok", {"reason": "AlgorithmError: CUDA out of memory"})])
-    stub_outcomes(definition, "ReadMetrics", [("ok", {"document": metrics or {"final": {"eval_cross_entropy": 1.2}}})])
-    stub_outcomes(definition, "Register", [("ok", {"arn": "arn:aws:sagemaker:us-east-1:123456789012:model-package/ftstack-models/1"})])
-    stub_notifications(definition)
-    return definition
+def messages(calls: AwsCalls) -> list[str]:
+    return [c.params["Message"] for c in calls.of("sns", "Publish")]
 
 
-TRAINED = ("ok", {"name": "ftstack-run1-a0", "arn": "arn:aws:sagemaker:us-east-1:123456789012:training-job/ftstack-run1-a0"})
+# --- scenarios ----------------------------------------------------------------------------------
 
-
-def test_happy_path_trains_gates_registers_and_notifies():
-    described, events = run(scenario([TRAINED]), GOOD_INPUT)
-    assert described["status"] == "SUCCEEDED", described
+def test_happy_path_trains_polls_gates_registers_and_notifies():
+    result, events, calls = run({}, GOOD_INPUT)
+    assert result["status"] == "SUCCEEDED", result
+    (create,) = calls.of("sagemaker", "CreateTrainingJob")
+    request = create.params
+    assert request["TrainingJobName"] == "ftstack-run1-a0"
+    assert request["ResourceConfig"] == {"InstanceType": "ml.p4d.24xlarge", "InstanceCount": 1, "VolumeSizeInGB": 500}
+    assert request["OutputDataConfig"] == {"S3OutputPath": f"s3://{BUCKET}/executions/run1/model/", "KmsKeyId": KEY_ARN, "CompressionType": "NONE"}
+    assert request["AlgorithmSpecification"]["EnableSageMakerMetricsTimeSeries"] is True
+    assert [c["ChannelName"] for c in request["InputDataConfig"]] == ["train", "test"]
+    assert request["Tags"] == [{"Key": "ftstack:execution", "Value": "run1"}]
+    assert len(calls.of("sagemaker", "DescribeTrainingJob")) == 2  # InProgress, then Completed
     states = entered(events)
-    assert states.index("Train") < states.index("QualityGate") < states.index("Register") < states.index("NotifySuccess")
-    (job,) = [out["job"] for out in exited(events, "PrepareAttempt")]
-    assert job["name"] == "ftstack-run1-a0" and job["instance_type"] == "ml.p4d.24xlarge"
-    assert job["stopping"] == {"MaxRuntimeInSeconds": 86400} and job["encrypt_traffic"] is False
-    assert [c["ChannelName"] for c in job["channels"]["list"]] == ["train", "test"]
-    (model,) = [out["model"] for out in exited(events, "LocateModel")]
-    assert model == {
-        "uri": "s3://ftstack-bucket/executions/run1/model/ftstack-run1-a0/output/model/",
-        "metrics_key": "executions/run1/model/ftstack-run1-a0/output/model/metrics.json",
-        "metrics_uri": "s3://ftstack-bucket/executions/run1/model/ftstack-run1-a0/output/model/metrics.json",
-    }
-    message = exited(events, "NotifySuccess")[0]["sent"]["NotifySuccess"]["Message"]
+    assert states.index("PollJob") < states.index("QualityGate") < states.index("Register") < states.index("NotifySuccess")
+    (register,) = calls.of("sagemaker", "CreateModelPackage")
+    package = register.params
+    assert package["InferenceSpecification"]["Containers"][0]["ModelDataSource"]["S3DataSource"]["S3Uri"] == \
+        f"s3://{BUCKET}/executions/run1/model/ftstack-run1-a0/output/model/"
+    assert package["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"].endswith("/ftstack-run1-a0/output/model/metrics.json")
+    assert package["CustomerMetadataProperties"]["eval_cross_entropy"] == "1.2"
+    (message,) = messages(calls)
     assert "model-package/ftstack-models/1" in message and "1.2" in message and "ftstack-run1-a0" in message
 
 
-def test_capacity_error_retries_with_a_new_name_on_the_next_instance_type():
-    described, events = run(scenario([("error", CAPACITY), TRAINED]), GOOD_INPUT)
-    assert described["status"] == "SUCCEEDED", described
-    jobs = [out["job"] for out in exited(events, "PrepareAttempt")]
-    assert [(j["name"], j["instance_type"]) for j in jobs] == [("ftstack-run1-a0", "ml.p4d.24xlarge"), ("ftstack-run1-a1", "ml.g5.48xlarge")]
+@pytest.mark.parametrize("name", [
+    str(uuid.UUID(int=7)),                      # what the console generates: 36 characters
+    "nightly_run_2026_11_29",                   # underscores are allowed in execution names, not in job names
+    "x" * 80,                                   # the longest execution name
+    "Run-With.Dots_and-UPPER-" + "9" * 56,      # 80 characters of everything allowed
+])
+def test_long_and_odd_execution_names_make_valid_requests_end_to_end(name):
+    result, _, calls = run({}, GOOD_INPUT, name=name)
+    assert result["status"] == "SUCCEEDED", result
+    (create,) = calls.of("sagemaker", "CreateTrainingJob")
+    (register,) = calls.of("sagemaker", "CreateModelPackage")
+    token = register.params["ClientToken"]
+    assert len(token) == 32 and token == stage_token(create.params["TrainingJobName"])
 
 
-def test_capacity_errors_on_every_instance_type_fail_with_a_notification():
-    described, events = run(scenario([("error", CAPACITY), ("error", CAPACITY)]), GOOD_INPUT)
-    assert described["status"] == "FAILED" and described["error"] == "TrainingFailed"
+def stage_token(job_name: str) -> str:
+    import hashlib
+
+    return hashlib.md5(job_name.encode()).hexdigest()
+
+
+def test_volume_key_only_for_instance_types_with_an_ebs_volume():
+    result, _, calls = run({"create": [quota_refused, created]}, GOOD_INPUT | {"instance_type": "ml.p3.16xlarge"},
+                           staging=STAGING)
+    assert result["status"] == "SUCCEEDED", result
+    first, second = (c.params["ResourceConfig"] for c in calls.of("sagemaker", "CreateTrainingJob"))
+    assert first == {"InstanceType": "ml.p3.16xlarge", "InstanceCount": 1, "VolumeSizeInGB": 500, "VolumeKmsKeyId": KEY_ARN}
+    assert second == {"InstanceType": "ml.g5.48xlarge", "InstanceCount": 1, "VolumeSizeInGB": 500}
+
+
+def test_capacity_error_in_the_job_moves_on_to_the_next_instance_type_under_a_new_name():
+    result, _, calls = run({"describe": described(CAPACITY, CAPACITY, RUNNING, COMPLETED)}, GOOD_INPUT)
+    assert result["status"] == "SUCCEEDED", result
+    jobs = [(c.params["TrainingJobName"], c.params["ResourceConfig"]["InstanceType"]) for c in calls.of("sagemaker", "CreateTrainingJob")]
+    assert jobs == [("ftstack-run1-a0", "ml.p4d.24xlarge"), ("ftstack-run1-a1", "ml.g5.48xlarge")]
+
+
+def test_zero_quota_falls_back_at_once_and_names_the_quota_to_raise():
+    result, events, calls = run({"create": [quota_refused]}, GOOD_INPUT)
+    assert result["status"] == "FAILED" and result["error"] == "TrainingFailed"
+    assert len(calls.of("sagemaker", "CreateTrainingJob")) == 2  # one per instance type, no retries
+    assert calls.of("sagemaker", "DescribeTrainingJob") == []
+    (message,) = messages(calls)
+    assert 'Service Quotas quota "ml.p4d.24xlarge for training job usage" (Amazon SageMaker, us-east-1)' in message
+    assert '"ml.g5.48xlarge for training job usage"' in message
+    assert "ResourceLimitExceeded" in message
+
+
+def test_zero_spot_quota_names_the_spot_quota():
+    result, _, calls = run({"create": [quota_refused]}, GOOD_INPUT | {"spot": True})
+    assert result["status"] == "FAILED"
+    (message,) = messages(calls)
+    assert '"ml.p4d.24xlarge for spot training job usage"' in message
+
+
+@pytest.mark.parametrize("secondary", ["MaxRuntimeExceeded", "MaxWaitTimeExceeded", "Stopped"])
+def test_a_stopped_job_without_failure_reason_is_reported_with_what_to_do(secondary):
+    result, events, calls = run({"describe": described(RUNNING, ("Stopped", secondary))}, GOOD_INPUT)
+    assert result["status"] == "FAILED" and result["error"] == "TrainingFailed", result
+    (message,) = messages(calls)
+    assert f"Stopped ({secondary})" in message
+    assert "max_runtime_hours" in message and '"resume_from": "run1"' in message
     assert "Register" not in entered(events)
-    message = exited(events, "NotifyTrainingFailed")[0]["sent"]["NotifyTrainingFailed"]["Message"]
-    assert "ftstack-run1-a1" in message and "logStreamNameFilter$3Dftstack-run1-a1" in message
 
 
 def test_other_training_failures_are_not_retried_and_report_the_failure_reason():
-    described, events = run(scenario([("error", OOM), TRAINED]), GOOD_INPUT)
-    assert described["status"] == "FAILED" and described["error"] == "TrainingFailed"
-    assert described["cause"] == "AlgorithmError: CUDA out of memory"
-    assert len(exited(events, "PrepareAttempt")) == 1
-    message = exited(events, "NotifyTrainingFailed")[0]["sent"]["NotifyTrainingFailed"]["Message"]
-    assert "CUDA out of memory" in message and "ml.p4d.24xlarge" in message
+    result, _, calls = run({"describe": described(RUNNING, OOM)}, GOOD_INPUT)
+    assert result["status"] == "FAILED" and result["error"] == "TrainingFailed"
+    assert result["cause"] == "AlgorithmError: CUDA out of memory"
+    assert len(calls.of("sagemaker", "CreateTrainingJob")) == 1
+    (message,) = messages(calls)
+    assert "CUDA out of memory" in message and "ml.p4d.24xlarge" in message and "Failed (Failed)" in message
+    assert "). Reason: AlgorithmError" in message
+    assert "logStreamNameFilter$3Dftstack-run1-a0" in message
 
 
-@pytest.mark.parametrize(("metrics", "error"), [
-    ({"final": {"eval_cross_entropy": 1.9}}, "QualityGateFailed"),
-    ({"final": {}}, "MetricsMissing"),
-    ({"final": {"eval_cross_entropy": None}}, "MetricsMissing"),
+def test_an_api_error_that_is_not_a_quota_is_reported_not_retried_on_another_type():
+    def refused(request):
+        raise AwsError("ValidationException", "Invalid VolumeKmsKeyId for instance type with local storage")
+
+    result, _, calls = run({"create": [refused]}, GOOD_INPUT)
+    assert result["status"] == "FAILED"
+    creates = calls.of("sagemaker", "CreateTrainingJob")
+    assert len(creates) == 3 and {c.params["TrainingJobName"] for c in creates} == {"ftstack-run1-a0"}  # two quick retries
+    (message,) = messages(calls)
+    assert "Invalid VolumeKmsKeyId" in message
+
+
+@pytest.mark.parametrize(("final", "error"), [
+    ({"eval_cross_entropy": 1.9}, "QualityGateFailed"),
+    ({}, "MetricsMissing"),
+    ({"eval_cross_entropy": None}, "MetricsMissing"),
 ])
-def test_quality_gate_fails_without_registering(metrics, error):
-    described, events = run(scenario([TRAINED], metrics=metrics), GOOD_INPUT)
-    assert described["status"] == "FAILED" and described["error"] == error, described
+def test_quality_gate_fails_without_registering(final, error):
+    result, events, calls = run({}, GOOD_INPUT, final_metrics=final)
+    assert result["status"] == "FAILED" and result["error"] == error, result
     if error == "MetricsMissing":
-        assert described["cause"].startswith("s3://ftstack-bucket/executions/run1/model/ftstack-run1-a0/output/model/metrics.json ")
-    assert "Register" not in entered(events)
-    assert "NotifyError" in entered(events)
+        assert result["cause"].startswith(f"s3://{BUCKET}/executions/run1/model/ftstack-run1-a0/output/model/final-metrics.json ")
+    assert calls.of("sagemaker", "CreateModelPackage") == []
 
 
 def test_without_a_threshold_there_is_no_gate():
     settings = WorkflowSettings(**{**SETTINGS.__dict__, "quality_threshold": None})
-    described, events = run(scenario([TRAINED], metrics={"final": {"eval_cross_entropy": 9.0}}, settings=settings), GOOD_INPUT)
-    assert described["status"] == "SUCCEEDED"
+    result, events, _ = run({}, GOOD_INPUT, final_metrics={"eval_cross_entropy": 9.0}, settings=settings)
+    assert result["status"] == "SUCCEEDED"
     assert "QualityGate" not in entered(events)
 
 
-def test_spot_multi_node_and_model_channel_shape_the_job():
-    staged = copy.deepcopy(STAGED) | {"spot": True, "instance_count": 2, "base_model": {"name": "s3://ftstack-bucket/base-models/mpt/", "s3_uri": "s3://ftstack-bucket/base-models/mpt/"}}
-    described, events = run(scenario([TRAINED], staging=("ok", {"value": staged})), GOOD_INPUT)
-    assert described["status"] == "SUCCEEDED"
-    job = exited(events, "AddModelChannel")[0]["job"]
-    assert job["stopping"] == {"MaxRuntimeInSeconds": 86400, "MaxWaitTimeInSeconds": 172800}
-    assert job["encrypt_traffic"] is True
-    assert job["channels"]["list"][-1]["ChannelName"] == "model"
-    assert job["channels"]["list"][-1]["DataSource"]["S3DataSource"]["S3Uri"] == "s3://ftstack-bucket/base-models/mpt/"
+def test_spot_multi_node_model_channel_and_vpc_shape_the_job():
+    settings = WorkflowSettings(**{**SETTINGS.__dict__, "subnets": ("subnet-0abc",), "security_groups": ("sg-0abc",),
+                                   "network_isolation": True})
+    base = f"s3://{BUCKET}/base-models/mpt/"
+    result, _, calls = run({}, GOOD_INPUT | {"spot": True, "instance_count": 2, "base_model": base}, settings=settings,
+                           objects={"base-models/mpt/config.json": b"{}"})
+    assert result["status"] == "SUCCEEDED", result
+    (create,) = calls.of("sagemaker", "CreateTrainingJob")
+    request = create.params
+    assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 86400, "MaxWaitTimeInSeconds": 172800}
+    assert request["EnableManagedSpotTraining"] is True and request["EnableInterContainerTrafficEncryption"] is True
+    assert request["ResourceConfig"]["InstanceCount"] == 2
+    assert request["InputDataConfig"][-1]["ChannelName"] == "model"
+    assert request["InputDataConfig"][-1]["DataSource"]["S3DataSource"]["S3Uri"] == base
+    assert request["VpcConfig"] == {"Subnets": ["subnet-0abc"], "SecurityGroupIds": ["sg-0abc"]}
+    assert request["EnableNetworkIsolation"] is True
 
 
 BAD_INPUTS = [
     ({}, "train_data is required"),
     ({"train_data": 3}, "train_data is required"),
-    ({"train_data": "s3://other-bucket/incoming/x.jsonl"}, "train_data must be under s3://ftstack-bucket/incoming/"),
-    ({"train_data": "s3://ftstack-bucket/elsewhere/x.jsonl"}, "train_data must be under"),
+    ({"train_data": "s3://other-bucket/incoming/x.jsonl"}, f"train_data must be under s3://{BUCKET}/incoming/"),
+    ({"train_data": f"s3://{BUCKET}/elsewhere/x.jsonl"}, "train_data must be under"),
     (GOOD_INPUT | {"test_data": "https://example.com/x"}, "test_data must be"),
     (GOOD_INPUT | {"test_split": 0.9}, "test_split must be"),
     (GOOD_INPUT | {"test_split": 0}, "test_split must be"),
     (GOOD_INPUT | {"test_split": "0.1"}, "test_split must be"),
-    (GOOD_INPUT | {"test_split": 0.1, "test_data": "s3://ftstack-bucket/incoming/t.jsonl"}, "not both"),
+    (GOOD_INPUT | {"test_split": 0.1, "test_data": f"s3://{BUCKET}/incoming/t.jsonl"}, "not both"),
     (GOOD_INPUT | {"base_model": 7}, "base_model must be"),
     (GOOD_INPUT | {"hyperparameters": "lr=1"}, "hyperparameters must be an object"),
     (GOOD_INPUT | {"instance_type": "p4d.24xlarge"}, "instance_type must be"),
@@ -211,15 +373,17 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize(("execution_input", "message"), BAD_INPUTS)
 def test_bad_input_fails_at_once_naming_the_field(execution_input, message):
-    described, events = run(scenario([TRAINED]), execution_input)
-    assert described["status"] == "FAILED" and described["error"] == "InvalidInput"
-    assert message in described["cause"]
-    assert "StageData" not in entered(events)
+    result, events, calls = run({}, execution_input)
+    assert result["status"] == "FAILED" and result["error"] == "InvalidInput"
+    assert message in result["cause"]
+    assert [c for c in calls.calls if c.service in ("lambda", "sagemaker")] == []
 
 
 def test_staging_errors_keep_their_name_and_message():
-    failure = ("error", {"Error": "InvalidDataset", "Cause": "train.jsonl:3: field 'prompt': is empty"})
-    described, events = run(scenario([TRAINED], staging=failure), GOOD_INPUT)
-    assert described["status"] == "FAILED" and described["error"] == "InvalidDataset"
-    assert "train.jsonl:3" in described["cause"]
-    assert "Train" not in entered(events)
+    bad = RECORDS + json.dumps({"prompt": "", "response": "x"}) + "\n"
+    result, events, calls = run({}, GOOD_INPUT, objects={"incoming/train.jsonl": bad.encode()})
+    assert result["status"] == "FAILED" and result["error"] == "InvalidDataset", result
+    assert "train.jsonl:41" in result["cause"]
+    assert calls.of("sagemaker", "CreateTrainingJob") == []
+    (message,) = messages(calls)
+    assert "InvalidDataset" in message

@@ -1,0 +1,63 @@
+"""Stops the training jobs of an execution that was aborted, timed out or failed while its job
+ran (``infra.stage_data.stop_jobs``): an EventBridge rule on the state machine's execution status
+changes, and a small function with the one permission it needs."""
+
+from __future__ import annotations
+
+import aws_cdk as cdk
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_stepfunctions as sfn
+from constructs import Construct
+
+from .nag import acknowledge, arn_in_finding, wildcard
+from .stage_data.stop_jobs import ENDED, JOB_PREFIX_ENV
+from .staging import asset_code
+
+
+class JobReaper(Construct):
+    """``self.function`` and ``self.rule``: stop the jobs of executions that ended early."""
+
+    def __init__(self, scope: Construct, construct_id: str, *, state_machine: sfn.IStateMachine, key: kms.IKey, job_prefix: str) -> None:
+        super().__init__(scope, construct_id)
+        log_group = logs.LogGroup(self, "Logs", encryption_key=key, retention=logs.RetentionDays.ONE_YEAR,
+                                  removal_policy=cdk.RemovalPolicy.DESTROY)
+        role = iam.Role(self, "Role", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+                        description="ftstack: stop the training jobs of executions that ended early")
+        log_group.grant_write(role)
+        self.function = lambda_.Function(
+            self, "Function",
+            runtime=lambda_.Runtime.PYTHON_3_14,
+            handler="infra.stage_data.stop_jobs.handler",
+            code=asset_code(),
+            role=role,
+            log_group=log_group,
+            memory_size=256,
+            timeout=cdk.Duration.minutes(1),
+            environment={JOB_PREFIX_ENV: job_prefix},
+            description="ftstack: stop the training jobs of an aborted, timed-out or failed execution",
+        )
+        stack = cdk.Stack.of(self)
+        role.add_to_policy(iam.PolicyStatement(actions=["sagemaker:ListTrainingJobs"], resources=["*"]))
+        role.add_to_policy(iam.PolicyStatement(
+            actions=["sagemaker:StopTrainingJob"],
+            resources=[stack.format_arn(service="sagemaker", resource="training-job", resource_name=f"{job_prefix}-*")],
+        ))
+        self.rule = events.Rule(
+            self, "ExecutionEnded",
+            description="ftstack: an execution ended early; stop its training jobs",
+            event_pattern=events.EventPattern(
+                source=["aws.states"], detail_type=["Step Functions Execution Status Change"],
+                detail={"stateMachineArn": [state_machine.state_machine_arn], "status": list(ENDED)},
+            ),
+            targets=[targets.LambdaFunction(self.function, retry_attempts=8, max_event_age=cdk.Duration.hours(2))],
+        )
+        acknowledge(role, {
+            wildcard("Resource::*"): "sagemaker:ListTrainingJobs supports no resource scoping; StopTrainingJob is limited to the stack's jobs",
+            wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"training-job/{job_prefix}-*")):
+                "job names carry the execution name and attempt, known only at run time",
+        })
