@@ -9,14 +9,12 @@ from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
-from aws_cdk import aws_lambda as lambda_
-from aws_cdk import aws_logs as logs
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
 from .nag import acknowledge, arn_in_finding, wildcard
 from .stage_data.stop_jobs import ENDED, JOB_PREFIX_ENV
-from .staging import asset_code
+from .staging import python_function
 
 
 class JobReaper(Construct):
@@ -24,26 +22,16 @@ class JobReaper(Construct):
 
     def __init__(self, scope: Construct, construct_id: str, *, state_machine: sfn.IStateMachine, key: kms.IKey, job_prefix: str) -> None:
         super().__init__(scope, construct_id)
-        log_group = logs.LogGroup(self, "Logs", encryption_key=key, retention=logs.RetentionDays.ONE_YEAR,
-                                  removal_policy=cdk.RemovalPolicy.DESTROY)
-        role = iam.Role(self, "Role", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
-                        description="ftstack: stop the training jobs of executions that ended early")
-        log_group.grant_write(role)
-        self.function = lambda_.Function(
-            self, "Function",
-            runtime=lambda_.Runtime.PYTHON_3_14,
-            handler="infra.stage_data.stop_jobs.handler",
-            code=asset_code(),
-            role=role,
-            log_group=log_group,
-            memory_size=256,
-            timeout=cdk.Duration.minutes(1),
-            environment={JOB_PREFIX_ENV: job_prefix},
+        self.function = python_function(
+            self, key=key, handler="infra.stage_data.stop_jobs.handler", environment={JOB_PREFIX_ENV: job_prefix},
+            memory_size=256, timeout=cdk.Duration.minutes(1),
             description="ftstack: stop the training jobs of an aborted, timed-out or failed execution",
+            role_description="ftstack: stop the training jobs of executions that ended early",
         )
+        role = self.function.role
         stack = cdk.Stack.of(self)
-        role.add_to_policy(iam.PolicyStatement(actions=["sagemaker:ListTrainingJobs"], resources=["*"]))
-        role.add_to_policy(iam.PolicyStatement(
+        role.add_to_principal_policy(iam.PolicyStatement(actions=["sagemaker:ListTrainingJobs"], resources=["*"]))
+        role.add_to_principal_policy(iam.PolicyStatement(
             actions=["sagemaker:StopTrainingJob"],
             resources=[stack.format_arn(service="sagemaker", resource="training-job", resource_name=f"{job_prefix}-*")],
         ))

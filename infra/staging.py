@@ -40,29 +40,33 @@ def asset_code() -> lambda_.Code:
     return lambda_.Code.from_asset(str(ROOT), exclude=_asset_excludes())
 
 
+def python_function(scope: Construct, *, key: kms.IKey, handler: str, description: str, role_description: str,
+                    environment: dict[str, str], memory_size: int, timeout: cdk.Duration, **more) -> lambda_.Function:
+    """A function of the stack's asset in ``scope``, with its own role and a log group encrypted
+    with ``key`` (kept a year); the caller grants it the rest."""
+    log_group = logs.LogGroup(scope, "Logs", encryption_key=key, retention=logs.RetentionDays.ONE_YEAR,
+                              removal_policy=cdk.RemovalPolicy.DESTROY)
+    role = iam.Role(scope, "Role", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"), description=role_description)
+    log_group.grant_write(role)
+    return lambda_.Function(
+        scope, "Function", runtime=lambda_.Runtime.PYTHON_3_14, handler=handler, code=asset_code(), role=role,
+        log_group=log_group, memory_size=memory_size, timeout=timeout, environment=environment,
+        description=description, **more,
+    )
+
+
 class StagingFunction(Construct):
     """``self.function``: reads ``incoming/``, writes ``scratch/<execution>/data/``."""
 
     def __init__(self, scope: Construct, construct_id: str, *, bucket: s3.IBucket, key: kms.IKey, settings: Settings) -> None:
         super().__init__(scope, construct_id)
-        log_group = logs.LogGroup(self, "Logs", encryption_key=key, retention=logs.RetentionDays.ONE_YEAR,
-                                  removal_policy=cdk.RemovalPolicy.DESTROY)
-        role = iam.Role(self, "Role", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
-                        description="ftstack data staging: read incoming data, write staged channels, log")
-        log_group.grant_write(role)
-        self.function = lambda_.Function(
-            self, "Function",
-            runtime=lambda_.Runtime.PYTHON_3_14,
-            handler="infra.stage_data.handler.handler",
-            code=asset_code(),
-            role=role,
-            log_group=log_group,
-            memory_size=1024,
-            ephemeral_storage_size=cdk.Size.gibibytes(10),
-            timeout=cdk.Duration.minutes(15),
-            environment=settings.environment(),
+        self.function = python_function(
+            self, key=key, handler="infra.stage_data.handler.handler", environment=settings.environment(),
+            memory_size=1024, ephemeral_storage_size=cdk.Size.gibibytes(10), timeout=cdk.Duration.minutes(15),
             description="ftstack: validate the execution input and data, stage the training channels",
+            role_description="ftstack data staging: read incoming data, write staged channels, log",
         )
+        role = self.function.role
         bucket.grant_read(role, f"{layout.INCOMING}*")
         bucket.grant_read(role, f"{layout.BASE_MODELS}*")
         bucket.grant_put(role, f"{layout.SCRATCH}*/data/*")
