@@ -3,6 +3,7 @@
 starts, reported in SageMaker's failure file. No test here starts torchrun."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from ftstack_train.job import (
     FAILURE_LIMIT, base_model_source, checkpoint_dir, config_file, load_job_config, read_hyperparameters, write_failure,
 )
 from ftstack_train.launch import NPROC_ENV, main, prepare, processes_per_node, read_resource_config, torchrun_args
+from ftstack_train.network import VARIABLES
 
 GOOD_LINE = '{"prompt": "What is 2+2?", "response": "4"}\n'
 
@@ -39,6 +41,8 @@ def paths(tmp_path, monkeypatch) -> SageMakerPaths:
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # prepare() sets it when nothing needs the hub; set here, no test ever reaches the network.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in VARIABLES:  # prepare() sets them for the training processes; restored after the test
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(launch, "supervise", lambda args: pytest.fail(f"torchrun would have started: {args}"))
     sm = SageMakerPaths(tmp_path)
@@ -51,8 +55,8 @@ def set_hyperparameters(paths: SageMakerPaths, values: dict) -> None:
     write(paths.hyperparameters, json.dumps(values))
 
 
-def set_resource_config(paths: SageMakerPaths, hosts: list[str], current: str) -> None:
-    doc = {"current_host": current, "hosts": hosts, "network_interface_name": "eth0"}
+def set_resource_config(paths: SageMakerPaths, hosts: list[str], current: str, instance_type: str = "ml.g5.12xlarge") -> None:
+    doc = {"current_host": current, "current_instance_type": instance_type, "hosts": hosts, "network_interface_name": "eth0"}
     write(paths.resource_config, json.dumps(doc))
 
 
@@ -132,6 +136,29 @@ def test_prepare_returns_torchrun_args_for_a_good_multi_node_job(paths, monkeypa
     assert (option(args, "--nnodes"), option(args, "--node_rank"), option(args, "--nproc_per_node")) == ("3", "2", "2")
     assert (option(args, "--master_addr"), option(args, "--master_port")) == ("algo-1", str(launch.MULTI_NODE_PORT))
     assert (paths.checkpoints / "run-1").is_dir() and paths.model_dir.is_dir()
+
+
+def test_prepare_sets_the_network_for_the_training_processes_and_keeps_the_jobs_own(paths, monkeypatch, capsys):
+    set_resource_config(paths, ["algo-1", "algo-2"], "algo-2", "ml.p4d.24xlarge")
+    write(paths.channel("model") / "config.json", "{}")
+    monkeypatch.setenv("NCCL_DEBUG", "WARN")
+
+    prepare(paths)
+
+    assert {name: os.environ.get(name) for name in VARIABLES} == {
+        "NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "eth0", "FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1",
+        "RDMAV_FORK_SAFE": "1", "NCCL_PROTO": "simple", "NCCL_DEBUG": "WARN", "NCCL_DEBUG_SUBSYS": None}
+    assert "network: EFA; 2 node(s), ml.p4d.24xlarge, interface eth0; " in capsys.readouterr().out
+
+
+def test_a_multi_node_resource_config_without_interface_fails_naming_file_and_key(paths, capsys):
+    write(paths.resource_config, json.dumps({"current_host": "algo-1", "hosts": ["algo-1", "algo-2"],
+                                             "current_instance_type": "ml.p4d.24xlarge"}))
+
+    reason = fails_with(paths, capsys)
+
+    assert reason.startswith(f"{paths.resource_config}: network_interface_name: missing in a 2-node job")
+    assert "FI_PROVIDER" not in os.environ
 
 
 def test_bad_jsonl_in_the_train_channel_fails_with_its_line(paths, capsys):

@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from .errors import ConfigError
+from .network import VARIABLES
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,21 @@ def init_distributed(timeout_s: float) -> Dist:
         device = torch.device("cpu")
         backend = "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None)
-    return Dist(rank, world, local, device)
+    d = Dist(rank, world, local, device)
+    if d.is_main and world > int(os.environ.get("LOCAL_WORLD_SIZE", world)):
+        print(network_line(backend), flush=True)
+    return d
+
+
+def network_line(backend: str) -> str:
+    """What rank 0 of a multi-node job logs once its process group is up: the backend (with NCCL's
+    version) and the network variables as the training processes see them. NCCL's own start-up
+    lines (NCCL_DEBUG=INFO, NCCL_DEBUG_SUBSYS=INIT,NET, set by the launcher) then name the
+    transport it picked: NET/OFI with provider efa, or NET/Socket."""
+    if backend == "nccl":
+        backend = "NCCL " + ".".join(map(str, torch.cuda.nccl.version()))
+    settings = " ".join(f"{name}={os.environ[name]}" for name in VARIABLES if name in os.environ)
+    return f"rank 0 network: {backend}; {settings or 'no network variables set'}"
 
 
 def build_sharded_model(load, d: Dist, precision: str, activation_checkpointing: bool) -> torch.nn.Module:

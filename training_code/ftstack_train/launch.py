@@ -22,6 +22,7 @@ from pathlib import Path
 from .contract import CHECKPOINT_BASE_MODEL, TEST_CHANNEL, TINY_MODELS, TRAIN_CHANNEL, SageMakerPaths
 from .errors import EXIT_STOPPED, EXIT_USER_ERROR, PID_DIR_ENV, STOPPED_FILE, USER_ERROR_FILE, USER_ERRORS, ConfigError
 from .job import base_model_source, checkpoint_dir, load_job_config, require_hub_access, write_failure
+from .network import NodeNetwork, describe, network_env, parse_node_network
 from .validation import check_files
 
 NPROC_ENV = "FTSTACK_NPROC_PER_NODE"
@@ -35,10 +36,11 @@ several "nodes" on one machine (tests/test_multinode.py), where SageMaker's host
 resolve and other runs may hold the port; never set in a SageMaker job."""
 
 
-def read_resource_config(paths: SageMakerPaths) -> tuple[list[str], str]:
-    """``hosts`` and ``current_host`` from resourceconfig.json; one local host when absent."""
+def _resource_config(paths: SageMakerPaths) -> tuple[dict, list[str], str]:
+    """resourceconfig.json's content, ``hosts`` and ``current_host``; one local host when the
+    file is absent (local runs)."""
     if not paths.resource_config.is_file():
-        return ["algo-1"], "algo-1"
+        return {}, ["algo-1"], "algo-1"
     try:
         doc = json.loads(paths.resource_config.read_text())
         hosts, current = list(doc["hosts"]), doc["current_host"]
@@ -46,7 +48,32 @@ def read_resource_config(paths: SageMakerPaths) -> tuple[list[str], str]:
         raise ConfigError(f"{paths.resource_config}: not a SageMaker resource config ({exc})") from None
     if current not in hosts:
         raise ConfigError(f"{paths.resource_config}: current_host {current!r} is not among hosts {hosts}")
+    return doc, hosts, current
+
+
+def read_resource_config(paths: SageMakerPaths) -> tuple[list[str], str]:
+    """``hosts`` and ``current_host`` from resourceconfig.json; one local host when absent."""
+    _, hosts, current = _resource_config(paths)
     return hosts, current
+
+
+def read_node_network(paths: SageMakerPaths) -> NodeNetwork:
+    """This node's network interface and instance type from resourceconfig.json (see network)."""
+    doc, hosts, current = _resource_config(paths)
+    try:
+        return parse_node_network(doc, hosts, current)
+    except ValueError as exc:
+        raise ConfigError(f"{paths.resource_config}: {exc}") from None
+
+
+def set_network_env(net: NodeNetwork) -> dict[str, str]:
+    """Adds the NCCL, gloo and EFA variables for ``net`` to this process's environment, which the
+    training processes inherit, keeping every one the job set; logs them; returns what it added."""
+    added = network_env(net, os.environ)
+    if net.nodes > 1 or added:
+        print(describe(net, added, os.environ), flush=True)
+    os.environ.update(added)
+    return added
 
 
 def torchrun_args(hosts: list[str], current_host: str, nproc_per_node: int, port: int, master: str | None = None) -> list[str]:
@@ -100,6 +127,7 @@ def prepare(paths: SageMakerPaths) -> list[str]:
         files[name] = list_data_files(paths.channel(name))
         print(f"{name} data:\n{check_files(files[name]).format()}", flush=True)
     hosts, current = read_resource_config(paths)
+    net = read_node_network(paths)
     nproc, device = processes_per_node()
     StepPlan.from_config(cfg, len(hosts) * nproc, device)
     source = Path(base_model_source(cfg, paths))
@@ -122,6 +150,7 @@ def prepare(paths: SageMakerPaths) -> list[str]:
         if not master or not port_text.isdigit():
             raise ConfigError(f"{RENDEZVOUS_ENV}={rendezvous!r}: give host:port, e.g. 127.0.0.1:29500")
         port = int(port_text)
+    set_network_env(net)
     return torchrun_args(hosts, current, nproc, port, master)
 
 
