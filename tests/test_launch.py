@@ -301,3 +301,17 @@ def test_model_channel_without_config_json_is_an_error(tmp_path):
 
     with pytest.raises(ConfigError, match="no config.json"):
         base_model_source(TrainConfig(), sm)
+
+
+def test_a_training_process_ends_with_its_exit_code_and_everything_it_printed():
+    """train.exit_now skips interpreter finalization (see its docstring): what the streams still
+    buffer must be flushed first, and the exit code must be the one given."""
+    import subprocess
+    import sys
+
+    script = "import sys; from ftstack_train.train import exit_now; print('last line', end=''); sys.stderr.write('err'); exit_now(5)"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as in a job
+
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+
+    assert (result.returncode, result.stdout, result.stderr) == (5, "last line", "err")

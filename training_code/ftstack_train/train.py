@@ -7,6 +7,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -92,5 +93,29 @@ def main() -> int:
     return code
 
 
+def exit_now(code: int) -> NoReturn:
+    """Ends the training process without finalizing the interpreter.
+
+    Why not ``sys.exit``: destroy_process_group does not stop gloo's worker threads (the sharded
+    model still refers to the process group, so they live until the interpreter tears everything
+    down). A worker marks a collective complete and only then drops its reference to the
+    collective's work object. When the main thread's Python tensor is already gone, that reference
+    is the tensor's last, and the tensor's Python object goes with it: the worker takes the GIL to
+    release it. If the main thread has meanwhile reached interpreter finalization, CPython ends
+    the worker thread with ``pthread_exit``, whose unwinding meets the work's ``noexcept``
+    destructor: ``std::terminate`` ("terminate called without an active exception"), SIGABRT,
+    exit -6, and torchrun reports the run as failed although every rank had saved and finished.
+    A run stopped by SIGTERM hit it most: its last collective (the checkpoint's) comes just before
+    the exit, and CPU load widens the window. A core dump of such a rank shows the worker in
+    ``ProcessGroupGloo::runLoop`` -> ``~AsyncWork`` -> ``TensorImpl::decref_pyobject`` ->
+    ``take_gil`` -> ``pthread_exit`` while the main thread is in ``Py_FinalizeEx``.
+    ``os._exit`` ends every thread at once, with no finalization to race against. Everything the
+    run writes is closed by then; the standard streams are flushed here.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
