@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from ftstack_train.config import DEFAULT_PROMPT_TEMPLATE, parse_config
+from ftstack_train.contract import FINAL_METRICS_FILE
 from ftstack_train.data import format_prompt
 from ftstack_train.export import STAGING, _unique_state_names, adds_bos, chat_template, export_hf_model
 from ftstack_train.modelcard import render_model_card
@@ -263,6 +264,8 @@ def test_export_fp32_sharded_reloads_with_the_trained_weights(trained, tmp_path)
     assert "stale.safetensors" not in files and "old-folder" not in files and STAGING not in files
     assert {"config.json", "generation_config.json", "tokenizer.json", "metrics.json", "README.md"} <= files
     assert json.loads((model_dir / "metrics.json").read_text()) == METRICS
+    # What the workflow's gate reads: the final figures alone, however long the history grew.
+    assert json.loads((model_dir / FINAL_METRICS_FILE).read_text()) == METRICS["final"]
 
     index = json.loads((model_dir / "model.safetensors.index.json").read_text())
     shards = sorted(f for f in files if f.endswith(".safetensors"))
