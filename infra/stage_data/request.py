@@ -115,15 +115,14 @@ class Request:
 
 
 def job_name_prefix(job_prefix: str, execution: str) -> str:
-    """``<job_prefix>-<execution>``, made a valid start of a SageMaker job name of at most 52 chars.
+    """``<job_prefix>-<execution>-<digest>``, a valid start of a SageMaker job name of at most 52 chars.
 
     Characters other than letters, digits and hyphens become hyphens (runs collapsed, none at the
-    ends). When that changed the name or it had to be shortened, 8 hex digits of the execution
-    name's SHA-256 are appended: two executions ``a_b`` and ``a.b`` must not get the same job names.
+    ends), and the name is shortened to fit. The 8 hex digits of the raw execution name's SHA-256
+    always follow: were they added only to changed names, an execution literally named
+    ``alice-run-603ae7d3`` would get the job names of the execution ``alice_run``.
     """
     name = re.sub(r"[^A-Za-z0-9]+", "-", execution).strip("-")
-    if name == execution and len(job_prefix) + 1 + len(name) <= MAX_JOB_NAME_PREFIX:
-        return f"{job_prefix}-{name}"
     digest = hashlib.sha256(execution.encode("utf-8")).hexdigest()[:8]
     room = MAX_JOB_NAME_PREFIX - len(job_prefix) - len(digest) - 2
     return "-".join(part for part in (job_prefix, name[:room].rstrip("-"), digest) if part)

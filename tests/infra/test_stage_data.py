@@ -116,7 +116,7 @@ def test_default_split_holds_out_every_20th_record(s3):
     assert result["base_model"] == {"name": "mosaicml/mpt-7b", "s3_uri": ""}
     assert result["instance_types"] == ["ml.p4d.24xlarge", "ml.g5.48xlarge"]
     assert (result["instance_count"], result["spot"]) == (1, False)
-    assert result["job_name_prefix"] == "ftstack-run-1"
+    assert result["job_name_prefix"] == "ftstack-run-1-" + hashlib.sha256(b"run-1").hexdigest()[:8]
     assert result["output_uri"] == f"s3://{BUCKET}/executions/run-1/model/"
     assert result["output_prefix"] == "executions/run-1/model/"
     assert result["checkpoint_uri"] == f"s3://{BUCKET}/scratch/run-1/checkpoints/"
@@ -257,13 +257,21 @@ def test_job_name_prefix_is_a_valid_job_name_start(job_prefix, execution):
     assert job_name_prefix(job_prefix, execution) == prefix
 
 
-def test_job_name_prefix_keeps_clean_names_and_tells_others_apart():
-    assert job_name_prefix("ftstack", "run-1") == "ftstack-run-1"
-    assert job_name_prefix("ftstack", "a" * 44) == "ftstack-" + "a" * 44  # exactly 52
+def test_job_name_prefix_keeps_the_name_readable_and_tells_executions_apart():
+    assert job_name_prefix("ftstack", "run-1") == "ftstack-run-1-" + hashlib.sha256(b"run-1").hexdigest()[:8]
+    assert len(job_name_prefix("ftstack", "a" * 80)) == 52
     assert re.fullmatch(r"ftstack-my-run-2026-[0-9a-f]{8}", job_name_prefix("ftstack", "my_run.2026"))
     assert len({job_name_prefix("ftstack", name) for name in ("a-b", "a_b", "a.b", "a--b")}) == 4
     long = "experiment-" * 7
     assert job_name_prefix("ftstack", long + "1") != job_name_prefix("ftstack", long + "2")
+
+
+def test_an_execution_named_like_anothers_job_names_gets_its_own():
+    # Issue 11, item 7: "alice_run" became ftstack-alice-run-603ae7d3, and so did the execution
+    # literally named "alice-run-603ae7d3".
+    taken = job_name_prefix("ftstack", "alice_run")
+    impostor = taken.removeprefix("ftstack-")
+    assert job_name_prefix("ftstack", impostor) != taken
 
 
 # --- input errors ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from moto import mock_aws
 from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import state_task_service_aws_sdk
 
 from infra.definition import PLACEHOLDERS, WorkflowSettings, build_definition, render
-from infra.stage_data.handler import InvalidDataset, InvalidInput, Settings, stage
+from infra.stage_data.handler import InvalidDataset, InvalidInput, Settings, job_name_prefix, stage
 from infra.training_states import poll_seconds
 
 from aws_contract import AwsCalls, AwsError, operation, problems
@@ -47,6 +47,8 @@ STAGING = Settings(bucket=BUCKET, job_prefix="ftstack", instance_type="ml.p4d.24
                    instance_count=1, max_instance_count=4, spot=False, base_model="mosaicml/mpt-7b", test_split=0.05,
                    key_arn=KEY_ARN, network_isolation=False)
 GOOD_INPUT = {"train_data": f"s3://{BUCKET}/incoming/train.jsonl"}
+RUN1 = job_name_prefix("ftstack", "run1")
+"""The job names of the execution run1 start with this (``ftstack-run1-<digest>``)."""
 RECORDS = "".join(json.dumps({"prompt": f"What is {i} + 1?", "response": str(i + 1)}) + "\n" for i in range(40))
 
 
@@ -187,8 +189,6 @@ def run(sagemaker: dict, execution_input: dict, *, name: str = "run1", final_met
 
 
 def stage_name(execution: str, attempt: int) -> str:
-    from infra.stage_data.handler import job_name_prefix
-
     return f"{job_name_prefix(STAGING.job_prefix, execution)}-a{attempt}"
 
 
@@ -207,7 +207,7 @@ def test_happy_path_trains_polls_gates_registers_and_notifies():
     assert result["status"] == "SUCCEEDED", result
     (create,) = calls.of("sagemaker", "CreateTrainingJob")
     request = create.params
-    assert request["TrainingJobName"] == "ftstack-run1-a0"
+    assert request["TrainingJobName"] == f"{RUN1}-a0"
     assert request["ResourceConfig"] == {"InstanceType": "ml.p4d.24xlarge", "InstanceCount": 1, "VolumeSizeInGB": 500}
     assert request["OutputDataConfig"] == {"S3OutputPath": f"s3://{BUCKET}/executions/run1/model/", "KmsKeyId": KEY_ARN, "CompressionType": "NONE"}
     assert request["AlgorithmSpecification"]["EnableSageMakerMetricsTimeSeries"] is True
@@ -219,11 +219,11 @@ def test_happy_path_trains_polls_gates_registers_and_notifies():
     (register,) = calls.of("sagemaker", "CreateModelPackage")
     package = register.params
     assert package["InferenceSpecification"]["Containers"][0]["ModelDataSource"]["S3DataSource"]["S3Uri"] == \
-        f"s3://{BUCKET}/executions/run1/model/ftstack-run1-a0/output/model/"
-    assert package["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"].endswith("/ftstack-run1-a0/output/model/metrics.json")
+        f"s3://{BUCKET}/executions/run1/model/{RUN1}-a0/output/model/"
+    assert package["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"].endswith(f"/{RUN1}-a0/output/model/metrics.json")
     assert package["CustomerMetadataProperties"]["eval_cross_entropy"] == "1.2"
     (message,) = messages(calls)
-    assert "model-package/ftstack-models/1" in message and "1.2" in message and "ftstack-run1-a0" in message
+    assert "model-package/ftstack-models/1" in message and "1.2" in message and f"{RUN1}-a0" in message
 
 
 @pytest.mark.parametrize("name", [
@@ -260,7 +260,7 @@ def test_capacity_error_in_the_job_moves_on_to_the_next_instance_type_under_a_ne
     result, _, calls = run({"describe": described(CAPACITY, CAPACITY, RUNNING, COMPLETED)}, GOOD_INPUT)
     assert result["status"] == "SUCCEEDED", result
     jobs = [(c.params["TrainingJobName"], c.params["ResourceConfig"]["InstanceType"]) for c in calls.of("sagemaker", "CreateTrainingJob")]
-    assert jobs == [("ftstack-run1-a0", "ml.p4d.24xlarge"), ("ftstack-run1-a1", "ml.g5.48xlarge")]
+    assert jobs == [(f"{RUN1}-a0", "ml.p4d.24xlarge"), (f"{RUN1}-a1", "ml.g5.48xlarge")]
 
 
 def test_zero_quota_falls_back_at_once_and_names_the_quota_to_raise():
@@ -299,7 +299,7 @@ def test_other_training_failures_are_not_retried_and_report_the_failure_reason()
     (message,) = messages(calls)
     assert "CUDA out of memory" in message and "ml.p4d.24xlarge" in message and "Failed (Failed)" in message
     assert "). Reason: AlgorithmError" in message
-    assert "logStreamNameFilter$3Dftstack-run1-a0" in message
+    assert f"logStreamNameFilter$3D{RUN1}-a0" in message
 
 
 def test_an_api_error_that_is_not_a_quota_is_reported_not_retried_on_another_type():
@@ -309,7 +309,7 @@ def test_an_api_error_that_is_not_a_quota_is_reported_not_retried_on_another_typ
     result, _, calls = run({"create": [refused]}, GOOD_INPUT)
     assert result["status"] == "FAILED"
     creates = calls.of("sagemaker", "CreateTrainingJob")
-    assert len(creates) == 3 and {c.params["TrainingJobName"] for c in creates} == {"ftstack-run1-a0"}  # two quick retries
+    assert len(creates) == 3 and {c.params["TrainingJobName"] for c in creates} == {f"{RUN1}-a0"}  # two quick retries
     (message,) = messages(calls)
     assert "Invalid VolumeKmsKeyId" in message
 
@@ -323,7 +323,7 @@ def test_quality_gate_fails_without_registering(final, error):
     result, events, calls = run({}, GOOD_INPUT, final_metrics=final)
     assert result["status"] == "FAILED" and result["error"] == error, result
     if error == "MetricsMissing":
-        assert result["cause"].startswith(f"s3://{BUCKET}/executions/run1/model/ftstack-run1-a0/output/model/final-metrics.json ")
+        assert result["cause"].startswith(f"s3://{BUCKET}/executions/run1/model/{RUN1}-a0/output/model/final-metrics.json ")
     assert calls.of("sagemaker", "CreateModelPackage") == []
 
 
