@@ -3,12 +3,19 @@ llm-foundry YAML as is, SageMaker's string hyperparameters, precedence, referenc
 validation error naming its key and source."""
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ftstack_train.config import DEFAULT_PROMPT_TEMPLATE, FIELDS, TrainConfig, parse_config, parse_size
+import ftstack_train
+from ftstack_train.config import (
+    DEFAULT_PROMPT_TEMPLATE, FIELDS, MAX_EXPANDED_CHARS, MAX_REFERENCES, TrainConfig, parse_config, parse_size,
+)
 from ftstack_train.data import StepPlan
 from ftstack_train.durations import Duration
 from ftstack_train.errors import ConfigError
@@ -171,6 +178,68 @@ def test_undefined_reference_in_a_used_key_names_the_key_and_the_reference(tmp_p
     message = config_error(yaml_path=path)
     assert message.startswith(f"run_name ({path}):")
     assert "${nope}" in message
+
+
+# --- ${ref} expansion is capped (issue 11: nested references grow exponentially) ----------------
+
+def nested_references(depth: int, per_level: int, leaf: str) -> dict[str, str]:
+    """Hyperparameters where ``run_name`` refers to a chain of ignored keys, each value holding
+    ``per_level`` references to the next: the leaf is copied ``per_level ** depth`` times."""
+    hyperparameters = {"run_name": "${callbacks.l0}"}
+    for level in range(depth):
+        hyperparameters[f"callbacks.l{level}"] = f"${{callbacks.l{level + 1}}}" * per_level
+    hyperparameters[f"callbacks.l{depth}"] = leaf
+    return hyperparameters
+
+
+def test_nested_references_stop_at_the_size_cap_naming_the_key():
+    # 50 * 50 copies of 1,000 characters: 2.5 MB, which the uncapped expansion builds in milliseconds.
+    message = config_error(hyperparameters=nested_references(depth=2, per_level=50, leaf="x" * 1000))
+
+    assert message.startswith("run_name (hyperparameter): its references expand to a value of more than 65,536 characters")
+    assert "(through run_name -> callbacks.l0)" in message and "write the value out" in message
+
+
+def test_nested_references_to_empty_text_stop_at_the_reference_cap():
+    # Nothing grows, but 20 ** 3 = 8,000 substitutions: the work, not the size, is what explodes here.
+    message = config_error(hyperparameters=nested_references(depth=3, per_level=20, leaf=""))
+
+    assert message.startswith(f"run_name (hyperparameter): its references expand to more than {MAX_REFERENCES:,}")
+
+
+def test_a_value_of_exactly_the_size_cap_is_accepted_and_one_more_character_is_not():
+    exact = {"run_name": "${callbacks.a}" * 16, "callbacks.a": "x" * (MAX_EXPANDED_CHARS // 16)}
+
+    assert len(parse(hyperparameters=exact).run_name) == MAX_EXPANDED_CHARS
+    assert "65,536 characters" in config_error(hyperparameters={**exact, "run_name": exact["run_name"] + "x"})
+
+
+def test_the_reviewed_attack_fails_in_milliseconds_and_little_memory():
+    """The review's input: SageMaker-sized (2,500-character) values nested 4 deep, which ran past the
+    staging Lambda's 900 s. Run in a child process with 1 GiB of address space and a timeout, so
+    that an uncapped expansion fails this test fast (MemoryError) instead of hanging the suite."""
+    hyperparameters = nested_references(depth=4, per_level=2500 // len("${callbacks.l0}"), leaf="x" * 2500)
+    assert max(len(v) for v in hyperparameters.values()) <= 2500
+    script = (
+        "import json, resource, sys, time\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from ftstack_train.config import parse_config\n"
+        "from ftstack_train.errors import ConfigError\n"
+        "start = time.monotonic()\n"
+        "try:\n"
+        "    parse_config(hyperparameters=json.load(sys.stdin))\n"
+        "except ConfigError as exc:\n"
+        "    print(f'{time.monotonic() - start:.3f} {exc}')\n"
+    )
+    package_root = Path(ftstack_train.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(package_root)}
+    child = subprocess.run([sys.executable, "-c", script], input=json.dumps(hyperparameters), env=env,
+                           capture_output=True, text=True, timeout=60)
+
+    assert child.returncode == 0, child.stderr[-2000:]
+    seconds, message = child.stdout.split(" ", 1)
+    assert message.startswith("run_name (hyperparameter): its references expand to")
+    assert float(seconds) < 1.0
 
 
 # --- validation: each error names the key (and where it came from) ------------------------------

@@ -348,14 +348,15 @@ def _unquote(text: str) -> Any:
 
 
 def _build(values: dict[str, _Value]) -> tuple[TrainConfig, list[str]]:
+    budget = _Budget()  # one for the whole config: every reference it expands counts
     for alias, key in ALIASES.items():
         if alias in values:
             aliased = values.pop(alias)
             # Resolved before it stands in for `key`, so that `seed: ${global_seed}` is no self-reference.
-            aliased = _Value(_resolve({**values, alias: aliased}, alias), aliased.origin)
+            aliased = _Value(_resolve({**values, alias: aliased}, alias, budget), aliased.origin)
             if key in values:
                 annotation = FIELDS[key].type
-                ours = _coerce(key, annotation, _resolve(values, key), values[key].origin)
+                ours = _coerce(key, annotation, _resolve(values, key, budget), values[key].origin)
                 if ours != _coerce(alias, annotation, aliased.value, aliased.origin):
                     raise ConfigError(f"{alias} ({aliased.origin}) and {key} disagree; set only {key}")
             values.setdefault(key, aliased)
@@ -369,7 +370,7 @@ def _build(values: dict[str, _Value]) -> tuple[TrainConfig, list[str]]:
     kwargs = {}
     for key, f in FIELDS.items():
         if key in values:
-            kwargs[f.name] = _coerce(key, f.type, _resolve(values, key), values[key].origin)
+            kwargs[f.name] = _coerce(key, f.type, _resolve(values, key, budget), values[key].origin)
     warnings = []
     if ignored:
         warnings.append("these keys have no effect in ftstack and were ignored: " + ", ".join(ignored))
@@ -382,28 +383,80 @@ def _build(values: dict[str, _Value]) -> tuple[TrainConfig, list[str]]:
 
 _REF = re.compile(r"\$\{([^}]+)\}")
 
+MAX_REFERENCES = 1_000
+"""Most ``${name}`` substitutions one config may take, nested ones included. The tutorial's YAML
+takes one; SageMaker accepts at most 100 hyperparameters, so no real config comes near."""
+MAX_EXPANDED_CHARS = 64 * 1024
+"""Longest text one value may expand to: 26 times SageMaker's 2,500-character limit on a
+hyperparameter value, and far above the longest real value (a prompt template)."""
+MAX_TOTAL_EXPANDED_CHARS = 1024 * 1024
+"""Most text the expansion of one config may build. Nested references grow exponentially (one
+2,500-character value referring to another is 625 copies of it per level), and staging expands
+the execution input before anything else; these caps keep that to milliseconds and kilobytes."""
 
-def _resolve(values: dict[str, _Value], key: str, seen: tuple[str, ...] = ()) -> Any:
-    """Resolves ``${name}`` references in one value, recursively, against top-level keys."""
+
+class _Budget:
+    """What the expansion of one config has spent; raises ConfigError as soon as a cap is passed."""
+
+    def __init__(self) -> None:
+        self.references = 0
+        self.chars = 0
+
+    def spend(self, values: dict[str, _Value], chain: tuple[str, ...], references: int = 0, chars: int = 0, size: int = 0) -> None:
+        """Charges ``references`` substitutions and ``chars`` characters built; ``size`` is the
+        length of the value being built so far. ``chain`` is the key first asked for, then the
+        references followed from it."""
+        self.references += references
+        self.chars += chars
+        if self.references > MAX_REFERENCES:
+            what = f"more than {MAX_REFERENCES:,} ${{...}} substitutions"
+        elif size > MAX_EXPANDED_CHARS:
+            what = f"a value of more than {MAX_EXPANDED_CHARS:,} characters"
+        elif self.chars > MAX_TOTAL_EXPANDED_CHARS:
+            what = f"more than {MAX_TOTAL_EXPANDED_CHARS:,} characters in all"
+        else:
+            return
+        through = f" (through {' -> '.join(chain)})" if len(chain) > 1 else ""
+        raise ConfigError(
+            f"{chain[0]} ({values[chain[0]].origin}): its references expand to {what}{through}; "
+            "write the value out instead of nesting references"
+        )
+
+
+def _resolve(values: dict[str, _Value], key: str, budget: _Budget, seen: tuple[str, ...] = ()) -> Any:
+    """Resolves ``${name}`` references in one value, recursively, against top-level keys, within
+    ``budget`` (shared by the whole config)."""
     if key in seen:
         raise ConfigError(f"{key}: circular reference through {' -> '.join(seen + (key,))}")
     value = values[key].value
     if not isinstance(value, str) or "${" not in value:
         return value
+    chain = seen + (key,)
 
     def lookup(name: str) -> Any:
         name = ALIASES.get(name, name)
+        budget.spend(values, chain, references=1)
         if name not in values:
             if name in FIELDS:
                 default = FIELDS[name].default
                 return str(default) if isinstance(default, Duration) else default
             raise ConfigError(f"{key} ({values[key].origin}): refers to ${{{name}}}, which is not set; write the value instead")
-        return _resolve(values, name, seen + (key,))
+        return _resolve(values, name, budget, chain)
 
     whole = _REF.fullmatch(value)
     if whole:
         return lookup(whole.group(1))
-    return _REF.sub(lambda m: str(lookup(m.group(1))), value)
+    # Built piece by piece so that a cap stops the expansion before the text exists.
+    pieces, size, end = [], 0, 0
+    for match in _REF.finditer(value):
+        piece = str(lookup(match.group(1)))
+        pieces += [value[end:match.start()], piece]
+        size += match.start() - end + len(piece)
+        budget.spend(values, chain, chars=len(piece), size=size)
+        end = match.end()
+    pieces.append(value[end:])
+    budget.spend(values, chain, size=size + len(value) - end)
+    return "".join(pieces)
 
 
 def _coerce(key: str, annotation: str, value: Any, origin: str) -> Any:
