@@ -20,7 +20,7 @@ from .registry import ModelRegistry
 from .roles import TrainingRole
 from .stage_data.request import Settings
 from .staging import StagingFunction
-from .storage import Storage
+from .storage import Storage, scratch_days_for
 from .training_image import TrainingImage
 from .workflow import FineTuningWorkflow
 
@@ -33,7 +33,8 @@ class FineTuningStack(cdk.Stack):
     def __init__(self, scope: Construct, construct_id: str, *, config: InfraConfig, base_image: str, inference_image: str, **kwargs) -> None:
         super().__init__(scope, construct_id, **kwargs)
         removal = cdk.RemovalPolicy.DESTROY if config.removal_policy == "destroy" else cdk.RemovalPolicy.RETAIN
-        storage = Storage(self, "Storage", removal_policy=removal)
+        # Any execution may ask for spot, so the longest job is max_wait_hours (never below max_runtime_hours).
+        storage = Storage(self, "Storage", removal_policy=removal, scratch_days=scratch_days_for(config.max_wait_hours))
         image = TrainingImage(self, "TrainingImage", directory=str(TRAINING_CODE), base_image=base_image)
         training = TrainingRole(self, "TrainingRole", bucket=storage.bucket, key=storage.key, repository=image.repository,
                                 in_vpc=bool(config.vpc_subnet_ids))

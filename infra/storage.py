@@ -8,6 +8,8 @@ everything that may expire lives under that one prefix.
 
 from __future__ import annotations
 
+import math
+
 import aws_cdk as cdk
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
@@ -18,8 +20,20 @@ from .layout import EXECUTIONS, INCOMING, SCRATCH
 
 __all__ = [
     "ACCESS_LOG_DAYS", "ACCESS_LOG_PREFIX", "EXECUTIONS", "INCOMING", "INCOMPLETE_UPLOAD_DAYS", "LOGS_KEY_ACTIONS",
-    "NONCURRENT_VERSION_DAYS", "SCRATCH", "Storage",
+    "NONCURRENT_VERSION_DAYS", "RESUME_DAYS", "SCRATCH", "SCRATCH_DAYS", "Storage", "scratch_days_for",
 ]
+
+SCRATCH_DAYS = 14
+RESUME_DAYS = 7
+"""How long checkpoints outlive the longest job, so that a run can still be resumed (resume_from)."""
+
+
+def scratch_days_for(longest_job_hours: float) -> int:
+    """Days the scratch data (staged channels, checkpoints) is kept: at least ``SCRATCH_DAYS``, and
+    always longer than the longest job (spot waits included) plus ``RESUME_DAYS``. A spot job that
+    restarts on its last day needs its channels and checkpoints still there."""
+    return max(SCRATCH_DAYS, math.ceil(longest_job_hours / 24) + RESUME_DAYS)
+
 
 NONCURRENT_VERSION_DAYS = 30
 INCOMPLETE_UPLOAD_DAYS = 7
@@ -59,7 +73,7 @@ class Storage(Construct):
         construct_id: str,
         *,
         removal_policy: cdk.RemovalPolicy,
-        scratch_days: int = 14,
+        scratch_days: int = SCRATCH_DAYS,
     ) -> None:
         super().__init__(scope, construct_id)
         if scratch_days < 1:

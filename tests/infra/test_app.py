@@ -65,6 +65,17 @@ def test_a_new_unacknowledged_finding_fails_the_synth(tmp_path):
     assert paths == {"ftstack/Careless/DefaultPolicy/Resource"}
 
 
+def test_scratch_data_outlives_the_longest_job_the_deployment_allows(tmp_path):
+    # Issue 11, item 6: scratch expired after 14 days while max_wait_hours allowed 28 days of spot.
+    from aws_cdk.assertions import Template
+
+    app = cdk.App(outdir=str(tmp_path), context=CDK_CONTEXT | {"max_runtime_hours": 600, "max_wait_hours": 672})
+    rules = Template.from_stack(ftstack_app.build_app(app)).find_resources("AWS::S3::Bucket")
+    scratch = [r for b in rules.values() for r in b["Properties"].get("LifecycleConfiguration", {}).get("Rules", [])
+               if r["Id"] == "ExpireScratch"]
+    assert [r["ExpirationInDays"] for r in scratch] == [28 + 7]
+
+
 def test_cfn_lint_is_clean(synthesized):
     outdir, _, _, _ = synthesized
     # W3005: CDK adds DependsOn on a role that a GetAtt already implies; harmless and not ours to change.

@@ -7,7 +7,7 @@ import pytest
 from aws_cdk.assertions import Match, Template
 
 from infra import layout, storage
-from infra.storage import Storage
+from infra.storage import Storage, scratch_days_for
 
 BLOCK_ALL = {"BlockPublicAcls": True, "BlockPublicPolicy": True, "IgnorePublicAcls": True, "RestrictPublicBuckets": True}
 
@@ -194,3 +194,9 @@ def test_cloudwatch_logs_of_the_region_may_use_the_key_for_log_groups_of_the_acc
     assert sorted(logs["Action"]) == sorted(storage.LOGS_KEY_ACTIONS) and logs["Resource"] == "*"
     assert logs["Condition"] == {"ArnLike": {"kms:EncryptionContext:aws:logs:arn": {"Fn::Join": ["", [
         "arn:", {"Ref": "AWS::Partition"}, ":logs:eu-west-1:123456789012:log-group:*"]]}}}
+
+
+@pytest.mark.parametrize(("hours", "days"), [(24, 14), (48, 14), (7 * 24, 14), (8 * 24, 15), (672, 35), (672.5, 36)])
+def test_scratch_outlives_the_longest_job_and_a_week_to_resume(hours, days):
+    # Issue 11, item 6: scratch expired after 14 days while a spot job could wait and run longer.
+    assert scratch_days_for(hours) == days
