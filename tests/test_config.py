@@ -14,7 +14,8 @@ import yaml
 
 import ftstack_train
 from ftstack_train.config import (
-    DEFAULT_PROMPT_TEMPLATE, FIELDS, MAX_EXPANDED_CHARS, MAX_REFERENCES, TrainConfig, parse_config, parse_size,
+    DEFAULT_PROMPT_TEMPLATE, FIELDS, MAX_EXPANDED_CHARS, MAX_REFERENCES, MAX_TOTAL_EXPANDED_CHARS, TrainConfig, parse_config,
+    parse_size,
 )
 from ftstack_train.data import StepPlan
 from ftstack_train.durations import Duration
@@ -212,6 +213,15 @@ def test_a_value_of_exactly_the_size_cap_is_accepted_and_one_more_character_is_n
 
     assert len(parse(hyperparameters=exact).run_name) == MAX_EXPANDED_CHARS
     assert "65,536 characters" in config_error(hyperparameters={**exact, "run_name": exact["run_name"] + "x"})
+
+
+def test_a_long_chain_of_large_values_stops_at_the_total_cap():
+    # Each value stays under the per-value cap, but every level copies the 60,000 characters once more.
+    chain = {f"callbacks.l{level}": f"${{callbacks.l{level + 1}}}." for level in range(20)}
+    hyperparameters = {"run_name": "${callbacks.l0}", **chain, "callbacks.l20": "x" * 60_000}
+
+    message = config_error(hyperparameters=hyperparameters)
+    assert message.startswith(f"run_name (hyperparameter): its references expand to more than {MAX_TOTAL_EXPANDED_CHARS:,} characters in all")
 
 
 def test_the_reviewed_attack_fails_in_milliseconds_and_little_memory():
