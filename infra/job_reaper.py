@@ -13,6 +13,7 @@ from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
 from .nag import acknowledge, arn_in_finding, wildcard
+from .stage_data.request import training_jobs
 from .stage_data.stop_jobs import ENDED, JOB_PREFIX_ENV
 from .staging import python_function
 
@@ -33,7 +34,7 @@ class JobReaper(Construct):
         role.add_to_principal_policy(iam.PolicyStatement(actions=["sagemaker:ListTrainingJobs"], resources=["*"]))
         role.add_to_principal_policy(iam.PolicyStatement(
             actions=["sagemaker:StopTrainingJob"],
-            resources=[stack.format_arn(service="sagemaker", resource="training-job", resource_name=f"{job_prefix}-*")],
+            resources=[stack.format_arn(service="sagemaker", resource="training-job", resource_name=training_jobs(job_prefix))],
         ))
         self.rule = events.Rule(
             self, "ExecutionEnded",
@@ -46,6 +47,6 @@ class JobReaper(Construct):
         )
         acknowledge(role, {
             wildcard("Resource::*"): "sagemaker:ListTrainingJobs supports no resource scoping; StopTrainingJob is limited to the stack's jobs",
-            wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"training-job/{job_prefix}-*")):
+            wildcard("Resource::" + arn_in_finding(self, "sagemaker", "training-job/" + training_jobs(job_prefix))):
                 "job names carry the execution name and attempt, known only at run time",
         })

@@ -22,6 +22,7 @@ from . import layout
 from .layout import JOB_MODEL_DIR
 from .nag import acknowledge, arn_in_finding, arn_of, grant_wildcards, wildcard
 from .definition import WorkflowSettings, build_definition, render
+from .stage_data.request import training_jobs
 
 TASK_ACTIONS = {
     # CreateTrainingJob with Tags needs AddTags as well (SageMaker's IAM reference).
@@ -71,10 +72,10 @@ class FineTuningWorkflow(Construct):
     def _grant(self, bucket, key, training_role, staging_function, topic, model_package_group: str, job_prefix: str) -> None:
         stack = cdk.Stack.of(self)
         role = self.state_machine.role
-        training_jobs = stack.format_arn(service="sagemaker", resource="training-job", resource_name=f"{job_prefix}-*")
+        jobs = stack.format_arn(service="sagemaker", resource="training-job", resource_name=training_jobs(job_prefix))
         role.add_to_principal_policy(iam.PolicyStatement(
             actions=["sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob", "sagemaker:AddTags"],
-            resources=[training_jobs],
+            resources=[jobs],
         ))
         role.add_to_principal_policy(iam.PolicyStatement(
             actions=["iam:PassRole"], resources=[training_role.role_arn],
@@ -102,7 +103,7 @@ class FineTuningWorkflow(Construct):
         ) | {
             wildcard(f"Resource::{arn_of(bucket)}/{layout.EXECUTIONS}*/model/*/{JOB_MODEL_DIR}{FINAL_METRICS_FILE}"):
                 "reads the final metrics of the execution's job (execution and job names are known at run time only)",
-            wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"training-job/{job_prefix}-*")): "job names carry the execution name and attempt, known only at run time",
+            wildcard("Resource::" + arn_in_finding(self, "sagemaker", "training-job/" + training_jobs(job_prefix))): "job names carry the execution name and attempt, known only at run time",
             wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"model-package/{model_package_group.lower()}/*")):
                 "each registration creates a new version in the group",
             wildcard(f"Resource::{arn_of(staging_function)}:*"): "grant_invoke covers the function's versions",

@@ -114,8 +114,19 @@ class Request:
     """An earlier execution whose checkpoints this run continues from."""
 
 
+JOB_SEPARATOR = "--"
+"""Between the stack's job prefix and the rest of a job name. Stack names have no ``--`` and the
+rest never starts with a hyphen, so ``<prefix>--*`` (the IAM resource of a stack's jobs) matches
+no job of a stack whose name merely starts the same (``ftstack`` and ``ftstack-dev``)."""
+
+
+def training_jobs(job_prefix: str) -> str:
+    """The resource name of every training job of the stack with ``job_prefix``, for IAM."""
+    return f"{job_prefix}{JOB_SEPARATOR}*"
+
+
 def job_name_prefix(job_prefix: str, execution: str) -> str:
-    """``<job_prefix>-<execution>-<digest>``, a valid start of a SageMaker job name of at most 52 chars.
+    """``<job_prefix>--<execution>-<digest>``, a valid start of a SageMaker job name of at most 52 chars.
 
     Characters other than letters, digits and hyphens become hyphens (runs collapsed, none at the
     ends), and the name is shortened to fit. The 8 hex digits of the raw execution name's SHA-256
@@ -124,8 +135,10 @@ def job_name_prefix(job_prefix: str, execution: str) -> str:
     """
     name = re.sub(r"[^A-Za-z0-9]+", "-", execution).strip("-")
     digest = hashlib.sha256(execution.encode("utf-8")).hexdigest()[:8]
-    room = MAX_JOB_NAME_PREFIX - len(job_prefix) - len(digest) - 2
-    return "-".join(part for part in (job_prefix, name[:room].rstrip("-"), digest) if part)
+    head = job_prefix + JOB_SEPARATOR
+    room = max(0, MAX_JOB_NAME_PREFIX - len(head) - len(digest) - 1)
+    name = name[:room].rstrip("-")
+    return f"{head}{name}-{digest}" if name else f"{head}{digest}"
 
 
 def check_input(data: Any, settings: Settings) -> Request:

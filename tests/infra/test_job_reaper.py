@@ -43,7 +43,7 @@ def test_the_function_may_stop_only_the_stacks_jobs(template):
     policies = template.find_resources("AWS::IAM::Policy", {"Properties": {"Roles": [{"Ref": Match.string_like_regexp("ReaperRole")}]}})
     statements = [s for p in policies.values() for s in p["Properties"]["PolicyDocument"]["Statement"]]
     (stop,) = [s for s in statements if s["Action"] == "sagemaker:StopTrainingJob"]
-    assert json.dumps(stop["Resource"]).endswith(':training-job/ftstack-*"]]}')
+    assert json.dumps(stop["Resource"]).endswith(':training-job/ftstack--*"]]}')
     (listing,) = [s for s in statements if s["Action"] == "sagemaker:ListTrainingJobs"]
     assert listing["Resource"] == "*"
 

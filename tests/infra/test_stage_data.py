@@ -3,6 +3,7 @@ it reports (and that it then writes nothing), streaming, and that its asset impo
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import json
@@ -24,6 +25,7 @@ from ftstack_train.config import parse_config  # noqa: E402
 
 from infra.stage_data import handler as stage_data  # noqa: E402
 from infra.stage_data.handler import InvalidDataset, InvalidInput, job_name_prefix  # noqa: E402
+from infra.stage_data.request import training_jobs  # noqa: E402
 
 BUCKET = "ftstack-data-bucket"
 SETTINGS = {"job_prefix": "ftstack", "instance_type": "ml.p4d.24xlarge", "fallback_instance_types": ["ml.g5.48xlarge"],
@@ -116,7 +118,7 @@ def test_default_split_holds_out_every_20th_record(s3):
     assert result["base_model"] == {"name": "mosaicml/mpt-7b", "s3_uri": ""}
     assert result["instance_types"] == ["ml.p4d.24xlarge", "ml.g5.48xlarge"]
     assert (result["instance_count"], result["spot"]) == (1, False)
-    assert result["job_name_prefix"] == "ftstack-run-1-" + hashlib.sha256(b"run-1").hexdigest()[:8]
+    assert result["job_name_prefix"] == "ftstack--run-1-" + hashlib.sha256(b"run-1").hexdigest()[:8]
     assert result["output_uri"] == f"s3://{BUCKET}/executions/run-1/model/"
     assert result["output_prefix"] == "executions/run-1/model/"
     assert result["checkpoint_uri"] == f"s3://{BUCKET}/scratch/run-1/checkpoints/"
@@ -258,9 +260,9 @@ def test_job_name_prefix_is_a_valid_job_name_start(job_prefix, execution):
 
 
 def test_job_name_prefix_keeps_the_name_readable_and_tells_executions_apart():
-    assert job_name_prefix("ftstack", "run-1") == "ftstack-run-1-" + hashlib.sha256(b"run-1").hexdigest()[:8]
+    assert job_name_prefix("ftstack", "run-1") == "ftstack--run-1-" + hashlib.sha256(b"run-1").hexdigest()[:8]
     assert len(job_name_prefix("ftstack", "a" * 80)) == 52
-    assert re.fullmatch(r"ftstack-my-run-2026-[0-9a-f]{8}", job_name_prefix("ftstack", "my_run.2026"))
+    assert re.fullmatch(r"ftstack--my-run-2026-[0-9a-f]{8}", job_name_prefix("ftstack", "my_run.2026"))
     assert len({job_name_prefix("ftstack", name) for name in ("a-b", "a_b", "a.b", "a--b")}) == 4
     long = "experiment-" * 7
     assert job_name_prefix("ftstack", long + "1") != job_name_prefix("ftstack", long + "2")
@@ -270,8 +272,17 @@ def test_an_execution_named_like_anothers_job_names_gets_its_own():
     # Issue 11, item 7: "alice_run" became ftstack-alice-run-603ae7d3, and so did the execution
     # literally named "alice-run-603ae7d3".
     taken = job_name_prefix("ftstack", "alice_run")
-    impostor = taken.removeprefix("ftstack-")
+    impostor = taken.removeprefix("ftstack--")
     assert job_name_prefix("ftstack", impostor) != taken
+
+
+@pytest.mark.parametrize("execution", ["run1", "dev-run", "x" * 80, "__"])
+def test_a_stacks_iam_resource_matches_its_own_jobs_only(execution):
+    # Issue 11, item 5: training-job/ftstack-* also matched every job of a stack named ftstack-dev.
+    for mine, other in (("ftstack", "ftstack-dev"), ("ftstack-dev", "ftstack")):
+        job = job_name_prefix(mine, execution) + "-a0"
+        assert fnmatch.fnmatchcase(job, training_jobs(mine))
+        assert not fnmatch.fnmatchcase(job, training_jobs(other))
 
 
 # --- input errors ----------------------------------------------------------------------------

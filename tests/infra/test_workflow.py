@@ -69,7 +69,7 @@ def test_logging_and_tracing(template):
 
 def test_training_jobs_are_limited_to_the_prefix(template):
     (statement,) = [s for s in policy_statements(template) if "sagemaker:CreateTrainingJob" in s["Action"]]
-    assert json.dumps(statement["Resource"]).endswith(':training-job/ftstack-*"]]}')
+    assert json.dumps(statement["Resource"]).endswith(':training-job/ftstack--*"]]}')
 
 
 def test_pass_role_only_to_sagemaker(template):
