@@ -42,6 +42,11 @@ class InfraConfig:
     max_runtime_hours: float = _doc("StoppingCondition.MaxRuntimeInSeconds, in hours.", default=24.0)
     spot: bool = _doc("Use managed spot training by default (resumes from checkpoints).", default=False)
     max_wait_hours: float = _doc("With spot: longest wait for capacity plus run time, in hours.", default=48.0)
+    staging_concurrency: int = _doc(
+        "Reserved concurrency of the data-staging function: the most runs staged at once, and all it can take of "
+        "the account's Lambda concurrency (AWS keeps 100 of that unreserved). Staging beyond it is retried briefly, then the run fails.",
+        default=10,
+    )
     vpc_subnet_ids: tuple[str, ...] = _doc("Run training jobs in these subnets (empty: no VPC).", default=())
     vpc_security_group_ids: tuple[str, ...] = _doc("Security groups of the training jobs in the VPC.", default=())
     network_isolation: bool = _doc("No network access from the training container (base model must be in S3).", default=False)
@@ -83,6 +88,8 @@ def _check(cfg: InfraConfig) -> None:
         fail("max_runtime_hours", "must be positive and at most 672 (28 days, SageMaker's limit)")
     if cfg.max_wait_hours < cfg.max_runtime_hours:
         fail("max_wait_hours", f"must be at least max_runtime_hours ({cfg.max_runtime_hours}); SageMaker requires it for spot")
+    if cfg.staging_concurrency < 1:
+        fail("staging_concurrency", "must be at least 1 (0 would throttle every run's staging), e.g. 10")
     if bool(cfg.vpc_subnet_ids) != bool(cfg.vpc_security_group_ids):
         fail("vpc_subnet_ids" if not cfg.vpc_subnet_ids else "vpc_security_group_ids", "give both subnets and security groups, or neither")
     for key, values, prefix in (("vpc_subnet_ids", cfg.vpc_subnet_ids, "subnet-"), ("vpc_security_group_ids", cfg.vpc_security_group_ids, "sg-")):
@@ -126,7 +133,7 @@ def _coerce(key: str, annotation: str, value: Any) -> Any:
             try:
                 value = json.loads(text.lower() if base == "bool" else text)
             except ValueError:
-                raise bad(f"a {base}") from None
+                raise bad({"bool": "true or false", "int": "a whole number", "float": "a number"}.get(base, f"a {base}")) from None
     if base == "str":
         if not isinstance(value, str):
             raise bad("a string")

@@ -38,7 +38,8 @@ class FineTuningStack(cdk.Stack):
         image = TrainingImage(self, "TrainingImage", directory=str(TRAINING_CODE), base_image=base_image)
         training = TrainingRole(self, "TrainingRole", bucket=storage.bucket, key=storage.key, repository=image.repository,
                                 in_vpc=bool(config.vpc_subnet_ids))
-        staging = StagingFunction(self, "Staging", bucket=storage.bucket, key=storage.key, settings=Settings(
+        staging = StagingFunction(self, "Staging", bucket=storage.bucket, key=storage.key,
+                                  reserved_concurrency=config.staging_concurrency, settings=Settings(
             bucket=storage.bucket.bucket_name, job_prefix=config.job_prefix, instance_type=config.instance_type,
             fallback_instance_types=config.fallback_instance_types, instance_count=config.instance_count,
             max_instance_count=config.max_instance_count, spot=config.spot, base_model=config.base_model,

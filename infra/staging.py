@@ -58,11 +58,15 @@ def python_function(scope: Construct, *, key: kms.IKey, handler: str, descriptio
 class StagingFunction(Construct):
     """``self.function``: reads ``incoming/``, writes ``scratch/<execution>/data/``."""
 
-    def __init__(self, scope: Construct, construct_id: str, *, bucket: s3.IBucket, key: kms.IKey, settings: Settings) -> None:
+    def __init__(self, scope: Construct, construct_id: str, *, bucket: s3.IBucket, key: kms.IKey, settings: Settings,
+                 reserved_concurrency: int) -> None:
         super().__init__(scope, construct_id)
+        # Reserved so that a burst of executions (each staging for up to 15 minutes) cannot take
+        # the account's whole Lambda concurrency, and other functions cannot starve staging.
         self.function = python_function(
             self, key=key, handler="infra.stage_data.handler.handler", environment=settings.environment(),
             memory_size=1024, ephemeral_storage_size=cdk.Size.gibibytes(10), timeout=cdk.Duration.minutes(15),
+            reserved_concurrent_executions=reserved_concurrency,
             description="ftstack: validate the execution input and data, stage the training channels",
             role_description="ftstack data staging: read incoming data, write staged channels, log",
         )

@@ -10,6 +10,7 @@ import aws_cdk as cdk
 import pytest
 from aws_cdk.assertions import Match, Template
 
+from infra.config import InfraConfigError, load_config
 from infra.stage_data.handler import ASSET_PATHS
 from infra.stage_data.request import Settings
 from infra.staging import StagingFunction
@@ -33,7 +34,7 @@ def test_settings_round_trip_through_the_environment():
 def built(new_stack):
     app, stack = new_stack()
     storage = Storage(stack, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN)
-    StagingFunction(stack, "Staging", bucket=storage.bucket, key=storage.key, settings=typed(storage))
+    StagingFunction(stack, "Staging", bucket=storage.bucket, key=storage.key, settings=typed(storage), reserved_concurrency=7)
     assembly = app.synth()
     return Template.from_stack(stack), Path(assembly.directory)
 
@@ -45,6 +46,7 @@ def test_function_settings(built):
         "Runtime": "python3.14",
         "Timeout": 900,
         "EphemeralStorage": {"Size": 10240},
+        "ReservedConcurrentExecutions": 7,
         "Environment": {"Variables": {"BUCKET": Match.any_value(), "SETTINGS": json.dumps(SETTINGS, sort_keys=True)}},
     })
     template.has_resource_properties("AWS::Logs::LogGroup", {"KmsKeyId": Match.any_value()})
@@ -78,5 +80,24 @@ def test_asset_holds_exactly_the_imported_files(built):
 def test_no_unacknowledged_nag_finding(new_stack, nag_findings):
     app, stack = new_stack("Nag")
     storage = Storage(stack, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN)
-    StagingFunction(stack, "Staging", bucket=storage.bucket, key=storage.key, settings=typed(storage))
+    StagingFunction(stack, "Staging", bucket=storage.bucket, key=storage.key, settings=typed(storage), reserved_concurrency=7)
     assert [f for f in nag_findings(app) if "/Staging/" in f] == []
+
+
+def test_the_stack_reserves_the_configured_concurrency_for_staging(synthesized):
+    """A burst of executions (each staging for up to 15 minutes) takes at most this much of the
+    account's Lambda concurrency (issue 11, item 2)."""
+    _, _, template, _ = synthesized
+    configured = load_config(json.loads((Path(__file__).resolve().parents[2] / "cdk.json").read_text())["context"])
+    template.has_resource_properties("AWS::Lambda::Function", {
+        "Handler": "infra.stage_data.handler.handler", "ReservedConcurrentExecutions": configured.staging_concurrency,
+    })
+
+
+def test_staging_concurrency_is_read_from_context_and_checked():
+    assert load_config({}).staging_concurrency == 10
+    assert load_config({"staging_concurrency": "3"}).staging_concurrency == 3  # `cdk synth -c staging_concurrency=3`
+    with pytest.raises(InfraConfigError, match=r"'staging_concurrency': must be at least 1"):
+        load_config({"staging_concurrency": 0})
+    with pytest.raises(InfraConfigError, match=r"'staging_concurrency': 'ten' is not a whole number"):
+        load_config({"staging_concurrency": "ten"})
