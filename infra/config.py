@@ -15,7 +15,9 @@ from .instances import INSTANCE_TYPE
 APPROVAL_STATUSES = ("PendingManualApproval", "Approved")
 REMOVAL_POLICIES = ("retain", "destroy")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,39}$")
+_NAME = re.compile(r"^[A-Za-z](-?[A-Za-z0-9]){0,39}$")
+"""No "--" (job names separate the stack's prefix with it, see stage_data.request.JOB_SEPARATOR) and
+no hyphen at the end."""
 
 
 class InfraConfigError(ValueError):
@@ -44,7 +46,7 @@ class InfraConfig:
     max_wait_hours: float = _doc("With spot: longest wait for capacity plus run time, in hours.", default=48.0)
     staging_concurrency: int = _doc(
         "Reserved concurrency of the data-staging function: the most runs staged at once, and all it can take of "
-        "the account's Lambda concurrency (AWS keeps 100 of that unreserved). Staging beyond it is retried briefly, then the run fails.",
+        "the account's Lambda concurrency (AWS keeps 100 of that unreserved). A run started beyond it waits, retrying for up to about 40 minutes.",
         default=10,
     )
     vpc_subnet_ids: tuple[str, ...] = _doc("Run training jobs in these subnets (empty: no VPC).", default=())
@@ -74,7 +76,7 @@ def _check(cfg: InfraConfig) -> None:
         raise InfraConfigError(f"context key {key!r}: {message}")
 
     if not _NAME.match(cfg.stack_name):
-        fail("stack_name", "use 1-40 letters, digits or hyphens, starting with a letter")
+        fail("stack_name", "use 1-40 letters, digits or single hyphens, starting with a letter and not ending with a hyphen")
     if not re.match(r"^[a-z]{2}(-[a-z]+)+-\d$", cfg.region):
         fail("region", f"{cfg.region!r} is not a region name, e.g. us-east-1")
     for key, value in [("instance_type", cfg.instance_type)] + [("fallback_instance_types", t) for t in cfg.fallback_instance_types]:

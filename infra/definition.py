@@ -30,7 +30,13 @@ PLACEHOLDERS = (
 EVAL_CE = "$.metrics.final.eval_cross_entropy"
 """The final eval cross-entropy, once the job's final-metrics file is read."""
 
-LAMBDA_ERRORS = ["Lambda.ServiceException", "Lambda.AWSLambdaException", "Lambda.SdkClientException", "Lambda.TooManyRequestsException"]
+LAMBDA_ERRORS = ["Lambda.ServiceException", "Lambda.AWSLambdaException", "Lambda.SdkClientException"]
+STAGING_RETRY = [
+    {"ErrorEquals": LAMBDA_ERRORS, "IntervalSeconds": 2, "BackoffRate": 2.0, "MaxAttempts": 4},
+    # Throttled by the function's reserved concurrency (staging_concurrency): a burst of runs
+    # waits its turn, 10 s doubling over 8 tries (about 40 minutes), instead of failing.
+    {"ErrorEquals": ["Lambda.TooManyRequestsException"], "IntervalSeconds": 10, "BackoffRate": 2.0, "MaxAttempts": 8},
+]
 
 
 def _input_checks(max_instance_count: int) -> list[tuple[str, dict[str, Any], str]]:
@@ -252,7 +258,7 @@ def build_definition(s: WorkflowSettings) -> dict[str, Any]:
         "Parameters": {"FunctionName": "${StagingFunctionArn}", "Payload": {"execution.$": "$$.Execution.Name", "input.$": "$"}},
         "ResultSelector": {"value.$": "$.Payload"},
         "ResultPath": "$.staging",
-        "Retry": [{"ErrorEquals": LAMBDA_ERRORS, "IntervalSeconds": 2, "BackoffRate": 2.0, "MaxAttempts": 4}],
+        "Retry": STAGING_RETRY,
         "Catch": _catch_all("NotifyError"),
         "Next": "Staged",
     }

@@ -171,6 +171,16 @@ def test_config_errors_name_the_key():
     assert load_config({"notification_emails": "a@example.com,b@example.com"}).notification_emails == ("a@example.com", "b@example.com")
 
 
+@pytest.mark.parametrize("name", ["ftstack--dev", "ftstack-", "-ftstack", "9ftstack"])
+def test_stack_names_keep_job_names_apart(name):
+    # Jobs are named <stack>--<execution>...: a "--" in the stack name would let one stack's IAM
+    # resource (<stack>--*) match another's jobs, and the staging function refuses such a prefix.
+    from infra.config import load_config
+
+    with pytest.raises(InfraConfigError, match="stack_name"):
+        load_config({"stack_name": name})
+
+
 @pytest.mark.slow
 def test_template_metric_regexes_read_a_real_local_run(definition, tmp_path):
     """The regexes as deployed (taken from the synthesized template, not from the module) find

@@ -160,7 +160,7 @@ def run(sagemaker: dict, execution_input: dict, *, name: str = "run1", final_met
         settings: WorkflowSettings = SETTINGS, staging: Settings = STAGING,
         objects: dict[str, bytes] | None = None) -> tuple[dict, list[dict], AwsCalls]:
     answers = {
-        ("lambda", "Invoke"): [staging_lambda(staging)],
+        ("lambda", "Invoke"): sagemaker.get("invoke", [staging_lambda(staging)]),
         ("sagemaker", "CreateTrainingJob"): sagemaker.get("create", [created]),
         ("sagemaker", "DescribeTrainingJob"): sagemaker.get("describe", described(RUNNING, COMPLETED)),
         ("sagemaker", "CreateModelPackage"): [registered],
@@ -387,3 +387,12 @@ def test_staging_errors_keep_their_name_and_message():
     assert calls.of("sagemaker", "CreateTrainingJob") == []
     (message,) = messages(calls)
     assert "InvalidDataset" in message
+
+
+def test_staging_throttled_by_its_reserved_concurrency_waits_its_turn():
+    def throttled(request):
+        raise AwsError("TooManyRequestsException", "Rate Exceeded.", status=429)
+
+    result, _, calls = run({"invoke": [throttled] * 5 + [staging_lambda()]}, GOOD_INPUT)
+    assert result["status"] == "SUCCEEDED", result
+    assert len(calls.of("lambda", "Invoke")) == 6
