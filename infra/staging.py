@@ -72,7 +72,7 @@ class StagingFunction(Construct):
         )
         role = self.function.role
         bucket.grant_read(role, f"{layout.INCOMING}*")
-        bucket.grant_read(role, f"{layout.BASE_MODELS}*")
+        bucket.grant_read(role, f"{layout.BASE_MODELS}*/config.json")  # only what shows a model is there
         bucket.grant_put(role, f"{layout.SCRATCH}*/data/*")
         bucket.grant_delete(role, f"{layout.SCRATCH}*/data/*")  # removes a half-staged pair after a failed upload
         bucket_arn = arn_of(bucket)
@@ -81,6 +81,6 @@ class StagingFunction(Construct):
             "Action::s3:DeleteObject*", "Action::kms:GenerateDataKey*", "Action::kms:ReEncrypt*",
         ) | {
             wildcard(f"Resource::{bucket_arn}/{layout.INCOMING}*"): "the user's data files, named by the execution input",
-            wildcard(f"Resource::{bucket_arn}/{layout.BASE_MODELS}*"): "checks that an s3:// base model exists",
+            wildcard(f"Resource::{bucket_arn}/{layout.BASE_MODELS}*/config.json"): "checks that an s3:// base model exists (its config.json only)",
             wildcard(f"Resource::{bucket_arn}/{layout.SCRATCH}*/data/*"): "writes the staged channels of the running execution",
         })

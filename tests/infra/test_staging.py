@@ -57,7 +57,9 @@ def test_role_reads_incoming_and_writes_only_staged_data(built):
     template, _ = built
     (policy,) = [p for p in template.find_resources("AWS::IAM::Policy").values() if "StagingRole" in json.dumps(p["Properties"]["Roles"])]
     text = json.dumps(policy["Properties"]["PolicyDocument"])
-    assert "/incoming/*" in text and "/scratch/*/data/*" in text and "/base-models/*" in text
+    assert "/incoming/*" in text and "/scratch/*/data/*" in text
+    # Issue 11, item 5: of a base model it reads config.json only, not the weights.
+    assert "/base-models/*/config.json" in text and '/base-models/*"' not in text
     assert "/executions/" not in text and "/checkpoints/" not in text
     writes = [s for s in policy["Properties"]["PolicyDocument"]["Statement"] if "s3:PutObject" in s["Action"]]
     assert writes and all("/scratch/*/data/*" in json.dumps(s["Resource"]) for s in writes)
