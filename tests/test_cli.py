@@ -257,13 +257,19 @@ def test_hold_out_of_too_few_records_suggests_test(tmp_path):
     assert not train.exists() and not test.exists()
 
 
-def test_hold_out_replaces_what_the_channels_held(tmp_path):
+def test_hold_out_never_deletes_or_overwrites_what_the_channels_hold(tmp_path):
+    """Clearing the channels of an earlier run's files is lay_out's job, which knows what it wrote."""
     train, test = channels(tmp_path)
     for channel in (train, test):
         channel.mkdir(parents=True)
         (channel / "old.jsonl").write_bytes(jsonl(record(0)))
     hold_out(good_file(tmp_path, "all.jsonl"), train, test)
-    assert sorted(p.name for p in train.iterdir()) == sorted(p.name for p in test.iterdir()) == ["all.jsonl"]
+    assert sorted(p.name for p in train.iterdir()) == sorted(p.name for p in test.iterdir()) == ["all.jsonl", "old.jsonl"]
+    assert (train / "old.jsonl").read_bytes() == (test / "old.jsonl").read_bytes() == jsonl(record(0))
+    before = (train / "all.jsonl").read_bytes()
+    with pytest.raises(FileExistsError):
+        hold_out(good_file(tmp_path, "all.jsonl"), train, test)
+    assert (train / "all.jsonl").read_bytes() == before
 
 
 # --- lay_out: the /opt/ml tree -----------------------------------------------------------------
@@ -359,8 +365,8 @@ def test_lay_out_again_without_config_drops_the_earlier_config(tmp_path):
 
 
 def test_lay_out_removes_an_old_failure_file(tmp_path):
-    paths = SageMakerPaths((tmp_path / "run").resolve())
-    paths.failure_file.parent.mkdir(parents=True)
+    paths = lay_out(local_run(tmp_path))
+    paths.failure_file.parent.mkdir(parents=True)  # as the job of that earlier run does
     paths.failure_file.write_text("internal error")
     (paths.output / "keep.txt").write_text("other output stays")
     lay_out(local_run(tmp_path))

@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from ftstack_train.config import DEFAULT_PROMPT_TEMPLATE, parse_config
 from ftstack_train.contract import FINAL_METRICS_FILE
 from ftstack_train.data import format_prompt
-from ftstack_train.export import STAGING, _unique_state_names, adds_bos, chat_template, export_hf_model
+from ftstack_train.export import _unique_state_names, adds_bos, chat_template, export_hf_model
+from ftstack_train.export_folder import EXPORT_MARKER, STAGING
 from ftstack_train.modelcard import render_model_card
 
 EOS, BOS = "<|endoftext|>", "<s>"
@@ -254,14 +255,11 @@ def export(trained, model_dir: Path, *overrides: str, template: str | None = Non
 
 def test_export_fp32_sharded_reloads_with_the_trained_weights(trained, tmp_path):
     model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    (model_dir / "stale.safetensors").write_bytes(b"from an earlier export")
-    (model_dir / "old-folder").mkdir()
-    (model_dir / "old-folder" / "x").write_text("x")
     export(trained, model_dir, "export.dtype=fp32", "export.max_shard_size=50KB")
 
-    files = {p.name for p in model_dir.iterdir()}
-    assert "stale.safetensors" not in files and "old-folder" not in files and STAGING not in files
+    files = {p.name for p in model_dir.iterdir()} - {EXPORT_MARKER}
+    assert STAGING not in files
+    assert json.loads((model_dir / EXPORT_MARKER).read_text()) == {"files": sorted(files)}
     assert {"config.json", "generation_config.json", "tokenizer.json", "metrics.json", "README.md"} <= files
     assert json.loads((model_dir / "metrics.json").read_text()) == METRICS
     # What the workflow's gate reads: the final figures alone, however long the history grew.
@@ -309,6 +307,7 @@ def test_export_default_bf16_replaces_an_earlier_sharded_export(trained, tmp_pat
     files = sorted(p.name for p in model_dir.iterdir())
     assert [f for f in files if "safetensors" in f] == ["model.safetensors"]
     assert STAGING not in files
+    assert json.loads((model_dir / EXPORT_MARKER).read_text()) == {"files": [f for f in files if f != EXPORT_MARKER]}
     config = json.loads((model_dir / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["use_cache"] is True
     weights = trained_weights(trained[0])

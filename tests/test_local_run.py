@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ftstack.run_folder import MARKER
 from ftstack_train.checkpoint import is_complete, part_marker, step_dir
 from ftstack_train.config import DEFAULT_PROMPT_TEMPLATE
 from ftstack_train.data import format_prompt
@@ -139,6 +140,7 @@ def test_an_unfinished_checkpoint_is_skipped(runs, reference, tmp_path):
 
     output, log = tmp_path / "run", tmp_path / "run.log"
     shutil.copytree(reference[0] / "checkpoints", output / "checkpoints")
+    shutil.copy(reference[0] / MARKER, output / MARKER)  # a run folder of ftstack's, or local refuses it
     newest = step_dir(output / "checkpoints", 40)
     marker = json.loads(part_marker(newest, 0).read_text())
     (newest / sorted(marker["files"])[0]).unlink()

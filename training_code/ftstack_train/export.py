@@ -4,7 +4,9 @@ folder, which SageMaker uploads uncompressed.
 Weights are gathered one tensor at a time and written in safetensors shards of at most
 ``export.max_shard_size``: rank 0's host never holds more than one shard plus one tensor, well
 under one full bf16 copy of the model. Everything is written to a staging folder first and moved
-into place at the end, so a failed export leaves no half-written model behind.
+into place at the end, so a failed export leaves no half-written model behind. Only an earlier
+export of ftstack is replaced; a model folder holding anything else is refused before the weights
+are gathered (see ``export_folder``).
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from torch.distributed.tensor import DTensor
 
 from .config import TEMPLATE_FIELD, TrainConfig
 from .contract import FINAL_METRICS_FILE, METRICS_FILE
+from .errors import ConfigError
+from .export_folder import STAGING, check_model_dir, claim_staging, replace_export
 from .metrics import json_safe
 from .data import format_prompt
 from .modelcard import render_model_card
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-STAGING = ".ftstack-export"
 
 
 def chat_template(prompt_template: str, bos_token: str | None) -> str:
@@ -107,25 +110,36 @@ def _write_weights(model: torch.nn.Module, out: Path, dtype: torch.dtype, max_sh
     (out / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))
 
 
+def _claim_model_dir(model_dir: Path, staging: Path, is_main: bool) -> list[str]:
+    """Rank 0 checks the model folder and makes its staging folder; every rank learns the outcome,
+    so that a refusal stops all of them here rather than leaving the others in a collective."""
+    outcome: list = [None, []]
+    if is_main:
+        try:
+            outcome[1] = check_model_dir(model_dir)
+            claim_staging(staging)
+        except ConfigError as exc:
+            outcome[0] = str(exc)
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise ConfigError(outcome[0])
+    return outcome[1]
+
+
 def export_hf_model(model: torch.nn.Module, tokenizer, cfg: TrainConfig, model_dir: Path, metrics: dict[str, Any], lineage: dict[str, Any]) -> None:
     """Writes weights, config, generation config, tokenizer with the chat template,
-    ``metrics.json`` and a model card into ``model_dir``. Collective: every rank calls it."""
+    ``metrics.json`` and a model card into ``model_dir``, in place of an earlier export there.
+    Collective: every rank calls it. Raises ConfigError, on every rank, when ``model_dir`` holds
+    files that no export wrote."""
     is_main = dist.get_rank() == 0
     staging = model_dir / STAGING
-    if is_main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+    previous = _claim_model_dir(model_dir, staging, is_main)
     dtype = _DTYPES[cfg.export_dtype]
     try:
         _write_weights(model, staging, dtype, cfg.export_shard_bytes, is_main)
         if is_main:
             _write_metadata(model, tokenizer, cfg, staging, dtype, metrics, lineage)
-            for old in model_dir.iterdir():
-                if old != staging:
-                    shutil.rmtree(old) if old.is_dir() else old.unlink()
-            for item in staging.iterdir():
-                item.rename(model_dir / item.name)
-            staging.rmdir()
+            replace_export(model_dir, staging, previous)
     finally:
         if is_main and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
