@@ -4,6 +4,7 @@ as each SageMaker node holds them), and a real save/load through torch.distribut
 one-process gloo group with an FSDP2-sharded tiny MPT. The whole multi-node path, with SageMaker's
 S3 sync emulated between two nodes, is in test_multinode.py."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ftstack_train.checkpoint import (
-    PART_PREFIX, complete_somewhere, doomed, is_complete, latest_complete, load_checkpoint, local_view, part_marker,
+    PART_PREFIX, agree_on_resume, complete_somewhere, doomed, is_complete, latest_complete, load_checkpoint, local_view, part_marker,
     parts_present, resume_choice, save_checkpoint, step_dir,
 )
 from ftstack_train.config import parse_config
@@ -21,7 +22,7 @@ from ftstack_train.contract import CHECKPOINT_BASE_MODEL
 from ftstack_train.errors import ConfigError
 
 # What each of two nodes (one process each) writes: rank 0 also writes DCP's .metadata.
-NODE_FILES = ((".metadata", "__0_0.distcp", "rng-rank00000.pt"), ("__1_0.distcp", "rng-rank00001.pt"))
+NODE_FILES = ((".metadata", "__0_0.distcp", "rng-rank00000.safetensors"), ("__1_0.distcp", "rng-rank00001.safetensors"))
 
 
 def fake_checkpoint(folder: Path, step: int, parts=(0, 1), marked=None, missing: tuple[str, ...] = ()) -> Path:
@@ -31,7 +32,7 @@ def fake_checkpoint(folder: Path, step: int, parts=(0, 1), marked=None, missing:
     path = step_dir(folder, step)
     path.mkdir(parents=True, exist_ok=True)
     for node in parts:
-        files = {name: 1 for name in NODE_FILES[node]}
+        files = {name: {"size": 1, "sha256": hashlib.sha256(b"x").hexdigest()} for name in NODE_FILES[node]}
         for name in files:
             if name not in missing:
                 (path / name).write_bytes(b"x")
@@ -72,7 +73,7 @@ def test_is_complete_false_without_every_part_marker(tmp_path, marked):
     assert not is_complete(fake_checkpoint(tmp_path, 1, marked=marked))
 
 
-@pytest.mark.parametrize("missing", [".metadata", "__1_0.distcp", "rng-rank00001.pt"])
+@pytest.mark.parametrize("missing", [".metadata", "__1_0.distcp", "rng-rank00001.safetensors"])
 def test_is_complete_false_when_a_listed_file_is_missing(tmp_path, missing):
     # e.g. another node's files not uploaded to S3 before the interruption
     assert not is_complete(fake_checkpoint(tmp_path, 1, missing=(missing,)))
@@ -97,7 +98,12 @@ def test_is_complete_false_for_a_missing_folder(tmp_path):
 @pytest.mark.parametrize("marker", [
     "", '{"parts": 2, "files": {".meta', "not json", '{"parts": 2}', "[]",
     '{"parts": 2, "world_size": 2, "files": null}', '{"parts": 0, "world_size": 2, "files": {}}',
-    '{"parts": 2, "world_size": 2, "files": {"../escape": 1}}',  # valid JSON of the wrong shape
+    '{"parts": 2, "world_size": 2, "files": {"__1_0.distcp": 1}}',  # the format before digests
+    # valid JSON of the wrong shape
+    '{"parts": 2, "world_size": 2, "files": {"../escape": {"size": 1, "sha256": "%s"}}}' % ("0" * 64),
+    '{"parts": 2, "world_size": 2, "files": {"..": {"size": 1, "sha256": "%s"}}}' % ("0" * 64),
+    '{"parts": 2, "world_size": 2, "files": {"__1_0.distcp": {"size": 1, "sha256": "not hex"}}}',
+    '{"parts": 2, "world_size": 2, "files": {"__1_0.distcp": {"size": "1", "sha256": "%s"}}}' % ("0" * 64),
 ])
 def test_is_complete_false_for_a_corrupt_marker(tmp_path, marker):
     # A corrupt marker must make the folder incomplete (skipped on resume), never crash the resume.
@@ -290,12 +296,16 @@ def test_save_and_load_restore_weights_optimizer_trainer_state_and_rng(process_g
     assert path == step_dir(tmp_path, 3) and is_complete(path) and latest_complete(tmp_path) == path
     marker = json.loads(part_marker(path, 0).read_text())
     assert (marker["step"], marker["world_size"], marker["parts"], marker["node"]) == (3, 1, 1, 0)
-    assert marker["files"] == {p.name: p.stat().st_size for p in path.iterdir() if not p.name.startswith(PART_PREFIX)}
+    assert marker["files"] == {
+        p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in path.iterdir() if not p.name.startswith(PART_PREFIX)
+    }
 
     fresh, fresh_optimizer = sharded(tiny_mpt)  # the base weights, no optimizer state yet
     with pytest.raises(AssertionError):
         torch.testing.assert_close(full(next(fresh.parameters())), full(next(model.parameters())))
     torch.rand(5)  # moves the RNG on; the load must put it back
+    assert agree_on_resume(tmp_path, is_local_main=True) == path  # its files match their digests
     assert load_checkpoint(path, fresh, fresh_optimizer) == trainer_state
     assert torch.equal(torch.get_rng_state(), rng_at_save)
     assert_same_training_state(model, optimizer, fresh, fresh_optimizer)

@@ -8,13 +8,16 @@ attempt downloads the merged prefix to every node. So no node ever sees a whole 
 during the attempt that writes it.
 
 Hence one *part marker* per node, ``ftstack-part-00001.json``, written by the node's first process
-once every rank has finished, listing that node's files with their sizes and the number of parts.
+once every rank has finished, listing that node's files with their sizes and SHA-256 digests
+(hashed by the node's processes in parallel, each a share of the files) and the number of parts.
 A checkpoint is complete where all of its parts' markers and listed files are present: on one
 node's disk after an S3 download, or across the nodes' disks during the attempt. Decisions are
 taken collectively from every node's view and come out the same on every rank:
 
 - resume from the newest checkpoint that is complete on *every* node's disk (each rank reads
-  shards of other ranks when the world size changes, and the ``.metadata`` file always);
+  shards of other ranks when the world size changes, and the ``.metadata`` file always), once
+  every node has checked every file against its digest and the metadata against what DCP writes
+  (``checkpoint_trust``); a folder that fails is ignored with a warning and never loaded;
 - after a periodic save, delete complete checkpoints beyond the newest ``keep`` and unfinished
   ones older than the new one. The newest complete checkpoint is never deleted, and a stop save
   (SIGTERM) deletes nothing: its own upload may not finish, so the previous ones must stay.
@@ -31,11 +34,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .checkpoint_trust import NoPickleLoadPlanner, UntrustedCheckpoint, check_metadata, sha256_file
 
 PART_PREFIX = "ftstack-part-"
 _PART = re.compile(rf"^{PART_PREFIX}(\d{{5}})\.json$")
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+_FILE_NAME = re.compile(r"^(?!\.\.?$)[\w.-]+$")  # a plain name in the folder: no separator, not . or ..
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+METADATA = ".metadata"  # DCP's metadata file (pickled by torch)
 
 View = dict[str, tuple[int, list[int]]]
 """One node's view of its checkpoint folder: for each step folder, (the number of parts the
@@ -60,7 +70,7 @@ def part_marker(path: Path, node: int) -> Path:
 
 
 def _rng_file(rank: int) -> str:
-    return f"rng-rank{rank:05d}.pt"
+    return f"rng-rank{rank:05d}.safetensors"
 
 
 def _read_marker(marker: Path) -> dict[str, Any] | None:
@@ -72,9 +82,17 @@ def _read_marker(marker: Path) -> dict[str, Any] | None:
         return None
     if not (isinstance(files, dict) and isinstance(parts, int) and parts >= 1 and isinstance(world, int)):
         return None
-    if not all(isinstance(k, str) and "/" not in k and isinstance(v, int) for k, v in files.items()):
+    if not all(_valid_entry(name, entry) for name, entry in files.items()):
         return None
     return doc
+
+
+def _valid_entry(name: Any, entry: Any) -> bool:
+    return (
+        isinstance(name, str) and bool(_FILE_NAME.match(name)) and not name.startswith(PART_PREFIX)
+        and isinstance(entry, dict) and isinstance(entry.get("size"), int)
+        and isinstance(entry.get("sha256"), str) and bool(_SHA256.match(entry["sha256"]))
+    )
 
 
 def parts_present(path: Path) -> tuple[int, list[int]] | None:
@@ -91,7 +109,7 @@ def parts_present(path: Path) -> tuple[int, list[int]] | None:
     n_parts = next(iter(docs.values()))["parts"]
     present = [
         node for node, doc in sorted(docs.items())
-        if node < n_parts and all(_has_size(path / name, size) for name, size in doc["files"].items())
+        if node < n_parts and all(_has_size(path / name, entry["size"]) for name, entry in doc["files"].items())
     ]
     return n_parts, present
 
@@ -163,19 +181,78 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
-def agree_on_resume(folder: Path) -> Path | None:
-    """Collective: the checkpoint to resume from, the same on every rank (None: start afresh)."""
-    name = resume_choice(_gather(local_view(folder)))
-    return folder / name if name else None
+def _place(is_local_main: bool) -> tuple[list[int], int, int, int]:
+    """Collective: (every node's first rank, this rank's node, its index on the node, the node's
+    process count). torchrun numbers the ranks of a node consecutively."""
+    mains = [r for r, main in enumerate(_gather(is_local_main)) if main]
+    rank = dist.get_rank()
+    node = max(i for i, r in enumerate(mains) if r <= rank)
+    end = mains[node + 1] if node + 1 < len(mains) else dist.get_world_size()
+    return mains, node, rank - mains[node], end - mains[node]
+
+
+def _warn(line: str) -> None:
+    if dist.get_rank() == 0:
+        print(f"warning: {line}", flush=True)
+
+
+def agree_on_resume(folder: Path, is_local_main: bool) -> Path | None:
+    """Collective: the checkpoint to resume from, the same on every rank (None: start afresh).
+    The newest complete one whose files every node has checked against their digests; any
+    other step folder that is unmarked or fails the check gets a warning and is left alone."""
+    _, _, local, size = _place(is_local_main)
+    gathered = _gather((local_view(folder), [p.name for p in _step_dirs(folder) if parts_present(p) is None]))
+    for name in sorted(set().union(*(unmarked for _, unmarked in gathered))):
+        _warn(f"{folder / name} has no valid ftstack marker (a save that was cut off, or a folder ftstack did not "
+              "write): ignored")
+    views = [view for view, _ in gathered]
+    while (name := resume_choice(views)) is not None:
+        problems = [p for p in _gather(verify_files(folder / name, local, size)) if p]
+        if not problems:
+            return folder / name
+        _warn(f"{folder / name} was not written by ftstack or changed since ({problems[0]}): ignored, never loaded")
+        views = [{k: v for k, v in view.items() if k != name} for view in views]
+    return None
+
+
+def verify_files(path: Path, share: int = 0, shares: int = 1) -> str | None:
+    """What is wrong with the complete checkpoint at ``path`` on this disk, or None. Checks this
+    process's share of the files (every ``shares``-th from ``share``) against the markers'
+    SHA-256, and with share 0 that no file is unlisted and that the metadata is DCP's."""
+    listed: dict[str, str] = {}
+    for marker in sorted(path.glob(f"{PART_PREFIX}*.json")):
+        for name, entry in (_read_marker(marker) or {"files": {}})["files"].items():
+            if listed.setdefault(name, entry["sha256"]) != entry["sha256"]:
+                return f"two markers list {name} with different digests"
+    names = sorted(listed)
+    if share == 0:
+        unlisted = sorted(set(_data_files(path)) - set(listed))
+        if unlisted or METADATA not in listed:
+            return f"{unlisted[0]} is listed in no marker" if unlisted else f"no marker lists {METADATA}"
+    for name in names[share::shares]:
+        if sha256_file(path / name) != listed[name]:
+            return f"{name} does not match its marker's SHA-256"
+    if share == 0:
+        try:
+            check_metadata(path / METADATA, set(listed))
+        except UntrustedCheckpoint as exc:
+            return str(exc)
+    return None
+
+
+def _data_files(path: Path) -> list[str]:
+    """The checkpoint's files on this disk, markers (and their temporary files) aside."""
+    return sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(PART_PREFIX))
 
 
 def save_checkpoint(
     folder: Path, step: int, model, optimizer, trainer_state: dict[str, Any], keep: int, is_local_main: bool, prune: bool = True,
 ) -> Path:
-    """Saves a checkpoint collectively (every rank calls it) and marks each node's part complete;
-    with ``prune``, then deletes what ``doomed`` names on every node."""
+    """Saves a checkpoint collectively (every rank calls it) and marks each node's part complete,
+    with the SHA-256 of its files; with ``prune``, then deletes what ``doomed`` names on every
+    node."""
     path = step_dir(folder, step)
-    mains = [r for r, main in enumerate(_gather(is_local_main)) if main]
+    mains, node, local, size = _place(is_local_main)
     if is_local_main and path.exists():
         # Left by an earlier attempt that did not finish it (a complete one would have been
         # resumed from): clear it, so that no stale file or marker mixes into the new one.
@@ -185,12 +262,14 @@ def save_checkpoint(
     # The trainer state goes in as one JSON string: DCP flattens nested containers into keys, and
     # a list that grows (the eval history) would then not match on load.
     dcp.save({"model": model_sd, "optim": optim_sd, "trainer": json.dumps(trainer_state)}, checkpoint_id=str(path))
-    rank = dist.get_rank()
-    torch.save(_rng_state(), path / _rng_file(rank))
+    save_file(_rng_state(), str(path / _rng_file(dist.get_rank())))
     dist.barrier()  # every rank's files are on its node's disk
+    # The node's processes hash its files in parallel, each a share (see the README for the cost).
+    names = _data_files(path)
+    digests = _gather({name: sha256_file(path / name) for name in names[local::size]})
     if is_local_main:
-        node = max(i for i, r in enumerate(mains) if r <= rank)
-        files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(PART_PREFIX)}
+        sums = {k: v for part in digests[mains[node]:mains[node] + size] for k, v in part.items()}
+        files = {name: {"size": (path / name).stat().st_size, "sha256": sums[name]} for name in names}
         doc = {"step": step, "world_size": dist.get_world_size(), "parts": len(mains), "node": node, "files": files}
         _write_atomic(part_marker(path, node), json.dumps(doc))
     # Every node's view, gathered after its marker is written (so this is the barrier too).
@@ -205,28 +284,38 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
-    """Loads a checkpoint into the (already sharded) model and optimizer; returns the trainer
-    state. Works with a different world size (DCP reshards); the RNG state is restored only when
-    the world size is unchanged."""
+    """Loads a checkpoint that ``agree_on_resume`` chose (so verified) into the (already sharded)
+    model and optimizer; returns the trainer state. Works with a different world size (DCP
+    reshards); the RNG state is restored only when the world size is unchanged."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "trainer": ""}
-    dcp.load(state, checkpoint_id=str(path))
+    try:
+        dcp.load(state, checkpoint_id=str(path), planner=NoPickleLoadPlanner())
+    except CheckpointException as exc:  # DCP gathers every rank's failure into one exception
+        refused = [e for e, _ in exc.failures.values() if isinstance(e, UntrustedCheckpoint)]
+        if refused:
+            raise UntrustedCheckpoint(
+                f"{path}: {refused[0]}: ftstack did not write this checkpoint; delete the folder from the job's "
+                "checkpoints (the execution's checkpoint prefix in S3) and start again"
+            ) from None
+        raise
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = path / _rng_file(dist.get_rank())
     saved_world = _read_marker(part_marker(path, 0))["world_size"]
     if saved_world == dist.get_world_size() and rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(load_file(str(rng)))
     return json.loads(state["trainer"])
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state() -> dict[str, torch.Tensor]:
+    # Plain byte tensors, stored as safetensors: loading them never unpickles anything.
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

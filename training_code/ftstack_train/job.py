@@ -9,7 +9,7 @@ import re
 import urllib.error
 import urllib.request
 from http.client import HTTPException
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .config import MODEL_KEY, TOKENIZER_KEY, TrainConfig, parse_config
 from .errors import ConfigError
@@ -49,8 +49,9 @@ def load_job_config(paths: SageMakerPaths) -> tuple[TrainConfig, list[str]]:
 
 
 def checkpoint_dir(cfg: TrainConfig, paths: SageMakerPaths) -> Path:
-    """``save_folder`` when set (relative paths under the SageMaker checkpoint folder), else the
-    SageMaker checkpoint folder itself."""
+    """``save_folder`` when set (a relative path inside the SageMaker checkpoint folder), else the
+    SageMaker checkpoint folder itself. Checkpoints are unpickled on resume, so they are read only
+    from there: an absolute path, ``..`` or a link that leads out is a ConfigError."""
     if not cfg.save_folder:
         return paths.checkpoints
     if "://" in cfg.save_folder:
@@ -58,7 +59,14 @@ def checkpoint_dir(cfg: TrainConfig, paths: SageMakerPaths) -> Path:
             f"save_folder: {cfg.save_folder!r} is remote; leave save_folder empty, the job's checkpoint "
             "folder is synced to S3 by SageMaker"
         )
-    return paths.checkpoints / cfg.save_folder
+    relative = PurePosixPath(cfg.save_folder)
+    folder = paths.checkpoints / relative
+    if relative.is_absolute() or ".." in relative.parts or not folder.resolve().is_relative_to(paths.checkpoints.resolve()):
+        raise ConfigError(
+            f"save_folder: {cfg.save_folder!r} leads outside the job's checkpoint folder {paths.checkpoints}; "
+            "give a relative path without '..' (such as run-1), or leave save_folder empty"
+        )
+    return folder
 
 
 def base_model_source(cfg: TrainConfig, paths: SageMakerPaths) -> str:

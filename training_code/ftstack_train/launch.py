@@ -114,12 +114,7 @@ def prepare(paths: SageMakerPaths) -> list[str]:
     from .model import make_tiny_model
 
     cfg, warnings = load_job_config(paths)
-    folder = checkpoint_dir(cfg, paths)
-    if not folder.resolve().is_relative_to(paths.checkpoints.resolve()):
-        warnings.append(
-            f"save_folder {cfg.save_folder} is outside {paths.checkpoints}: on SageMaker those checkpoints are not "
-            "synced to S3 and do not survive an interruption; leave save_folder empty to use the synced folder"
-        )
+    folder = checkpoint_dir(cfg, paths)  # a save_folder outside the job's checkpoint folder is an error
     for warning in warnings:
         print(f"warning: {warning}", flush=True)
     files = {}

@@ -161,7 +161,7 @@ def train(
         optimizer, lambda s: lr_factor(s, sched.total_steps, sched.warmup_steps, cfg)
     )
     state: dict[str, Any] = {"step": 0, "history": [], "final_train": {}}
-    resume = agree_on_resume(checkpoint_dir)  # collective: every rank picks the same one
+    resume = agree_on_resume(checkpoint_dir, d.is_local_main)  # collective: every rank picks the same one
     if resume is not None:
         state = load_checkpoint(resume, model.module, optimizer)
         scheduler.last_epoch = state["step"]
