@@ -160,3 +160,15 @@ def reference(runs, tmp_path_factory) -> tuple[Path, Path]:
     log = output.parent / f"{output.name}.log"
     assert runs.run(runs.command(output, "max_duration=40ba"), log) == 0, log.read_text()
     return output, log
+
+
+@pytest.fixture(scope="module")
+def process_group(free_port):
+    """A one-process gloo group for a test module's in-process saves and loads."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ftstack_train.checkpoint import (
@@ -243,15 +242,6 @@ def test_config_keeps_at_least_two_checkpoints(keep):
 
 
 # --- a real save and load: one process, gloo, FSDP2 --------------------------------------------
-
-@pytest.fixture(scope="module")
-def process_group(free_port):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
 
 def sharded(source: Path) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The base model as train.py builds it: fp32, sharded per block, with AdamW."""
