@@ -169,6 +169,16 @@ def test_bad_jsonl_in_the_train_channel_fails_with_its_line(paths, capsys):
     assert f"{paths.channel('train') / 'train.jsonl'}:2: is not valid JSON" in reason
 
 
+def test_a_model_folder_with_foreign_files_fails_before_training(paths, capsys):
+    # Issue 11, item 3: the export refused them only at the end of the paid-for run.
+    write(paths.model_dir / "notes.txt", "mine")
+
+    reason = fails_with(paths, capsys)
+
+    assert f"{paths.model_dir}: holds 'notes.txt'" in reason
+    assert (paths.model_dir / "notes.txt").read_text() == "mine"
+
+
 def test_bad_hyperparameter_fails_naming_the_key(paths, capsys):
     set_hyperparameters(paths, {"optimizer.lr": "abc"})
 

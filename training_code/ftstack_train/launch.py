@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .contract import CHECKPOINT_BASE_MODEL, TEST_CHANNEL, TINY_MODELS, TRAIN_CHANNEL, SageMakerPaths
 from .errors import EXIT_STOPPED, EXIT_USER_ERROR, PID_DIR_ENV, STOPPED_FILE, USER_ERROR_FILE, USER_ERRORS, ConfigError
+from .export_folder import check_model_dir
 from .job import base_model_source, checkpoint_dir, load_job_config, require_hub_access, write_failure
 from .network import NodeNetwork, describe, network_env, parse_node_network
 from .validation import check_files
@@ -135,6 +136,9 @@ def prepare(paths: SageMakerPaths) -> list[str]:
         )
         make_tiny_model(cfg.model, texts, source, cfg.seed)
         print(f"made a random {cfg.model} base model in {source}", flush=True)
+    # The export replaces only its own earlier export; a foreign file there would stop the job at
+    # its very end, after the training was paid for, so it stops it here.
+    check_model_dir(paths.model_dir)
     require_hub_access(cfg, paths)
     folder.mkdir(parents=True, exist_ok=True)
     paths.model_dir.mkdir(parents=True, exist_ok=True)
