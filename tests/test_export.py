@@ -9,7 +9,6 @@ from pathlib import Path
 import jinja2
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from torch.distributed.tensor import DTensor
@@ -220,23 +219,24 @@ def test_model_card_closes_the_block_of_a_template_without_a_final_newline():
 # --- exporting the sharded model ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def trained(tiny_mpt, free_port):
+def trained(tiny_mpt, process_group):
     """The tiny MPT as train.py builds it (fp32, sharded per block), after one optimizer step, in a
     one-process gloo group that lasts for this module."""
+    return stepped(tiny_mpt, seed=0)
+
+
+def stepped(source: Path, seed: int):
+    """The model at ``source``, sharded and stepped once as train.py does, with its tokenizer."""
     from ftstack_train.distributed import apply_fsdp
     from ftstack_train.model import load_model, load_tokenizer
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        tokenizer = load_tokenizer(str(tiny_mpt))
-        model = apply_fsdp(load_model(str(tiny_mpt), True, len(tokenizer)), torch.device("cpu"), "fp32", activation_checkpointing=False)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        yield model, tokenizer
-    finally:
-        dist.destroy_process_group()
+    tokenizer = load_tokenizer(str(source))
+    model = apply_fsdp(load_model(str(source), True, len(tokenizer)), torch.device("cpu"), "fp32", activation_checkpointing=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(seed))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    return model, tokenizer
 
 
 def trained_weights(model) -> dict[str, torch.Tensor]:
@@ -345,16 +345,7 @@ def test_exported_tokenizer_formats_prompts_as_training_did(trained, tmp_path):
 def trained_hub_like(trained, hub_like_mpt):
     """The hub-shaped tiny MPT (``auto_map`` to files it lacks), built and stepped as train.py
     does, in the process group that ``trained`` holds."""
-    from ftstack_train.distributed import apply_fsdp
-    from ftstack_train.model import load_model, load_tokenizer
-
-    tokenizer = load_tokenizer(str(hub_like_mpt))
-    model = apply_fsdp(load_model(str(hub_like_mpt), True, len(tokenizer)), torch.device("cpu"), "fp32", activation_checkpointing=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(1))
-    model(input_ids=ids, labels=ids).loss.backward()
-    optimizer.step()
-    return model, tokenizer
+    return stepped(hub_like_mpt, seed=1)
 
 
 def test_the_hub_shaped_base_model_needs_its_missing_remote_code(hub_like_mpt):
