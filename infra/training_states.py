@@ -26,6 +26,7 @@ from ftstack_train.contract import MODEL_CHANNEL, TEST_CHANNEL, TRAIN_CHANNEL
 from ftstack_train.metrics import METRIC_DEFINITIONS
 
 from .settings import CONTAINER_PATHS, WorkflowSettings
+from .stage_data.request import ATTEMPT_SUFFIX
 
 CAPACITY_ERRORS = ("*CapacityError*", "*InsufficientInstanceCapacity*", "*InsufficientCapacity*")
 """How a training job that got no instances of its type reads in its FailureReason."""
@@ -85,7 +86,7 @@ def attempt_states(s: WorkflowSettings) -> dict[str, Any]:
         "PrepareAttempt": {
             "Type": "Pass",
             "Parameters": {
-                "name.$": "States.Format('{}-a{}', $.staged.job_name_prefix, $.attempt.index)",
+                "name.$": f"States.Format('{{}}{ATTEMPT_SUFFIX}{{}}', $.staged.job_name_prefix, $.attempt.index)",
                 "instance_type.$": "States.ArrayGetItem($.staged.instance_types, $.attempt.index)",
                 "encrypt_traffic": False,
                 "stopping": {"MaxRuntimeInSeconds": s.max_runtime_s},

@@ -36,6 +36,10 @@ TASK_ACTIONS = {
 """The IAM actions behind each task resource the definition uses."""
 
 
+FINAL_METRICS_OBJECTS = f"{layout.model_prefix('*')}*/{JOB_MODEL_DIR}{FINAL_METRICS_FILE}"
+"""Every job's final-metrics file: ``executions/<execution>/model/<job>/output/model/final-metrics.json``."""
+
+
 def model_package_group_arn(stack: cdk.Stack, group: str, *, packages: bool = False) -> str:
     """The ARN of a model package group (or, with ``packages``, of its versions). SageMaker writes
     these ARNs in lower case whatever the group name's case, and IAM compares ARNs case-sensitively."""
@@ -94,14 +98,14 @@ class FineTuningWorkflow(Construct):
             conditions={"Bool": {"kms:GrantIsForAWSResource": "true"}},
         ))
         key.grant_encrypt_decrypt(role)
-        bucket.grant_read(role, f"{layout.EXECUTIONS}*/model/*/{JOB_MODEL_DIR}{FINAL_METRICS_FILE}")
+        bucket.grant_read(role, FINAL_METRICS_OBJECTS)
         staging_function.grant_invoke(role)
         topic.grant_publish(role)
         acknowledge(role, grant_wildcards(
             "Action::s3:GetObject*", "Action::s3:GetBucket*", "Action::s3:List*",
             "Action::kms:GenerateDataKey*", "Action::kms:ReEncrypt*",
         ) | {
-            wildcard(f"Resource::{arn_of(bucket)}/{layout.EXECUTIONS}*/model/*/{JOB_MODEL_DIR}{FINAL_METRICS_FILE}"):
+            wildcard(f"Resource::{arn_of(bucket)}/{FINAL_METRICS_OBJECTS}"):
                 "reads the final metrics of the execution's job (execution and job names are known at run time only)",
             wildcard("Resource::" + arn_in_finding(self, "sagemaker", "training-job/" + training_jobs(job_prefix))): "job names carry the execution name and attempt, known only at run time",
             wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"model-package/{model_package_group.lower()}/*")):

@@ -38,7 +38,7 @@ from infra.layout import checkpoint_prefix, model_prefix, staged_data_prefix  # 
 # Re-exported: infra and the tests import the input checks from this module too.
 from .request import (  # noqa: E402, F401
     INPUT_KEYS, MAX_HYPERPARAMETER_CHARS, MAX_HYPERPARAMETERS, MAX_JOB_NAME_PREFIX, MODEL_KEY, InvalidInput, Request,
-    Settings, _uri, check_input, job_name_prefix,
+    Settings, _uri, check_input, is_execution_name, job_name_prefix,
 )
 
 ASSET_PATHS = (
@@ -120,7 +120,7 @@ def stage(event: Mapping[str, Any], settings: Settings, s3: Any) -> dict[str, An
 
 def _execution_name(event: Mapping[str, Any]) -> str:
     execution = event.get("execution") if isinstance(event, Mapping) else None
-    if not isinstance(execution, str) or not 0 < len(execution) <= 80 or "/" in execution or execution in (".", ".."):
+    if not is_execution_name(execution):
         # Not the user's input: the state machine passes $$.Execution.Name.
         raise ValueError(f"event['execution'] must be the Step Functions execution name, got {execution!r}")
     return execution

@@ -31,7 +31,7 @@ from infra.layout import BASE_MODELS, INCOMING  # noqa: E402
 from infra.instances import INSTANCE_TYPE, gpus  # noqa: E402
 
 MAX_JOB_NAME_PREFIX = 52
-"""SageMaker job names are at most 63 characters; the workflow appends ``-a<attempt>``."""
+"""SageMaker job names are at most 63 characters; the workflow appends ``ATTEMPT_SUFFIX<attempt>``."""
 MAX_HYPERPARAMETERS = 100
 MAX_HYPERPARAMETER_CHARS = 2500
 """SageMaker's limits on a training job's hyperparameters."""
@@ -44,6 +44,13 @@ INPUT_KEYS = ("train_data", "test_data", "test_split", "base_model", "hyperparam
               "instance_type", "instance_count", "spot", "resume_from")
 _EXECUTION_NAME = re.compile(r"^[^\s/<>{}\[\]?*\"#%\\^|~`$&,;:]{1,80}$")
 """What Step Functions allows in an execution name."""
+ATTEMPT_SUFFIX = "-a"
+"""The workflow names attempt N of an execution's job ``<job_name_prefix>-a<N>``."""
+
+
+def is_execution_name(value: Any) -> bool:
+    """Whether ``value`` can be a Step Functions execution name (and, here, a key part: not . or ..)."""
+    return isinstance(value, str) and bool(_EXECUTION_NAME.match(value)) and value not in (".", "..")
 _HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _HUB_ID = re.compile(rf"^(?:{_HUB_PART}/)?{_HUB_PART}$")
 _JOB_PREFIX = re.compile(r"^[A-Za-z0-9](-?[A-Za-z0-9])*$")
@@ -185,7 +192,7 @@ def check_input(data: Any, settings: Settings) -> Request:
 def _resume_from(value: Any) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not _EXECUTION_NAME.match(value):
+    if not is_execution_name(value):
         raise InvalidInput(f"resume_from: {value!r} is not an execution name; give the name of the execution whose "
                            "checkpoints to continue from (it is in its notification)")
     return value

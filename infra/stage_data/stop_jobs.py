@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from .request import job_name_prefix
+from .request import ATTEMPT_SUFFIX, job_name_prefix
 
 ENDED = ("ABORTED", "TIMED_OUT", "FAILED")
 """Execution statuses after which no state of the execution will look at its job again."""
@@ -37,8 +37,8 @@ def stop_jobs(event: Mapping[str, Any], job_prefix: str, sagemaker: Any) -> dict
     execution, status = detail["name"], detail["status"]
     if status not in ENDED:
         return {"execution": execution, "status": status, "stopped": []}
-    start = job_name_prefix(job_prefix, execution) + "-a"
-    own = re.compile(re.escape(start) + r"\d+")  # NameContains also finds e.g. <prefix>-run10 for run1
+    start = job_name_prefix(job_prefix, execution) + ATTEMPT_SUFFIX
+    own = re.compile(re.escape(start) + r"\d+")  # NameContains matches anywhere in a name, not only at its start
     stopped = []
     for page in sagemaker.get_paginator("list_training_jobs").paginate(NameContains=start, StatusEquals="InProgress"):
         for summary in page["TrainingJobSummaries"]:

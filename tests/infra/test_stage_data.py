@@ -498,7 +498,7 @@ def test_a_broken_deployment_is_not_blamed_on_the_input(s3, monkeypatch, env, sa
         invoke({"train_data": TRAIN})
 
 
-@pytest.mark.parametrize("execution", [None, "", "a/b", "x" * 81])
+@pytest.mark.parametrize("execution", [None, "", "a/b", "x" * 81, "..", "a b"])
 def test_the_execution_name_comes_from_the_state_machine(s3, execution):
     with pytest.raises(ValueError, match="execution name"):
         stage_data.handler({"execution": execution, "input": {"train_data": TRAIN}}, None)
