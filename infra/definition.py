@@ -154,8 +154,8 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
         "MetricsComplete?": {
             "Type": "Choice",
             "Choices": [{"And": [
-                {"Variable": f"{EVAL_CE}", "IsPresent": True},
-                {"Variable": f"{EVAL_CE}", "IsNumeric": True},
+                {"Variable": EVAL_CE, "IsPresent": True},
+                {"Variable": EVAL_CE, "IsNumeric": True},
             ], "Next": "QualityGate" if s.quality_threshold is not None else "Register"}],
             "Default": "MetricsIncomplete",
         },
@@ -198,7 +198,7 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
                     "training_job.$": "$.job.name",
                     "execution.$": "$$.Execution.Name",
                     "training_image": "${TrainingImage}",
-                    "eval_cross_entropy.$": "States.Format('{}', $.metrics.final.eval_cross_entropy)",
+                    "eval_cross_entropy.$": f"States.Format('{{}}', {EVAL_CE})",
                 },
             },
             "ResultSelector": {"arn.$": "$.ModelPackageArn"},
@@ -215,7 +215,7 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
                 "Subject": "ftstack: model registered",
                 "Message.$": "States.Format('Execution {} registered model package {} (eval cross-entropy {}, training job {}). "
                 "Review and approve it in the SageMaker Model Registry.', $$.Execution.Name, $.registered.arn, "
-                "$.metrics.final.eval_cross_entropy, $.job.name)",
+                f"{EVAL_CE}, $.job.name)",
             },
             "ResultPath": None,
             "Next": "Succeeded",
@@ -232,7 +232,7 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
             "Type": "Pass",
             "Parameters": {
                 "Error": "QualityGateFailed",
-                "Cause.$": f"States.Format('final eval cross-entropy {{}} of training job {{}} is above the threshold {s.quality_threshold}; nothing was registered', $.metrics.final.eval_cross_entropy, $.job.name)",
+                "Cause.$": f"States.Format('final eval cross-entropy {{}} of training job {{}} is above the threshold {s.quality_threshold}; nothing was registered', {EVAL_CE}, $.job.name)",
             },
             "ResultPath": "$.error",
             "Next": "NotifyError",
