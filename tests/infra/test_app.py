@@ -138,12 +138,10 @@ def test_channels_paths_and_output_agree_with_the_training_code(definition):
 
 def test_the_workflows_hyperparameters_parse_with_the_training_config():
     """What the staging step passes as HyperParameters (strings) is what the job parses."""
-    from infra.stage_data.handler import Settings, check_input
+    from infra.stage_data.handler import check_input
+    from staging_samples import staging_settings
 
-    settings = Settings.from_env({"BUCKET": "ftstack-bucket", "SETTINGS": json.dumps({
-        "job_prefix": "ftstack", "instance_type": "ml.p4d.24xlarge", "fallback_instance_types": [], "instance_count": 1,
-        "max_instance_count": 4, "spot": False, "base_model": "mosaicml/mpt-7b", "test_split": 0.05,
-        "key_arn": "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab", "network_isolation": False})})
+    settings = staging_settings("ftstack-bucket", fallback_instance_types=[])
     request = check_input({"train_data": "s3://ftstack-bucket/incoming/t.jsonl", "hyperparameters": {
         "optimizer.lr": 1e-5, "packing": False, "optimizer.betas": [0.9, 0.95], "max_duration": "2ep"}}, settings)
     assert all(isinstance(v, str) for v in request.hyperparameters.values())

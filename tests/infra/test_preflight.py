@@ -3,22 +3,19 @@ instance starts, with the training code's own rule."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
 from infra.instances import GPUS, gpus
 from infra.stage_data.request import InvalidInput, Settings, check_input
+from staging_samples import staging_settings
 
 BUCKET = "ftstack-bucket"
 TRAIN = f"s3://{BUCKET}/incoming/train.jsonl"
 
 
 def settings(**overrides) -> Settings:
-    values = {"job_prefix": "ftstack", "instance_type": "ml.p4d.24xlarge", "fallback_instance_types": ["ml.g5.12xlarge"],
-              "instance_count": 1, "max_instance_count": 4, "spot": False, "base_model": "mosaicml/mpt-7b", "test_split": 0.05,
-              "key_arn": "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab", "network_isolation": False}
-    return Settings.from_env({"BUCKET": BUCKET, "SETTINGS": json.dumps(values | overrides)})
+    return staging_settings(BUCKET, **{"fallback_instance_types": ["ml.g5.12xlarge"]} | overrides)
 
 
 def test_the_tutorial_batch_fits_every_default_instance_type():

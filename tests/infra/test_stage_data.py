@@ -26,11 +26,10 @@ from ftstack_train.config import parse_config  # noqa: E402
 from infra.stage_data import handler as stage_data  # noqa: E402
 from infra.stage_data.handler import InvalidDataset, InvalidInput, job_name_prefix  # noqa: E402
 from infra.stage_data.request import training_jobs  # noqa: E402
+from staging_samples import staging_values  # noqa: E402
 
 BUCKET = "ftstack-data-bucket"
-SETTINGS = {"job_prefix": "ftstack", "instance_type": "ml.p4d.24xlarge", "fallback_instance_types": ["ml.g5.48xlarge"],
-            "instance_count": 1, "max_instance_count": 4, "spot": False, "base_model": "mosaicml/mpt-7b", "test_split": 0.05,
-            "key_arn": "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab", "network_isolation": False}
+SETTINGS = staging_values()
 TRAIN = f"s3://{BUCKET}/incoming/train.jsonl"
 TEST = f"s3://{BUCKET}/incoming/test.jsonl"
 SAGEMAKER_JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")

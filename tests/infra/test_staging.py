@@ -15,10 +15,9 @@ from infra.stage_data.handler import ASSET_PATHS
 from infra.stage_data.request import Settings
 from infra.staging import StagingFunction
 from infra.storage import Storage
+from staging_samples import staging_values
 
-SETTINGS = {"job_prefix": "ftstack", "instance_type": "ml.p4d.24xlarge", "fallback_instance_types": [], "instance_count": 1,
-            "max_instance_count": 4, "spot": False, "base_model": "mosaicml/mpt-7b", "test_split": 0.05,
-            "key_arn": "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab", "network_isolation": False}
+SETTINGS = staging_values(fallback_instance_types=[])
 
 
 def typed(storage: Storage) -> Settings:

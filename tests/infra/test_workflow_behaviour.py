@@ -26,6 +26,7 @@ from infra.stage_data.handler import InvalidDataset, InvalidInput, Settings, job
 from infra.training_states import poll_seconds
 
 from aws_contract import AwsCalls, AwsError, operation, problems
+from staging_samples import staging_settings
 
 ACCOUNT, REGION, BUCKET = "123456789012", "us-east-1", "ftstack-bucket"
 KEY_ARN = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
@@ -43,9 +44,7 @@ VALUES = {
     "TopicArn": f"arn:aws:sns:{REGION}:{ACCOUNT}:ftstack-Notifications",
     "ModelPackageGroupName": "ftstack-models",
 }
-STAGING = Settings(bucket=BUCKET, job_prefix="ftstack", instance_type="ml.p4d.24xlarge", fallback_instance_types=("ml.g5.48xlarge",),
-                   instance_count=1, max_instance_count=4, spot=False, base_model="mosaicml/mpt-7b", test_split=0.05,
-                   key_arn=KEY_ARN, network_isolation=False)
+STAGING = staging_settings(BUCKET, key_arn=KEY_ARN)
 GOOD_INPUT = {"train_data": f"s3://{BUCKET}/incoming/train.jsonl"}
 RUN1 = job_name_prefix("ftstack", "run1")
 """The job names of the execution run1 start with this (``ftstack-run1-<digest>``)."""
@@ -85,8 +84,8 @@ def described(*states: tuple[str, str] | tuple[str, str, str]):
 
 
 def quota_refused(request: dict) -> dict:
-    raise AwsError("ResourceLimitExceeded", f"The account-level service limit 'ml.p4d.24xlarge for training job usage' is 0 "
-                   f"Instances, with current utilization of 0 Instances and a request delta of 1 Instances.")
+    raise AwsError("ResourceLimitExceeded", "The account-level service limit 'ml.p4d.24xlarge for training job usage' is 0 "
+                   "Instances, with current utilization of 0 Instances and a request delta of 1 Instances.")
 
 
 CAPACITY = ("Failed", "Failed", "CapacityError: Unable to provision requested ML compute capacity. Please retry using a different ML instance type.")
