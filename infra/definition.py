@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ftstack_train.contract import FINAL_METRICS_FILE, METRICS_FILE
+from ftstack_train.contract import FINAL_EVAL_CE, FINAL_METRICS_FILE, METRICS_FILE
 
 from .layout import JOB_MODEL_DIR
 from .settings import WorkflowSettings
@@ -27,7 +27,7 @@ PLACEHOLDERS = (
     "TopicArn", "ModelPackageGroupName",
 )
 
-EVAL_CE = "$.metrics.final.eval_cross_entropy"
+EVAL_CE = f"$.metrics.final.{FINAL_EVAL_CE}"
 """The final eval cross-entropy, once the job's final-metrics file is read."""
 
 LAMBDA_ERRORS = ["Lambda.ServiceException", "Lambda.AWSLambdaException", "Lambda.SdkClientException"]
@@ -163,7 +163,7 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
             "Type": "Pass",
             "Parameters": {
                 "Error": "MetricsMissing",
-                "Cause.$": "States.Format('{} of training job {} has no numeric eval_cross_entropy; nothing was registered', $.model.final_metrics_uri, $.job.name)",
+                "Cause.$": f"States.Format('{{}} of training job {{}} has no numeric {FINAL_EVAL_CE}; nothing was registered', $.model.final_metrics_uri, $.job.name)",
             },
             "ResultPath": "$.error",
             "Next": "NotifyError",
@@ -198,7 +198,7 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
                     "training_job.$": "$.job.name",
                     "execution.$": "$$.Execution.Name",
                     "training_image": "${TrainingImage}",
-                    "eval_cross_entropy.$": f"States.Format('{{}}', {EVAL_CE})",
+                    f"{FINAL_EVAL_CE}.$": f"States.Format('{{}}', {EVAL_CE})",
                 },
             },
             "ResultSelector": {"arn.$": "$.ModelPackageArn"},

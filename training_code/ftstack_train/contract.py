@@ -43,6 +43,9 @@ FINAL_METRICS_FILE = "final-metrics.json"
 """Only the final figures (``metrics.json``'s ``final``): what the workflow reads for its quality
 gate. Its size does not grow with the run, as the eval history does."""
 
+FINAL_EVAL_CE = "eval_cross_entropy"
+"""The key of the final eval cross-entropy in ``final``: the workflow's quality gate reads it."""
+
 FAILURE_FILE = "failure"
 """SageMaker shows this file's text as the job's FailureReason."""
 

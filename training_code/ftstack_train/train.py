@@ -12,7 +12,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from .contract import TEST_CHANNEL, TRAIN_CHANNEL, SageMakerPaths
+from .contract import FINAL_EVAL_CE, TEST_CHANNEL, TRAIN_CHANNEL, SageMakerPaths
 from .data import StepPlan, list_data_files, pack_rows, tokenize_files
 from .distributed import build_sharded_model, compute_dtype, init_distributed
 from .errors import EXIT_USER_ERROR, PID_DIR_ENV, STOPPED_FILE, USER_ERROR_FILE, USER_ERRORS
@@ -53,7 +53,7 @@ def run(paths: SageMakerPaths, stop: StopRequested) -> bool:
     metrics = {"final": {f"train_{k}": v for k, v in result.final_train.items()}, "history": result.history}
     if result.history:
         last = result.history[-1]
-        metrics["final"].update(eval_cross_entropy=last["cross_entropy"], eval_perplexity=last["perplexity"])
+        metrics["final"].update({FINAL_EVAL_CE: last["cross_entropy"], "eval_perplexity": last["perplexity"]})
         metrics["final"]["step"] = result.step
     lineage = {"base_model": cfg.model, "run_name": cfg.run_name,
                "train": splits[TRAIN_CHANNEL].summary(), "test": splits[TEST_CHANNEL].summary()}
