@@ -25,6 +25,7 @@ if str(_TRAINING_CODE) not in sys.path:
     sys.path.insert(0, str(_TRAINING_CODE))
 
 from ftstack_train.config import MODEL_KEY, TOKENIZER_KEY, TrainConfig, batch_split, parse_config  # noqa: E402
+from ftstack_train.contract import is_hub_id  # noqa: E402
 from ftstack_train.errors import ConfigError  # noqa: E402
 
 from infra.layout import BASE_MODELS, INCOMING  # noqa: E402
@@ -51,8 +52,6 @@ ATTEMPT_SUFFIX = "-a"
 def is_execution_name(value: Any) -> bool:
     """Whether ``value`` can be a Step Functions execution name (and, here, a key part: not . or ..)."""
     return isinstance(value, str) and bool(_EXECUTION_NAME.match(value)) and value not in (".", "..")
-_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
-_HUB_ID = re.compile(rf"^(?:{_HUB_PART}/)?{_HUB_PART}$")
 _JOB_PREFIX = re.compile(r"^[A-Za-z0-9](-?[A-Za-z0-9])*$")
 
 
@@ -241,7 +240,7 @@ def _base_model(value: Any, bucket: str) -> tuple[str, str | None]:
                                f"s3://{bucket}/{BASE_MODELS}<name>/ and give that URI")
         key = key.rstrip("/") + "/"
         return _uri(bucket, key), key
-    if not isinstance(value, str) or not _HUB_ID.match(value) or "--" in value or ".." in value:
+    if not is_hub_id(value):
         raise InvalidInput(f"base_model: {value!r} is neither a Hugging Face hub id (e.g. mosaicml/mpt-7b) nor an "
                            f"s3:// URI of a model directory under s3://{bucket}/{BASE_MODELS}")
     return value, None
@@ -254,9 +253,8 @@ def _check_isolated(cfg: TrainConfig, base_model_key: str | None, bucket: str) -
     if base_model_key is None:
         raise InvalidInput(f"base_model: {cfg.model!r} is a hub id, which a training job without network "
                            f"cannot download; {fix}")
-    tokenizer = cfg.tokenizer
-    if tokenizer and tokenizer != cfg.model:
-        raise InvalidInput(f"hyperparameters.{TOKENIZER_KEY}: {tokenizer!r} would be downloaded from the hub, "
+    if not cfg.own_tokenizer:
+        raise InvalidInput(f"hyperparameters.{TOKENIZER_KEY}: {cfg.tokenizer!r} would be downloaded from the hub, "
                            "which a training job without network cannot reach; leave it out to use the base "
                            "model's own tokenizer")
 

@@ -149,6 +149,12 @@ class TrainConfig:
         _check(self)
 
     @property
+    def own_tokenizer(self) -> bool:
+        """Whether the tokenizer comes with the base model, from wherever that is loaded: no
+        ``tokenizer.name``, or one equal to the model id (as in the tutorial's YAML)."""
+        return self.tokenizer is None or self.tokenizer == self.model
+
+    @property
     def export_shard_bytes(self) -> int:
         """``export_max_shard_size`` in bytes."""
         return parse_size(self.export_max_shard_size)

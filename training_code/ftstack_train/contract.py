@@ -7,6 +7,7 @@ Standard library only: the infrastructure imports this without torch.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,17 @@ FINAL_EVAL_CE = "eval_cross_entropy"
 
 FAILURE_FILE = "failure"
 """SageMaker shows this file's text as the job's FailureReason."""
+
+_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+_HUB_ID = re.compile(rf"(?:{_HUB_PART}/)?{_HUB_PART}")
+
+
+def is_hub_id(value: object) -> bool:
+    """Whether ``value`` is a Hugging Face hub repository id (``owner/name`` or ``name``), by the
+    hub's own rules: letters, digits, ``.``, ``_`` and ``-``, at most 96 per part, no ``--`` or
+    ``..``, starting and ending with a letter or digit. The staging step and the job both ask this."""
+    return isinstance(value, str) and bool(_HUB_ID.fullmatch(value)) and "--" not in value and ".." not in value
+
 
 TINY_MODELS = ("tiny-mpt", "tiny-llama")
 """Base model names that mean a small random model, made at start-up (demo and tests)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import urllib.error
 import urllib.request
 from http.client import HTTPException
@@ -13,7 +12,7 @@ from pathlib import Path, PurePosixPath
 
 from .config import MODEL_KEY, TOKENIZER_KEY, TrainConfig, parse_config
 from .errors import ConfigError
-from .contract import CHECKPOINT_BASE_MODEL, CONFIG_CHANNEL, MODEL_CHANNEL, TINY_MODELS, SageMakerPaths
+from .contract import CHECKPOINT_BASE_MODEL, CONFIG_CHANNEL, MODEL_CHANNEL, TINY_MODELS, SageMakerPaths, is_hub_id
 
 FAILURE_LIMIT = 1000  # SageMaker truncates FailureReason; keep the start, which names the problem
 
@@ -85,7 +84,7 @@ def tokenizer_source(cfg: TrainConfig, model_source: str) -> str:
     base model, otherwise the base model's own source. So the tutorial's ``tokenizer.name:
     mosaicml/mpt-7b`` next to the same model id follows the model to the ``model`` channel (or
     ``--model``) instead of fetching the tokenizer of a model that is not the one being trained."""
-    if cfg.tokenizer is None or cfg.tokenizer == cfg.model:
+    if cfg.own_tokenizer:
         return model_source
     return cfg.tokenizer
 
@@ -95,9 +94,6 @@ HUB_OFFLINE_ENV = "HF_HUB_OFFLINE"
 
 HUB_ENDPOINT_ENV = "HF_ENDPOINT"
 HUB_PROBE_TIMEOUT_S = 5.0
-
-# What huggingface_hub accepts as a repository id: one `owner/name` or a bare `name`.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 _HUB_FIX = {
     MODEL_KEY: "stage the model in S3 under base-models/ and pass it as base_model (locally: --model DIR), "
@@ -121,7 +117,7 @@ def require_hub_access(cfg: TrainConfig, paths: SageMakerPaths) -> None:
     for key, source in sources.items():
         if Path(source).is_dir() or (key == MODEL_KEY and cfg.model in TINY_MODELS):
             continue
-        if not _HUB_ID.fullmatch(source):
+        if not is_hub_id(source):
             raise ConfigError(
                 f"{key}: {source!r} is not a directory here, nor a Hugging Face hub id; give a model directory "
                 "or an id such as mosaicml/mpt-7b"
