@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def process_environment():
+    """Puts the process environment back after each test. The launcher's ``prepare`` sets
+    variables for the training processes it is about to start (NCCL_*, GLOO_SOCKET_IFNAME,
+    HF_HUB_OFFLINE); called in-process by a test, they would reach every later test's
+    subprocesses and make results depend on test order."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
