@@ -13,7 +13,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from ftstack_train.checkpoint import (
-    PART_PREFIX, agree_on_resume, complete_somewhere, doomed, is_complete, latest_complete, load_checkpoint, local_view, part_marker,
+    PART_PREFIX, agree_on_resume, complete_somewhere, doomed, is_complete, load_checkpoint, local_view, part_marker,
     parts_present, resume_choice, save_checkpoint, step_dir,
 )
 from ftstack_train.config import parse_config
@@ -120,6 +120,12 @@ def test_markers_that_disagree_on_the_layout_never_count(tmp_path):
 
 
 # --- which checkpoint a run resumes from -------------------------------------------------------
+
+def latest_complete(folder: Path) -> Path | None:
+    """The checkpoint a single node resumes from: what agree_on_resume picks from its one view."""
+    name = resume_choice([local_view(folder)])
+    return None if name is None else folder / name
+
 
 def test_latest_complete_picks_the_newest_complete(tmp_path):
     fake_checkpoint(tmp_path, 4)

@@ -128,14 +128,6 @@ def is_complete(path: Path) -> bool:
     return found is not None and found[1] == list(range(found[0]))
 
 
-def latest_complete(folder: Path) -> Path | None:
-    """The newest checkpoint complete on this disk, or None."""
-    for path in reversed(_step_dirs(folder)):
-        if is_complete(path):
-            return path
-    return None
-
-
 def local_view(folder: Path) -> View:
     """This node's view of ``folder``, to be combined with the other nodes' views."""
     view = {}

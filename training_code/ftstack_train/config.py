@@ -32,6 +32,10 @@ MODEL_KEY = "model.pretrained_model_name_or_path"
 """The key that names the base model; ``ftstack local --model`` and the workflow's ``base_model``
 set it."""
 
+MIN_CHECKPOINTS_KEPT = 2
+"""SageMaker uploads the checkpoint folder in the background and mirrors deletions to S3: with one
+kept, the only complete checkpoint would be deleted while its successor is still uploading."""
+
 TOKENIZER_KEY = "tokenizer.name"
 """The key that names the tokenizer; equal to the base model's id, it follows the model (see job.tokenizer_source)."""
 
@@ -259,9 +263,8 @@ def _check(cfg: TrainConfig) -> None:
         fail("algorithms.gradient_clipping.clipping_threshold", "must be positive, or 0 to turn clipping off")
     if cfg.precision not in ("amp_bf16", "bf16", "fp32"):
         fail("precision", f"{cfg.precision!r} is not supported; use amp_bf16 (or bf16) or fp32")
-    if cfg.save_num_checkpoints_to_keep < 2:
-        # SageMaker uploads the checkpoint folder in the background and mirrors deletions to S3.
-        fail("save_num_checkpoints_to_keep", "keep at least 2: with 1, the only complete checkpoint is deleted "
+    if cfg.save_num_checkpoints_to_keep < MIN_CHECKPOINTS_KEPT:
+        fail("save_num_checkpoints_to_keep", f"keep at least {MIN_CHECKPOINTS_KEPT}: with 1, the only complete checkpoint is deleted "
              "while SageMaker is still uploading the next one, and an interruption leaves nothing to resume")
     if cfg.dist_timeout <= 0:
         fail("dist_timeout", "must be a positive number of seconds")
