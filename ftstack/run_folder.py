@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 
 from ftstack_train.errors import ConfigError
 from ftstack_train.export_folder import check_model_dir
+from ftstack_train.files import partial_name, write_atomic
 
 MARKER = ".ftstack-run.json"
 """At the top of a run folder: ``{"ftstack": "local run", "inputs": [...]}``, the files ftstack put
@@ -92,7 +93,7 @@ class RunFolder:
         marker = self.root / MARKER
         if not marker.is_file():
             # A marker's temporary copy alone: the first lay-out was cut off while claiming the folder.
-            entries = sorted(p.name for p in self.root.iterdir() if p.name != MARKER + ".tmp")
+            entries = sorted(p.name for p in self.root.iterdir() if p != partial_name(marker))
             if entries:
                 shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
                 raise ConfigError(f"--output {output}: holds files ftstack did not write ({shown}); {_FIX}")
@@ -107,9 +108,7 @@ class RunFolder:
             raise ConfigError(f"--output {output}: {exc}") from None
 
     def _save(self) -> None:
-        tmp = self.root / (MARKER + ".tmp")
-        tmp.write_text(json.dumps({"ftstack": _KIND, "inputs": sorted(self.inputs)}, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.root / MARKER)
+        write_atomic(self.root / MARKER, json.dumps({"ftstack": _KIND, "inputs": sorted(self.inputs)}, indent=2) + "\n")
 
     def clear_inputs(self) -> None:
         """Claims the folder (creates it and its marker) and removes the input files an earlier run

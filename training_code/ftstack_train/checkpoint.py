@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from .files import write_atomic
 from .checkpoint_trust import NoPickleLoadPlanner, UntrustedCheckpoint, check_metadata, sha256_file
 
 PART_PREFIX = "ftstack-part-"
@@ -263,7 +264,7 @@ def save_checkpoint(
         sums = {k: v for part in digests[mains[node]:mains[node] + size] for k, v in part.items()}
         files = {name: {"size": (path / name).stat().st_size, "sha256": sums[name]} for name in names}
         doc = {"step": step, "world_size": dist.get_world_size(), "parts": len(mains), "node": node, "files": files}
-        _write_atomic(part_marker(path, node), json.dumps(doc))
+        write_atomic(part_marker(path, node), json.dumps(doc))
     # Every node's view, gathered after its marker is written (so this is the barrier too).
     gathered = _gather((local_view(folder), [p.name for p in _step_dirs(folder)]))
     if prune:
@@ -311,9 +312,3 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

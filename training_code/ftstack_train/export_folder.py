@@ -12,11 +12,11 @@ Standard library only: ``ftstack local`` checks its output folder with it before
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 from .errors import ConfigError
+from .files import partial_name, write_atomic
 
 STAGING = ".ftstack-export"
 """The export's own staging folder inside the model folder (same file system: moves are renames)."""
@@ -27,7 +27,7 @@ STAGING_MARKER = ".ftstack-staging"
 EXPORT_MARKER = ".ftstack-export.json"
 """In the model folder: ``{"files": [...]}``, the entries the last export wrote."""
 
-_MARKER_TMP = EXPORT_MARKER + ".tmp"
+_MARKER_TMP = partial_name(Path(EXPORT_MARKER)).name
 
 
 def _names(marker: Path) -> list[str]:
@@ -92,9 +92,7 @@ def claim_staging(staging: Path) -> None:
 
 
 def _write_marker(model_dir: Path, names: list[str]) -> None:
-    tmp = model_dir / _MARKER_TMP
-    tmp.write_text(json.dumps({"files": sorted(names)}, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, model_dir / EXPORT_MARKER)
+    write_atomic(model_dir / EXPORT_MARKER, json.dumps({"files": sorted(names)}, indent=2) + "\n")
 
 
 def replace_export(model_dir: Path, staging: Path, previous: list[str]) -> None:
