@@ -194,7 +194,8 @@ def agree_on_resume(folder: Path, is_local_main: bool) -> Path | None:
     The newest complete one whose files every node has checked against their digests; any
     other step folder that is unmarked or fails the check gets a warning and is left alone."""
     _, _, local, size = _place(is_local_main)
-    gathered = _gather((local_view(folder), [p.name for p in _step_dirs(folder) if parts_present(p) is None]))
+    view = local_view(folder)
+    gathered = _gather((view, [p.name for p in _step_dirs(folder) if p.name not in view]))
     for name in sorted(set().union(*(unmarked for _, unmarked in gathered))):
         _warn(f"{folder / name} has no valid ftstack marker (a save that was cut off, or a folder ftstack did not "
               "write): ignored")
