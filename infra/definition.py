@@ -17,6 +17,7 @@ from typing import Any
 from ftstack_train.contract import FINAL_EVAL_CE, FINAL_METRICS_FILE, METRICS_FILE
 
 from .layout import JOB_MODEL_DIR
+from .stage_data.fields import MODEL_PACKAGE_DESCRIPTION
 from .settings import WorkflowSettings
 from .training_states import attempt_states, fallback_states, train_states
 
@@ -173,7 +174,8 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
             "Resource": "arn:aws:states:::aws-sdk:sagemaker:createModelPackage",
             "Parameters": {
                 "ModelPackageGroupName": "${ModelPackageGroupName}",
-                "ModelPackageDescription.$": "States.Format('Fine-tuned from {} by execution {}', $.staged.base_model.name, $$.Execution.Name)",
+                # Staging checked the result against the field's limits (stage_data.fields).
+                "ModelPackageDescription.$": f"States.Format('{MODEL_PACKAGE_DESCRIPTION}', $.staged.base_model.name, $$.Execution.Name)",
                 # The same job always sends the same token, so a re-run of this step returns the
                 # package it created the first time instead of registering a second one. The token
                 # takes 1-36 of [a-zA-Z0-9-]; a job name has up to 63, so it is hashed (32 hex).

@@ -38,7 +38,7 @@ from infra.layout import checkpoint_prefix, model_prefix, staged_data_prefix  # 
 # Re-exported: infra and the tests import the input checks from this module too.
 from .request import (  # noqa: E402, F401
     INPUT_KEYS, MAX_HYPERPARAMETER_CHARS, MAX_HYPERPARAMETERS, MAX_JOB_NAME_PREFIX, MODEL_KEY, InvalidInput, Request,
-    Settings, _uri, check_input, is_execution_name, job_name_prefix,
+    Settings, _uri, check_input, check_sagemaker_fields, is_execution_name, job_name_prefix,
 )
 
 ASSET_PATHS = (
@@ -74,6 +74,7 @@ def stage(event: Mapping[str, Any], settings: Settings, s3: Any) -> dict[str, An
     """Checks the input and the data, and only when all is valid uploads the staged files."""
     execution = _execution_name(event)
     request = check_input(event.get("input"), settings)
+    check_sagemaker_fields(execution, request)
     bucket = settings.bucket
     _check_objects(s3, bucket, request)
     prefixes = {channel: staged_data_prefix(execution, channel) for channel in (TRAIN_CHANNEL, TEST_CHANNEL)}

@@ -29,6 +29,10 @@ from ftstack_train.contract import is_hub_id  # noqa: E402
 from ftstack_train.errors import ConfigError  # noqa: E402
 
 from infra.layout import BASE_MODELS, INCOMING  # noqa: E402
+from infra.stage_data.fields import (  # noqa: E402
+    DESCRIPTION, HYPERPARAMETER_KEY, HYPERPARAMETER_VALUE, LINE_TERMINATORS, METADATA_VALUE, MODEL_PACKAGE_DESCRIPTION,
+    S3_URI, TAG_VALUE, Field,
+)
 from infra.instances import INSTANCE_TYPE, gpus  # noqa: E402
 
 MAX_JOB_NAME_PREFIX = 52
@@ -188,6 +192,30 @@ def check_input(data: Any, settings: Settings) -> Request:
     )
 
 
+def check_sagemaker_fields(execution: str, request: Request) -> None:
+    """Checks each value that the workflow will put in a SageMaker request against that field's
+    limits (``fields``), so that a name SageMaker refuses fails now, not after training."""
+    restart = "start a new execution under a name without it (Step Functions allows names that SageMaker does not)"
+    checks: list[tuple[str, Field, str, str]] = [
+        (f"the execution name {execution!r}", TAG_VALUE, execution, restart),
+        (f"the execution name {execution!r}", METADATA_VALUE, execution, restart),
+        (f"base_model {request.base_model!r}", METADATA_VALUE, request.base_model,
+         f"copy the model to a prefix under {BASE_MODELS} made of such characters and give that URI"),
+        ("the model package description (base_model and execution name)", DESCRIPTION,
+         MODEL_PACKAGE_DESCRIPTION.format(request.base_model, execution), "shorten the base_model URI"),
+    ]
+    if request.base_model_key is not None:
+        checks.append((f"base_model {request.base_model!r}", S3_URI, request.base_model,
+                       f"copy the model to a shorter prefix under {BASE_MODELS}"))
+    for key, value in request.hyperparameters.items():
+        checks.append((f"hyperparameters.{key}", HYPERPARAMETER_KEY, key, "rename it"))
+        checks.append((f"hyperparameters.{key}", HYPERPARAMETER_VALUE, value, "shorten it"))
+    for what, field, value, fix in checks:
+        problem = field.problem(value)
+        if problem:
+            raise InvalidInput(f"{what} {problem}; {fix}")
+
+
 def _resume_from(value: Any) -> str | None:
     if value is None:
         return None
@@ -293,7 +321,7 @@ def _hyperparameter_text(key: str, value: Any) -> str:
     if isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, str):
-        text = value
+        text = _one_line(value)
     elif isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
         text = repr(value)
     elif isinstance(value, list):
@@ -305,6 +333,18 @@ def _hyperparameter_text(key: str, value: Any) -> str:
         raise InvalidInput(f"hyperparameters.{key}: {len(text)} characters, over SageMaker's limit of "
                            f"{MAX_HYPERPARAMETER_CHARS}; shorten it")
     return text
+
+
+def _one_line(text: str) -> str:
+    """``text``, or where it has line breaks (which no SageMaker hyperparameter value may hold: its
+    pattern is ``.*``) the JSON string of it, which the job's config parser decodes, as it does the
+    SageMaker Python SDK's values: a multi-line prompt template arrives intact."""
+    if not any(char in text for char in LINE_TERMINATORS):
+        return text
+    encoded = json.dumps(text, ensure_ascii=False)
+    for char in LINE_TERMINATORS:  # json.dumps leaves U+0085, U+2028 and U+2029 as they are
+        encoded = encoded.replace(char, f"\\u{ord(char):04x}")
+    return encoded
 
 
 def _instance_types(value: Any, settings: Settings) -> list[str]:
