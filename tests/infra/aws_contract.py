@@ -13,6 +13,7 @@ shape) or error. Calls not scripted are left to moto (S3, SNS), so that they hap
 from __future__ import annotations
 
 import datetime
+import functools
 import itertools
 from collections import defaultdict
 from collections.abc import Callable
@@ -68,9 +69,8 @@ def problems(shape: Shape | None, value: Any, path: str = "") -> list[str]:
     if kind == "string":
         if not isinstance(value, str):
             return [f"{where}: expected a string, got {type(value).__name__} {value!r}"]
-        found = _range(where, len(value), meta, "characters")
-        # AWS's patterns are Java regular expressions; ``regex`` reads their \p{...} classes.
-        if "pattern" in meta and not regex.fullmatch(meta["pattern"], value, regex.DOTALL):
+        found = _range(where, len(value.encode("utf-16-le")) // 2, meta, "characters")  # Java counts UTF-16 units
+        if "pattern" in meta and not java_pattern(meta["pattern"]).fullmatch(value):
             found.append(f"{where}: {value!r} does not match the pattern {meta['pattern']}")
         if shape.enum and value not in shape.enum:
             found.append(f"{where}: {value!r} is not one of {shape.enum}")
@@ -90,6 +90,29 @@ def problems(shape: Shape | None, value: Any, path: str = "") -> list[str]:
     if kind == "blob":
         return [] if isinstance(value, (bytes, bytearray, str)) or hasattr(value, "read") else [f"{where}: not a blob"]
     raise AssertionError(f"{where}: no check for shape type {kind}")
+
+
+_JAVA_DOT = "[^\\n\\r\\u0085\\u2028\\u2029]"
+
+
+@functools.cache
+def java_pattern(pattern: str) -> regex.Pattern:
+    """AWS's ``pattern`` (a Java regular expression) for ``regex``, which reads its \\p{...} classes
+    but whose ``.`` excludes only \\n where Java's excludes every line terminator."""
+    out, escaped, depth = [], False, 0
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "[":
+            depth += 1
+        elif char == "]" and depth:
+            depth -= 1
+        elif char == "." and not depth:
+            char = _JAVA_DOT
+        out.append(char)
+    return regex.compile("".join(out))
 
 
 def _range(where: str, size: int, meta: dict, unit: str) -> list[str]:

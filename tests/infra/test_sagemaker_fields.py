@@ -10,6 +10,7 @@ import unicodedata
 import botocore.session
 import pytest
 import regex
+from aws_contract import java_pattern
 from staging_samples import staging_settings
 from test_workflow_behaviour import GOOD_INPUT, run, step_functions_as_documented  # noqa: F401 (autouse fixture)
 
@@ -58,9 +59,7 @@ CONTEXT = {fields.S3_URI.shape: "s3://bucket/key{}"}
 
 @pytest.mark.parametrize("field", fields.FIELDS, ids=lambda f: f.shape)
 def test_each_field_accepts_exactly_the_characters_its_pattern_accepts(field):
-    # AWS's patterns are Java regular expressions: \p{..} classes (which regex reads) and a dot that
-    # matches no line terminator (regex's own dot excludes only \n).
-    pattern = regex.compile(field.pattern.replace(".*", "[^\\n\\r\\u0085\\u2028\\u2029]*"))
+    pattern = java_pattern(field.pattern)
     context = CONTEXT.get(field.shape, "{}")
     differ = [f"U+{ord(c):04X}" for c in _every_character()
               if (field.problem(context.format(c)) is None) != bool(pattern.fullmatch(context.format(c)))]
