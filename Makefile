@@ -13,7 +13,7 @@ NODE_BIN := $(CURDIR)/node_modules/node/bin
 # 20 is end-of-life and makes jsii print a banner on every start).
 CDK_ENV := PATH="$(NODE_BIN):$(CURDIR)/$(VENV)/bin:$$PATH" JSII_NODE="$(NODE_BIN)/node"
 
-.PHONY: venv demo test test-fast synth ecr-login docs clean
+.PHONY: venv demo test test-fast synth ecr-login docs lock clean
 
 venv: $(STAMP)
 
@@ -54,3 +54,9 @@ clean:
 
 docs: venv
 	$(PY) scripts/update_readme.py
+
+# Rewrites training_code/requirements.lock, the hashed lock the training image installs, from
+# training_code/requirements.txt (and the base image's packages), with a pinned uv installed with
+# hashes into a throwaway venv. Needs PyPI; run it after changing either file.
+lock:
+	$(PYTHON) scripts/lock_image.py

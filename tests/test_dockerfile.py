@@ -1,6 +1,6 @@
 """What can be checked of the training image without a Docker engine: the base image is pinned,
-everything it copies exists, dependencies are pinned and installed at build time, and the
-entrypoint resolves to the launcher."""
+everything it copies exists, it installs a complete, hashed lock of its dependencies at build time
+(and nothing else), and the entrypoint resolves to the launcher."""
 
 from __future__ import annotations
 
@@ -14,6 +14,15 @@ from pathlib import Path
 CONTEXT = Path(__file__).resolve().parents[1] / "training_code"
 _TEXT = re.sub(r"\\\n\s*", " ", (CONTEXT / "Dockerfile").read_text())  # join continued lines
 LINES = [line.strip() for line in _TEXT.splitlines() if line.strip() and not line.startswith("#")]
+LOCK = CONTEXT / "requirements.lock"
+
+
+def lock_script():
+    """scripts/lock_image.py, which writes the lock (loaded as a module: scripts/ is no package)."""
+    spec = importlib.util.spec_from_file_location("lock_image", CONTEXT.parent / "scripts" / "lock_image.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def instructions(name: str) -> list[str]:
@@ -35,13 +44,92 @@ def test_copied_files_exist_in_the_build_context():
             assert (CONTEXT / source).exists(), f"COPY {source}: missing from {CONTEXT.name}/"
 
 
-def test_dependencies_are_pinned_and_installed_at_build_time():
-    requirements = [line for line in (CONTEXT / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")]
+def requirement_lines(path: Path) -> list[str]:
+    """Requirement entries of a pip requirements file, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    return [" ".join(line.split(" #", 1)[0].split()) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def pins(path: Path) -> dict[str, str]:
+    """``{normalized name: version}`` of a file of ``name==version`` entries."""
+    found = {}
+    for line in requirement_lines(path):
+        name, version = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line).groups()
+        found[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return found
+
+
+def test_direct_dependencies_are_pinned():
+    requirements = requirement_lines(CONTEXT / "requirements.txt")
     assert requirements and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][0-9A-Za-z.+-]*", r) for r in requirements), requirements
     assert not any(r.lower().startswith("torch==") for r in requirements), "torch comes from the base image"
-    runs = " ".join(instructions("RUN"))
-    assert "-r /opt/ftstack/requirements.txt" in runs
-    assert "git clone" not in runs and "git+" not in runs
+
+
+def test_every_locked_package_is_pinned_with_hashes():
+    entries = requirement_lines(LOCK)
+    assert len(entries) > len(pins(CONTEXT / "requirements.txt")), "the lock holds the whole closure, not only the direct pins"
+    for entry in entries:
+        assert re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][0-9A-Za-z.+!-]*( --hash=sha256:[0-9a-f]{64})+", entry), entry
+
+
+def test_every_direct_pin_is_locked_at_its_version():
+    locked = pins(LOCK)
+    for name, version in pins(CONTEXT / "requirements.txt").items():
+        assert locked.get(name) == version, f"{name}=={version} is locked as {locked.get(name)}: run make lock"
+
+
+def test_the_lock_was_generated_from_the_current_inputs():
+    """The generator records a digest of requirements.txt and base-image-packages.txt; an edit of
+    either without `make lock` leaves the image installing something else than what they say."""
+    recorded = re.search(r"^# inputs-sha256: ([0-9a-f]{64})$", LOCK.read_text(), re.M)
+    assert recorded, "requirements.lock has no inputs-sha256 line: run make lock"
+    assert recorded[1] == lock_script().inputs_digest(), "requirements.txt or base-image-packages.txt changed: run make lock"
+
+
+def test_the_base_images_torch_stack_and_numpy_are_not_reinstalled():
+    locked = set(pins(LOCK))
+    assert not {name for name in locked if lock_script().NEVER_LOCKED.match(name)}
+    assert not locked & set(lock_script().FROM_BASE_IMAGE)
+    assert "numpy" in lock_script().FROM_BASE_IMAGE
+
+
+def test_the_lock_holds_every_requirement_of_its_packages():
+    """The closure is complete (as pip check will find in the image), read offline from the
+    metadata of the packages installed here at the lock's versions, for the image's platform."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    image = {"python_version": "3.12", "python_full_version": "3.12.10", "sys_platform": "linux", "platform_system": "Linux",
+             "platform_machine": "x86_64", "os_name": "posix", "implementation_name": "cpython", "extra": ""}
+    locked = pins(LOCK)
+    checked = []
+    for name, version in locked.items():
+        try:
+            if metadata.version(name) != version:
+                continue  # another version here: its metadata says nothing about the locked one
+        except metadata.PackageNotFoundError:
+            continue
+        for requirement in map(Requirement, metadata.requires(name) or []):
+            if requirement.marker is None or requirement.marker.evaluate(image):
+                required = re.sub(r"[-_.]+", "-", requirement.name).lower()
+                assert required in locked or required in lock_script().FROM_BASE_IMAGE, f"{name} requires {requirement}"
+                assert required not in locked or requirement.specifier.contains(locked[required], prereleases=True), (
+                    f"{name} requires {requirement}, locked {locked[required]}")
+        checked.append(name)
+    assert set(pins(CONTEXT / "requirements.txt")) <= set(checked), "the direct pins' metadata must be checked"
+
+
+def test_the_image_installs_the_lock_only_with_hashes_and_checks_it():
+    assert "requirements.lock /opt/ftstack/requirements.lock" in instructions("COPY")
+    runs = instructions("RUN")
+    installs = [r for r in runs if "pip install" in r]
+    assert len(installs) == 1, installs
+    args = shlex.split(installs[0].split("&&")[0])
+    assert {"--require-hashes", "--no-deps", "--only-binary=:all:"} <= set(args)
+    assert args[args.index("-r") + 1] == "/opt/ftstack/requirements.lock"
+    assert re.search(r"&&\s*python -m pip check$", installs[0]), "an inconsistent closure must fail the build"
+    assert not any("git clone" in r or "git+" in r for r in runs)
 
 
 def test_entrypoint_resolves_to_the_launcher():
