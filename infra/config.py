@@ -39,6 +39,11 @@ class InfraConfig:
     fallback_instance_types: tuple[str, ...] = _doc(
         "Instance types tried in order when the previous one has no capacity.", default=("ml.g5.48xlarge",)
     )
+    allowed_instance_types: tuple[str, ...] = _doc(
+        "Further instance types an execution may ask for (its instance_type); instance_type and "
+        "fallback_instance_types are always allowed. The workflow's role may start no other.",
+        default=(),
+    )
     max_instance_count: int = _doc("Largest instance_count an execution may ask for.", default=4)
     volume_size_gb: int = _doc("Encrypted EBS volume per instance, in GB.", default=500)
     max_runtime_hours: float = _doc("StoppingCondition.MaxRuntimeInSeconds, in hours.", default=24.0)
@@ -66,6 +71,11 @@ class InfraConfig:
         _check(self)
 
     @property
+    def instance_types(self) -> tuple[str, ...]:
+        """Every instance type a training job of the stack may run on."""
+        return tuple(dict.fromkeys((self.instance_type, *self.fallback_instance_types, *self.allowed_instance_types)))
+
+    @property
     def job_prefix(self) -> str:
         """Every training job of the stack starts with this; IAM is scoped to it."""
         return self.stack_name.lower()
@@ -79,7 +89,8 @@ def _check(cfg: InfraConfig) -> None:
         fail("stack_name", "use 1-40 letters, digits or single hyphens, starting with a letter and not ending with a hyphen")
     if not re.match(r"^[a-z]{2}(-[a-z]+)+-\d$", cfg.region):
         fail("region", f"{cfg.region!r} is not a region name, e.g. us-east-1")
-    for key, value in [("instance_type", cfg.instance_type)] + [("fallback_instance_types", t) for t in cfg.fallback_instance_types]:
+    for key, value in [("instance_type", cfg.instance_type)] + [("fallback_instance_types", t) for t in cfg.fallback_instance_types] \
+            + [("allowed_instance_types", t) for t in cfg.allowed_instance_types]:
         if not INSTANCE_TYPE.match(value):
             fail(key, f"{value!r} is not a SageMaker instance type, e.g. ml.p4d.24xlarge")
     if not 1 <= cfg.instance_count <= cfg.max_instance_count:

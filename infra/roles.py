@@ -11,33 +11,43 @@ from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from . import layout
-from .nag import acknowledge, arn_in_finding, arn_of, grant_wildcards, wildcard
+from .access import ENCRYPT_OBJECTS, grant_key, grant_list, grant_objects
+from .nag import acknowledge, arn_in_finding, arn_of, wildcard
+from .stage_data.request import training_jobs
 
 TRAINING_LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 METRICS_NAMESPACE = "/aws/sagemaker/TrainingJobs"
+SHARED_ROLE = ("one role serves every training job of the stack (SageMaker takes no per-job session policy), and "
+               "execution names are chosen at start: ")
 
 
 class TrainingRole(Construct):
     """``self.role``: assumed by SageMaker for the training jobs of this stack."""
 
-    def __init__(self, scope: Construct, construct_id: str, *, bucket: s3.IBucket, key: kms.IKey, repository: ecr.IRepository, in_vpc: bool) -> None:
+    def __init__(self, scope: Construct, construct_id: str, *, bucket: s3.IBucket, key: kms.IKey, repository: ecr.IRepository,
+                 in_vpc: bool, job_prefix: str) -> None:
         super().__init__(scope, construct_id)
-        self.role = iam.Role(self, "Role", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
-                             description="ftstack training jobs: staged data, checkpoints, model output, image, logs")
-        bucket.grant_read(self.role, f"{layout.SCRATCH}*/data/*")
-        bucket.grant_read(self.role, f"{layout.BASE_MODELS}*")
-        bucket.grant_read_write(self.role, f"{layout.SCRATCH}*/checkpoints/*")
-        bucket.grant_put(self.role, f"{layout.EXECUTIONS}*/model/*")
-        # The training volume and the model output are encrypted with the stack's key.
-        key.grant_encrypt_decrypt(self.role)
-        key.grant(self.role, "kms:DescribeKey")
+        stack = cdk.Stack.of(self)
+        # Only SageMaker acting for this stack's training jobs may assume the role (confused-deputy
+        # prevention, "Cross-service confused deputy prevention" in the SageMaker developer guide).
+        # Training job ARNs are lower case, as is the job prefix.
+        jobs = stack.format_arn(service="sagemaker", resource="training-job", resource_name=training_jobs(job_prefix))
+        self.role = iam.Role(self, "Role", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com", conditions={
+            "StringEquals": {"aws:SourceAccount": stack.account}, "ArnLike": {"aws:SourceArn": jobs}}),
+            description="ftstack training jobs: staged data, checkpoints, model output, image, logs")
+        data, checkpoints = f"{layout.SCRATCH}*/data/*", f"{layout.SCRATCH}*/checkpoints/*"
+        models, outputs = f"{layout.BASE_MODELS}*", f"{layout.EXECUTIONS}*/model/*"
+        grant_objects(self.role, bucket, read=(data, models, checkpoints), write=(checkpoints, outputs),
+                      delete=(checkpoints,))  # SageMaker's checkpoint sync mirrors pruned checkpoints
+        grant_list(self.role, bucket, data, models, checkpoints, f"{layout.SCRATCH}*/checkpoints", outputs)
+        # kms:Encrypt: OutputDataConfig.KmsKeyId's documentation asks the execution role for it.
+        grant_key(self.role, key, *ENCRYPT_OBJECTS, "kms:Encrypt", "kms:DescribeKey")
         # SageMaker creates KMS grants for the job's encrypted volume; only AWS services may use this.
         self.role.add_to_policy(iam.PolicyStatement(
             actions=["kms:CreateGrant"], resources=[key.key_arn],
             conditions={"Bool": {"kms:GrantIsForAWSResource": "true"}},
         ))
         repository.grant_pull(self.role)
-        stack = cdk.Stack.of(self)
         self.role.add_to_policy(iam.PolicyStatement(
             actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
             resources=[stack.format_arn(service="logs", resource="log-group", resource_name=f"{TRAINING_LOG_GROUP}:*",
@@ -55,13 +65,11 @@ class TrainingRole(Construct):
                 resources=["*"],
             ))
         bucket_arn = arn_of(bucket)
-        acknowledge(self.role, grant_wildcards(
-            "Action::s3:GetObject*", "Action::s3:GetBucket*", "Action::s3:List*", "Action::s3:Abort*",
-            "Action::s3:DeleteObject*", "Action::kms:GenerateDataKey*", "Action::kms:ReEncrypt*",
-        ) | {
-            wildcard(f"Resource::{bucket_arn}/{layout.SCRATCH}*/data/*"): "staged data of any execution: execution names are chosen at start",
-            wildcard(f"Resource::{bucket_arn}/{layout.SCRATCH}*/checkpoints/*"): "checkpoints of any execution (every attempt of one execution shares them)",
-            wildcard(f"Resource::{bucket_arn}/{layout.EXECUTIONS}*/model/*"): "model output of any execution",
+        acknowledge(self.role, {
+            wildcard(f"Resource::{bucket_arn}/{data}"): SHARED_ROLE + "staged data of any execution",
+            wildcard(f"Resource::{bucket_arn}/{checkpoints}"): SHARED_ROLE + "checkpoints of any execution (its attempts share them)",
+            wildcard(f"Resource::{bucket_arn}/{outputs}"): SHARED_ROLE + "model output of any execution; registered "
+                "packages carry the SHA-256 of their model's manifest, so a later overwrite is detected",
             wildcard(f"Resource::{bucket_arn}/{layout.BASE_MODELS}*"): "base models uploaded for jobs without network access",
             wildcard("Resource::" + arn_in_finding(self, "logs", f"log-group:{TRAINING_LOG_GROUP}:*")):
                 "SageMaker names one log stream per training job and instance",

@@ -37,11 +37,12 @@ class FineTuningStack(cdk.Stack):
         storage = Storage(self, "Storage", removal_policy=removal, scratch_days=scratch_days_for(config.max_wait_hours))
         image = TrainingImage(self, "TrainingImage", directory=str(TRAINING_CODE), base_image=base_image)
         training = TrainingRole(self, "TrainingRole", bucket=storage.bucket, key=storage.key, repository=image.repository,
-                                in_vpc=bool(config.vpc_subnet_ids))
+                                in_vpc=bool(config.vpc_subnet_ids), job_prefix=config.job_prefix)
         staging = StagingFunction(self, "Staging", bucket=storage.bucket, key=storage.key,
                                   reserved_concurrency=config.staging_concurrency, settings=Settings(
             bucket=storage.bucket.bucket_name, job_prefix=config.job_prefix, instance_type=config.instance_type,
-            fallback_instance_types=config.fallback_instance_types, instance_count=config.instance_count,
+            fallback_instance_types=config.fallback_instance_types, allowed_instance_types=config.instance_types,
+            instance_count=config.instance_count,
             max_instance_count=config.max_instance_count, spot=config.spot, base_model=config.base_model,
             test_split=DEFAULT_TEST_SPLIT, key_arn=storage.key.key_arn, network_isolation=config.network_isolation,
         ))
@@ -56,11 +57,11 @@ class FineTuningStack(cdk.Stack):
                 max_instance_count=config.max_instance_count, network_isolation=config.network_isolation,
                 subnets=config.vpc_subnet_ids, security_groups=config.vpc_security_group_ids,
                 approval_status=config.model_approval_status, quality_threshold=config.quality_threshold,
-                volume_kms_instance_types=volume_kms_instance_types((config.instance_type, *config.fallback_instance_types)),
+                volume_kms_instance_types=volume_kms_instance_types(config.instance_types),
             ),
             bucket=storage.bucket, key=storage.key, training_role=training.role, training_image=image.image_uri,
             inference_image=inference_image, staging_function=staging.function, topic=notifications.topic,
-            model_package_group=registry.group_name, job_prefix=config.job_prefix,
+            model_package_group=registry.group_name, job_prefix=config.job_prefix, instance_types=config.instance_types,
         )
         workflow.node.add_dependency(registry)
         JobReaper(self, "JobReaper", state_machine=workflow.state_machine, key=storage.key, job_prefix=config.job_prefix)

@@ -16,7 +16,8 @@ from constructs import Construct
 from . import layout
 from .stage_data.handler import ASSET_PATHS
 from .stage_data.request import Settings
-from .nag import acknowledge, arn_of, grant_wildcards, wildcard
+from .access import ENCRYPT_OBJECTS, grant_key, grant_list, grant_objects
+from .nag import acknowledge, arn_of, wildcard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,8 +45,9 @@ def python_function(scope: Construct, *, key: kms.IKey, handler: str, descriptio
                     environment: dict[str, str], memory_size: int, timeout: cdk.Duration, **more) -> lambda_.Function:
     """A function of the stack's asset in ``scope``, with its own role and a log group encrypted
     with ``key`` (kept a year); the caller grants it the rest."""
+    # Kept when the stack is deleted: what the functions did is part of the audit trail.
     log_group = logs.LogGroup(scope, "Logs", encryption_key=key, retention=logs.RetentionDays.ONE_YEAR,
-                              removal_policy=cdk.RemovalPolicy.DESTROY)
+                              removal_policy=cdk.RemovalPolicy.RETAIN)
     role = iam.Role(scope, "Role", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"), description=role_description)
     log_group.grant_write(role)
     return lambda_.Function(
@@ -71,15 +73,14 @@ class StagingFunction(Construct):
             role_description="ftstack data staging: read incoming data, write staged channels, log",
         )
         role = self.function.role
-        bucket.grant_read(role, f"{layout.INCOMING}*")
-        bucket.grant_read(role, f"{layout.BASE_MODELS}*/config.json")  # only what shows a model is there
-        bucket.grant_put(role, f"{layout.SCRATCH}*/data/*")
-        bucket.grant_delete(role, f"{layout.SCRATCH}*/data/*")  # removes a half-staged pair after a failed upload
+        staged = f"{layout.SCRATCH}*/data/*"
+        grant_objects(role, bucket, read=(f"{layout.INCOMING}*", f"{layout.BASE_MODELS}*/config.json"),  # a model's config only
+                      write=(staged,), delete=(staged,))  # removes a half-staged pair after a failed upload
+        # Listing tells a missing file (404) from an unreadable one; resume_from lists checkpoints.
+        grant_list(role, bucket, f"{layout.INCOMING}*", f"{layout.BASE_MODELS}*", f"{layout.SCRATCH}*/checkpoints/*")
+        grant_key(role, key, *ENCRYPT_OBJECTS)
         bucket_arn = arn_of(bucket)
-        acknowledge(role, grant_wildcards(
-            "Action::s3:GetObject*", "Action::s3:GetBucket*", "Action::s3:List*", "Action::s3:Abort*",
-            "Action::s3:DeleteObject*", "Action::kms:GenerateDataKey*", "Action::kms:ReEncrypt*",
-        ) | {
+        acknowledge(role, {
             wildcard(f"Resource::{bucket_arn}/{layout.INCOMING}*"): "the user's data files, named by the execution input",
             wildcard(f"Resource::{bucket_arn}/{layout.BASE_MODELS}*/config.json"): "checks that an s3:// base model exists (its config.json only)",
             wildcard(f"Resource::{bucket_arn}/{layout.SCRATCH}*/data/*"): "writes the staged channels of the running execution",

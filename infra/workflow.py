@@ -20,6 +20,7 @@ from ftstack_train.contract import FINAL_METRICS_FILE
 
 from . import layout
 from .layout import JOB_MODEL_DIR
+from .access import DECRYPT, grant_key, grant_objects
 from .nag import acknowledge, arn_in_finding, arn_of, grant_wildcards, wildcard
 from .definition import WorkflowSettings, build_definition, render
 from .stage_data.request import training_jobs
@@ -54,13 +55,24 @@ class FineTuningWorkflow(Construct):
     def __init__(
         self, scope: Construct, construct_id: str, *, settings: WorkflowSettings, bucket: s3.IBucket, key: kms.IKey,
         training_role: iam.IRole, training_image: str, inference_image: str, staging_function: lambda_.IFunction,
-        topic: sns.ITopic, model_package_group: str, job_prefix: str,
+        topic: sns.ITopic, model_package_group: str, job_prefix: str, instance_types: tuple[str, ...],
     ) -> None:
+        """``instance_types``: every instance type a training job of the stack may use."""
         super().__init__(scope, construct_id)
+        # Kept when the stack is deleted: the executions' history is the audit trail.
         log_group = logs.LogGroup(self, "Logs", encryption_key=key, retention=logs.RetentionDays.ONE_YEAR,
-                                  removal_policy=cdk.RemovalPolicy.DESTROY)
+                                  removal_policy=cdk.RemovalPolicy.RETAIN)
+        stack = cdk.Stack.of(self)
+        # Only Step Functions acting for a state machine of this account and region may assume the
+        # role (confused-deputy prevention, as the Step Functions developer guide shows it; the
+        # machine's own ARN would make a cycle: the machine names the role).
+        machines = stack.format_arn(service="states", resource="stateMachine", resource_name="*",
+                                    arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)
+        role = iam.Role(self, "Role", description="ftstack workflow: stage, train, read final metrics, register, notify",
+                        assumed_by=iam.ServicePrincipal("states.amazonaws.com", conditions={
+                            "StringEquals": {"aws:SourceAccount": stack.account}, "ArnLike": {"aws:SourceArn": machines}}))
         self.state_machine = sfn.StateMachine(
-            self, "StateMachine",
+            self, "StateMachine", role=role,
             definition_body=sfn.DefinitionBody.from_string(render(build_definition(settings))),
             definition_substitutions={
                 "Bucket": bucket.bucket_name, "KeyArn": key.key_arn, "TrainingRoleArn": training_role.role_arn,
@@ -71,15 +83,21 @@ class FineTuningWorkflow(Construct):
             logs=sfn.LogOptions(destination=log_group, level=sfn.LogLevel.ALL, include_execution_data=True),
             tracing_enabled=True,
         )
-        self._grant(bucket, key, training_role, staging_function, topic, model_package_group, job_prefix)
+        self._grant(bucket, key, training_role, staging_function, topic, model_package_group, job_prefix, instance_types)
 
-    def _grant(self, bucket, key, training_role, staging_function, topic, model_package_group: str, job_prefix: str) -> None:
+    def _grant(self, bucket, key, training_role, staging_function, topic, model_package_group: str, job_prefix: str,
+               instance_types: tuple[str, ...]) -> None:
         stack = cdk.Stack.of(self)
         role = self.state_machine.role
         jobs = stack.format_arn(service="sagemaker", resource="training-job", resource_name=training_jobs(job_prefix))
         role.add_to_principal_policy(iam.PolicyStatement(
-            actions=["sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob", "sagemaker:AddTags"],
-            resources=[jobs],
+            actions=["sagemaker:CreateTrainingJob"], resources=[jobs],
+            # Staging accepts no other instance type either; this holds whatever the input says.
+            conditions={"ForAllValues:StringEquals": {"sagemaker:InstanceTypes": list(instance_types)},
+                        "Null": {"sagemaker:InstanceTypes": "false"}},
+        ))
+        role.add_to_principal_policy(iam.PolicyStatement(
+            actions=["sagemaker:DescribeTrainingJob", "sagemaker:AddTags"], resources=[jobs],
         ))
         role.add_to_principal_policy(iam.PolicyStatement(
             actions=["iam:PassRole"], resources=[training_role.role_arn],
@@ -92,19 +110,16 @@ class FineTuningWorkflow(Construct):
         ))
         # The job's volume and output use the key; SageMaker creates grants on it, with the
         # caller's credentials, for the job's resources only.
-        key.grant(role, "kms:DescribeKey")
+        # Reading the final metrics decrypts (grant_publish adds the data key the encrypted topic needs).
+        grant_key(role, key, "kms:DescribeKey", *DECRYPT)
         role.add_to_principal_policy(iam.PolicyStatement(
             actions=["kms:CreateGrant"], resources=[key.key_arn],
             conditions={"Bool": {"kms:GrantIsForAWSResource": "true"}},
         ))
-        key.grant_encrypt_decrypt(role)
-        bucket.grant_read(role, FINAL_METRICS_OBJECTS)
+        grant_objects(role, bucket, read=(FINAL_METRICS_OBJECTS,))
         staging_function.grant_invoke(role)
         topic.grant_publish(role)
-        acknowledge(role, grant_wildcards(
-            "Action::s3:GetObject*", "Action::s3:GetBucket*", "Action::s3:List*",
-            "Action::kms:GenerateDataKey*", "Action::kms:ReEncrypt*",
-        ) | {
+        acknowledge(role, grant_wildcards("Action::kms:GenerateDataKey*") | {
             wildcard(f"Resource::{arn_of(bucket)}/{FINAL_METRICS_OBJECTS}"):
                 "reads the final metrics of the execution's job (execution and job names are known at run time only)",
             wildcard("Resource::" + arn_in_finding(self, "sagemaker", "training-job/" + training_jobs(job_prefix))): "job names carry the execution name and attempt, known only at run time",

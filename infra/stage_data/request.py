@@ -71,6 +71,8 @@ class Settings:
     job_prefix: str
     instance_type: str
     fallback_instance_types: tuple[str, ...]
+    allowed_instance_types: tuple[str, ...]
+    """Every instance type an execution may ask for (the workflow's role may start no other)."""
     instance_count: int
     max_instance_count: int
     spot: bool
@@ -81,10 +83,15 @@ class Settings:
     network_isolation: bool
     """Training jobs have no network: a hub base model is refused here, before any instance starts."""
 
+    def __post_init__(self) -> None:
+        for name in ("fallback_instance_types", "allowed_instance_types"):  # lists from JSON: hashable, comparable
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
     def environment(self) -> dict[str, str]:
         """The function's environment variables that ``from_env`` reads back (the stack sets them)."""
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "bucket"}
-        values["fallback_instance_types"] = list(self.fallback_instance_types)
+        for name in ("fallback_instance_types", "allowed_instance_types"):
+            values[name] = list(values[name])
         return {"BUCKET": self.bucket, "SETTINGS": json.dumps(values, sort_keys=True)}
 
     @classmethod
@@ -96,6 +103,7 @@ class Settings:
         try:
             raw = json.loads(environ["SETTINGS"])
             settings = cls(bucket=environ["BUCKET"], fallback_instance_types=tuple(raw["fallback_instance_types"]),
+                           allowed_instance_types=tuple(raw["allowed_instance_types"]),
                            **{k: raw[k] for k in ("job_prefix", "instance_type", "instance_count", "max_instance_count",
                                                    "spot", "base_model", "test_split", "key_arn", "network_isolation")})
         except KeyError as exc:
@@ -350,6 +358,9 @@ def _one_line(text: str) -> str:
 def _instance_types(value: Any, settings: Settings) -> list[str]:
     if not isinstance(value, str) or not INSTANCE_TYPE.match(value):
         raise InvalidInput(f"instance_type: {value!r} is not a SageMaker training instance type, e.g. ml.p4d.24xlarge")
+    if value not in settings.allowed_instance_types:
+        raise InvalidInput(f"instance_type: {value!r} is not one this deployment allows ({', '.join(settings.allowed_instance_types)}); "
+                           "choose one of those, or ask the platform team to add it to the allowed_instance_types context key")
     return list(dict.fromkeys((value, *settings.fallback_instance_types)))
 
 

@@ -10,89 +10,18 @@ encryption context that the service sends.
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
-from typing import Any
-
 import pytest
-
-ACCOUNT = "123456789012"
-"""Stands in for ``AWS::AccountId`` (the stack is account-agnostic)."""
+from iam_model import ACCOUNT, allows, as_list, of_type, resolved_resources, role_assumed_by, role_statements
 
 # The calls CloudWatch Logs makes on the key of a log group ("Encrypt log data in CloudWatch Logs
 # using AWS KMS": it associates, encrypts new events, decrypts on read, re-encrypts on rotation).
 LOGS_CALLS = ("kms:DescribeKey", "kms:GenerateDataKey", "kms:Encrypt", "kms:Decrypt", "kms:ReEncryptFrom", "kms:ReEncryptTo")
 
 
-# ---------------------------------------------------------------------------------------------
-# A small model of IAM evaluation: enough for the statements this stack writes (Allow/Deny,
-# Action and Resource wildcards, Service/AWS principals, ArnLike/StringLike/ArnEquals/
-# StringEquals/Bool conditions). A condition key missing from the request never matches.
-# ---------------------------------------------------------------------------------------------
-
-def resolve(value: Any, stack) -> Any:
-    """The template value with pseudo parameters filled in and resources as ``<LogicalId>`` /
-    ``<LogicalId.Arn>``, so ARNs compare as plain strings."""
-    if isinstance(value, list):
-        return [resolve(v, stack) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if "Ref" in value:
-        pseudo = {"AWS::AccountId": ACCOUNT, "AWS::Region": stack.region, "AWS::Partition": "aws",
-                  "AWS::URLSuffix": "amazonaws.com", "AWS::StackName": stack.stack_name}
-        return pseudo.get(value["Ref"], f"<{value['Ref']}>")
-    if "Fn::GetAtt" in value:
-        return f"<{'.'.join(value['Fn::GetAtt'])}>"
-    if "Fn::Join" in value:
-        separator, parts = value["Fn::Join"]
-        return separator.join(str(resolve(p, stack)) for p in parts)
-    return {k: resolve(v, stack) for k, v in value.items()}
-
-
-def as_list(value) -> list:
-    return value if isinstance(value, list) else [value]
-
-
-def _condition_holds(operator: str, key: str, expected, context: dict) -> bool:
-    if key not in context:
-        return False
-    actual = str(context[key])
-    if operator in ("ArnLike", "StringLike"):
-        return any(fnmatchcase(actual, pattern) for pattern in as_list(expected))
-    if operator in ("ArnEquals", "StringEquals"):
-        return actual in as_list(expected)
-    if operator == "Bool":
-        return actual.lower() in [str(e).lower() for e in as_list(expected)]
-    raise AssertionError(f"this model does not know the condition operator {operator}")
-
-
-def _matches(statement: dict, action: str, resource: str, principal: tuple[str, str] | None, context: dict) -> bool:
-    if not any(fnmatchcase(action.lower(), a.lower()) for a in as_list(statement["Action"])):
-        return False
-    if not any(fnmatchcase(resource, r) for r in as_list(statement["Resource"])):
-        return False
-    if principal is not None:
-        kind, name = principal
-        given = statement.get("Principal", {})
-        if given != "*" and not (isinstance(given, dict) and name in as_list(given.get(kind, []))):
-            return False
-    return all(_condition_holds(op, key, expected, context)
-               for op, keys in statement.get("Condition", {}).items() for key, expected in keys.items())
-
-
-def allows(statements: list[dict], action: str, resource: str, *, principal=None, context=None) -> bool:
-    """Whether ``statements`` allow the request: some Allow matches and no Deny does."""
-    hits = [s["Effect"] for s in statements if _matches(s, action, resource, principal, context or {})]
-    return "Allow" in hits and "Deny" not in hits
-
-
-# ---------------------------------------------------------------------------------------------
-# The synthesized app, resolved
-# ---------------------------------------------------------------------------------------------
-
 @pytest.fixture(scope="module")
 def resources(synthesized) -> dict[str, dict]:
     _, stack, template, _ = synthesized
-    return {k: resolve(v, stack) for k, v in template.to_json()["Resources"].items()}
+    return resolved_resources(stack, template)
 
 
 @pytest.fixture(scope="module")
@@ -100,33 +29,11 @@ def stack(synthesized):
     return synthesized[1]
 
 
-def of_type(resources: dict, kind: str) -> dict[str, dict]:
-    return {k: v for k, v in resources.items() if v["Type"] == kind}
-
-
 @pytest.fixture(scope="module")
 def key(resources) -> tuple[str, list[dict]]:
     """``(key ARN placeholder, key policy statements)`` of the stack's only KMS key."""
     ((key_id, resource),) = of_type(resources, "AWS::KMS::Key").items()
     return f"<{key_id}.Arn>", resource["Properties"]["KeyPolicy"]["Statement"]
-
-
-def role_statements(resources: dict, role_id: str) -> list[dict]:
-    """Every statement of the IAM policies attached to a role (inline and ``AWS::IAM::Policy``)."""
-    statements = []
-    for policy in resources[role_id]["Properties"].get("Policies", []):
-        statements += policy["PolicyDocument"]["Statement"]
-    for policy in of_type(resources, "AWS::IAM::Policy").values():
-        if f"<{role_id}>" in policy["Properties"].get("Roles", []):
-            statements += policy["Properties"]["PolicyDocument"]["Statement"]
-    return statements
-
-
-def role_assumed_by(resources: dict, service: str) -> str:
-    """The logical id of the one role that ``service`` assumes, e.g. ``states.amazonaws.com``."""
-    (role_id,) = [k for k, v in of_type(resources, "AWS::IAM::Role").items()
-                  if service in as_list(v["Properties"]["AssumeRolePolicyDocument"]["Statement"][0]["Principal"].get("Service"))]
-    return role_id
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,15 +195,21 @@ def test_every_role_that_uses_objects_of_the_bucket_may_use_the_key(resources, k
 # SageMaker: the training volume (VolumeKmsKeyId) and the model output (OutputDataConfig.KmsKeyId)
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("service", ["sagemaker.amazonaws.com", "states.amazonaws.com"], ids=["training role", "state machine role"])
-def test_sagemaker_callers_may_use_the_key_and_create_grants_only_for_aws_resources(resources, key, service):
-    """The job's execution role encrypts the volume and output (kms:Encrypt for the output, per
-    OutputDataConfig.KmsKeyId's documentation) and the caller of CreateTrainingJob lets SageMaker
-    create grants on the key for the job's volume: only grants for AWS resources."""
+@pytest.mark.parametrize(("service", "actions"), [
+    # The job's execution role encrypts the output: kms:Encrypt per OutputDataConfig.KmsKeyId's documentation.
+    ("sagemaker.amazonaws.com", ("kms:DescribeKey", "kms:GenerateDataKey", "kms:Decrypt", "kms:Encrypt")),
+    # The caller of CreateTrainingJob; it also reads the final metrics and publishes to the encrypted topic.
+    ("states.amazonaws.com", ("kms:DescribeKey", "kms:GenerateDataKey", "kms:Decrypt")),
+], ids=["training role", "state machine role"])
+def test_sagemaker_callers_may_use_the_key_and_create_grants_only_for_aws_resources(resources, key, service, actions):
+    """SageMaker creates grants on the key for the job's volume, with the caller's and the
+    execution role's permissions: only grants for AWS resources. No role may re-encrypt."""
     key_arn, _ = key
     statements = role_statements(resources, role_assumed_by(resources, service))
-    for action in ("kms:DescribeKey", "kms:GenerateDataKey", "kms:Decrypt", "kms:Encrypt"):
+    for action in actions:
         assert allows(statements, action, key_arn), action
+    for action in ("kms:ReEncryptFrom", "kms:ReEncryptTo", *({"kms:Encrypt"} - set(actions))):
+        assert not allows(statements, action, key_arn), action
     assert allows(statements, "kms:CreateGrant", key_arn, context={"kms:GrantIsForAWSResource": "true"})
     assert not allows(statements, "kms:CreateGrant", key_arn, context={"kms:GrantIsForAWSResource": "false"}), (
         "kms:CreateGrant needs the condition Bool kms:GrantIsForAWSResource = true")

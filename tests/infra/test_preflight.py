@@ -49,3 +49,20 @@ def test_unknown_instance_types_are_left_to_the_launcher():
 
 def test_gpu_table_is_sane():
     assert all(name.startswith("ml.") and count in (1, 4, 8) for name, count in GPUS.items())
+
+
+def test_an_instance_type_the_deployment_does_not_allow_is_refused_before_any_job():
+    with pytest.raises(InvalidInput, match=r"instance_type: 'ml.p5e.48xlarge' is not one this deployment allows "
+                                           r"\(ml.p4d.24xlarge, ml.g5.48xlarge\); .*allowed_instance_types"):
+        check_input({"train_data": TRAIN, "instance_type": "ml.p5e.48xlarge"},
+                    settings(fallback_instance_types=["ml.g5.48xlarge"], allowed_instance_types=["ml.p4d.24xlarge", "ml.g5.48xlarge"]))
+
+
+def test_allowed_instance_types_are_checked_and_join_instance_type_and_fallbacks():
+    from infra.config import InfraConfigError, load_config
+
+    config = load_config({"instance_type": "ml.p4d.24xlarge", "fallback_instance_types": ["ml.g5.48xlarge"],
+                          "allowed_instance_types": ["ml.p5.48xlarge", "ml.g5.48xlarge"]})
+    assert config.instance_types == ("ml.p4d.24xlarge", "ml.g5.48xlarge", "ml.p5.48xlarge")
+    with pytest.raises(InfraConfigError, match="context key 'allowed_instance_types': 'p5.48xlarge' is not a SageMaker instance type"):
+        load_config({"allowed_instance_types": ["p5.48xlarge"]})

@@ -18,7 +18,7 @@ def template(new_stack) -> Template:
     _, stack = new_stack()
     storage = Storage(stack, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN)
     repository = ecr.Repository(stack, "Repository")
-    TrainingRole(stack, "TrainingRole", bucket=storage.bucket, key=storage.key, repository=repository, in_vpc=False)
+    TrainingRole(stack, "TrainingRole", bucket=storage.bucket, key=storage.key, repository=repository, in_vpc=False, job_prefix="ftstack")
     return Template.from_stack(stack)
 
 
@@ -27,10 +27,13 @@ def statements(template: Template) -> list[dict]:
     return policy["Properties"]["PolicyDocument"]["Statement"]
 
 
-def test_assumed_by_sagemaker_only(template):
-    template.has_resource_properties("AWS::IAM::Role", {
-        "AssumeRolePolicyDocument": {"Statement": [Match.object_like({"Principal": {"Service": "sagemaker.amazonaws.com"}})]},
-    })
+def test_assumed_by_sagemaker_only_for_this_stacks_jobs(template):
+    (role,) = template.find_resources("AWS::IAM::Role").values()
+    (trust,) = role["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+    assert trust["Principal"] == {"Service": "sagemaker.amazonaws.com"}
+    assert set(trust["Condition"]) == {"StringEquals", "ArnLike"}
+    assert trust["Condition"]["StringEquals"] == {"aws:SourceAccount": "123456789012"}
+    assert json.dumps(trust["Condition"]["ArnLike"]["aws:SourceArn"]).endswith(':sagemaker:us-east-1:123456789012:training-job/ftstack--*"]]}')
     template.resource_properties_count_is("AWS::IAM::Role", {"ManagedPolicyArns": Match.any_value()}, 0)
 
 
@@ -55,7 +58,7 @@ def test_wildcard_resources_are_only_those_aws_requires(template):
 def test_vpc_jobs_get_the_network_interface_actions(new_stack):
     _, stack = new_stack("Vpc")
     storage = Storage(stack, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN)
-    TrainingRole(stack, "TrainingRole", bucket=storage.bucket, key=storage.key, repository=ecr.Repository(stack, "Repo"), in_vpc=True)
+    TrainingRole(stack, "TrainingRole", bucket=storage.bucket, key=storage.key, repository=ecr.Repository(stack, "Repo"), in_vpc=True, job_prefix="ftstack")
     Template.from_stack(stack).has_resource_properties("AWS::IAM::Policy", {"PolicyDocument": {"Statement": Match.array_with([
         Match.object_like({"Action": Match.array_with(["ec2:CreateNetworkInterface", "ec2:DeleteNetworkInterface"]), "Resource": "*"}),
     ])}})
@@ -64,5 +67,5 @@ def test_vpc_jobs_get_the_network_interface_actions(new_stack):
 def test_no_unacknowledged_nag_finding(new_stack, nag_findings):
     app, stack = new_stack("Nag")
     storage = Storage(stack, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN)
-    TrainingRole(stack, "TrainingRole", bucket=storage.bucket, key=storage.key, repository=ecr.Repository(stack, "Repo"), in_vpc=False)
+    TrainingRole(stack, "TrainingRole", bucket=storage.bucket, key=storage.key, repository=ecr.Repository(stack, "Repo"), in_vpc=False, job_prefix="ftstack")
     assert [f for f in nag_findings(app) if "/TrainingRole/" in f] == []

@@ -59,7 +59,10 @@ def test_role_reads_incoming_and_writes_only_staged_data(built):
     assert "/incoming/*" in text and "/scratch/*/data/*" in text
     # Issue 11, item 5: of a base model it reads config.json only, not the weights.
     assert "/base-models/*/config.json" in text and '/base-models/*"' not in text
-    assert "/executions/" not in text and "/checkpoints/" not in text
+    objects = json.dumps([s["Resource"] for s in policy["Properties"]["PolicyDocument"]["Statement"] if s["Action"] != "s3:ListBucket"])
+    assert "/executions/" not in objects and "/checkpoints/" not in objects
+    (listing,) = [s for s in policy["Properties"]["PolicyDocument"]["Statement"] if s["Action"] == "s3:ListBucket"]
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": ["incoming/*", "base-models/*", "scratch/*/checkpoints/*"]}}
     writes = [s for s in policy["Properties"]["PolicyDocument"]["Statement"] if "s3:PutObject" in s["Action"]]
     assert writes and all("/scratch/*/data/*" in json.dumps(s["Resource"]) for s in writes)
 

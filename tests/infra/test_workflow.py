@@ -21,6 +21,9 @@ SETTINGS = WorkflowSettings(region="us-east-1", volume_size_gb=200, max_runtime_
                             approval_status="Approved", quality_threshold=None, volume_kms_instance_types=("ml.p3.2xlarge",))
 
 
+INSTANCE_TYPES = ("ml.p4d.24xlarge", "ml.g5.48xlarge")
+
+
 def build(stack: cdk.Stack) -> FineTuningWorkflow:
     storage = Storage(stack, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN)
     role = iam.Role(stack, "TrainingRole", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"))
@@ -29,6 +32,7 @@ def build(stack: cdk.Stack) -> FineTuningWorkflow:
         stack, "Workflow", settings=SETTINGS, bucket=storage.bucket, key=storage.key, training_role=role,
         training_image="123456789012.dkr.ecr.us-east-1.amazonaws.com/train:1", inference_image="763104351884.dkr.ecr.us-east-1.amazonaws.com/tgi:1",
         staging_function=function, topic=sns.Topic(stack, "Topic"), model_package_group="FtStack-Models", job_prefix="ftstack",
+        instance_types=INSTANCE_TYPES,
     )
 
 
@@ -40,7 +44,7 @@ def template(new_stack) -> Template:
 
 
 def policy_statements(template: Template) -> list[dict]:
-    policies = template.find_resources("AWS::IAM::Policy", {"Properties": {"Roles": [{"Ref": Match.string_like_regexp("WorkflowStateMachineRole")}]}})
+    policies = template.find_resources("AWS::IAM::Policy", {"Properties": {"Roles": [{"Ref": Match.string_like_regexp("WorkflowRole")}]}})
     (policy,) = policies.values()
     return policy["Properties"]["PolicyDocument"]["Statement"]
 
@@ -67,15 +71,34 @@ def test_logging_and_tracing(template):
     template.has_resource_properties("AWS::Logs::LogGroup", {"KmsKeyId": Match.any_value(), "RetentionInDays": 365})
 
 
-def test_training_jobs_are_limited_to_the_prefix(template):
+def test_training_jobs_are_limited_to_the_prefix_and_the_allowed_instance_types(template):
     (statement,) = [s for s in policy_statements(template) if "sagemaker:CreateTrainingJob" in s["Action"]]
     assert json.dumps(statement["Resource"]).endswith(':training-job/ftstack--*"]]}')
+    assert statement["Condition"] == {"ForAllValues:StringEquals": {"sagemaker:InstanceTypes": list(INSTANCE_TYPES)},
+                                      "Null": {"sagemaker:InstanceTypes": "false"}}
+
+
+def test_assumed_by_step_functions_only_for_state_machines_of_this_account(template):
+    (role,) = [r for r in template.find_resources("AWS::IAM::Role").values()
+               if "states.amazonaws.com" in json.dumps(r["Properties"]["AssumeRolePolicyDocument"])]
+    (trust,) = role["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+    assert set(trust["Condition"]) == {"StringEquals", "ArnLike"}
+    assert set(trust["Condition"]["StringEquals"]) == {"aws:SourceAccount"}
+    assert json.dumps(trust["Condition"]["ArnLike"]["aws:SourceArn"]).endswith(':stateMachine:*"]]}')
+
+
+def test_the_execution_log_is_kept_when_the_stack_is_deleted(template):
+    template.has_resource("AWS::Logs::LogGroup", {"DeletionPolicy": "Retain", "UpdateReplacePolicy": "Retain"})
 
 
 def test_pass_role_only_to_sagemaker(template):
     (statement,) = [s for s in policy_statements(template) if s["Action"] == "iam:PassRole"]
     assert statement["Condition"] == {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}
     assert "Fn::GetAtt" in statement["Resource"]
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 def allowed_actions(template: Template) -> set[str]:
@@ -110,7 +133,8 @@ def test_create_grant_only_for_aws_resources(template):
 
 
 def test_reads_only_the_final_metrics(template):
-    reads = [s for s in policy_statements(template) if "s3:GetObject*" in s["Action"]]
+    reads = [s for s in policy_statements(template) if any(a.startswith("s3:") for a in as_list(s["Action"]))]
+    assert all(s["Action"] == "s3:GetObject" for s in reads), reads
     assert reads and all("/output/model/final-metrics.json" in json.dumps(s["Resource"]) for s in reads)
 
 

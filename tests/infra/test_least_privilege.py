@@ -1,0 +1,193 @@
+"""Every role of the synthesized app, statement by statement: what each may do to the bucket, the
+key and SageMaker, and what none of them may do (issue 11, items 4 and 5). The questions are the
+ones S3, KMS and SageMaker will ask, answered by the policies as synthesized (``iam_model``)."""
+
+from __future__ import annotations
+
+import pytest
+from iam_model import ACCOUNT, allows, as_list, of_type, resolved_resources, role_statements
+
+ROLES = {"training": "TrainingRole", "workflow": "WorkflowRole", "staging": "StagingRole", "reaper": "JobReaperRole"}
+"""Each role of the stack by the start of its logical id."""
+
+REGION = "us-east-1"
+JOB = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/ftstack--run1-0a1b2c3d-a0"
+METRICS = "executions/run1/model/ftstack--run1-0a1b2c3d-a0/output/model/final-metrics.json"
+WEIGHTS = "executions/run1/model/ftstack--run1-0a1b2c3d-a0/output/model/model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def resources(synthesized) -> dict[str, dict]:
+    _, stack, template, _ = synthesized
+    return resolved_resources(stack, template)
+
+
+@pytest.fixture(scope="module")
+def policies(resources) -> dict[str, list[dict]]:
+    """Each role's statements, by the short names of ROLES."""
+    found = {}
+    for name, start in ROLES.items():
+        (role_id,) = [k for k in of_type(resources, "AWS::IAM::Role") if k.startswith(start)]
+        found[name] = role_statements(resources, role_id)
+    return found
+
+
+@pytest.fixture(scope="module")
+def bucket(resources) -> str:
+    """The data bucket's ARN placeholder (the access-log bucket is the one without a KMS key)."""
+    (bucket_id,) = [k for k, v in of_type(resources, "AWS::S3::Bucket").items()
+                    if "KMSMasterKeyID" in str(v["Properties"]["BucketEncryption"])]
+    return f"<{bucket_id}.Arn>"
+
+
+@pytest.fixture(scope="module")
+def key(resources) -> str:
+    (key_id,) = of_type(resources, "AWS::KMS::Key")
+    return f"<{key_id}.Arn>"
+
+
+def test_every_role_of_the_stack_is_covered(resources):
+    roles = set(of_type(resources, "AWS::IAM::Role"))
+    covered = {r for r in roles if r.startswith(tuple(ROLES.values()))}
+    # CDK's own helper roles (log retention, bucket auto-delete) would show up here.
+    assert roles == covered, roles - covered
+
+
+MAY = [
+    ("training", "s3:GetObject", "scratch/run1/data/train/train.jsonl"),
+    ("training", "s3:GetObject", "base-models/mpt-7b/model-00001-of-00002.safetensors"),
+    ("training", "s3:GetObject", "scratch/run1/checkpoints/step-00000100/part-0.json"),
+    ("training", "s3:PutObject", "scratch/run1/checkpoints/step-00000100/part-0.json"),
+    ("training", "s3:DeleteObject", "scratch/run1/checkpoints/step-00000050/part-0.json"),
+    ("training", "s3:PutObject", WEIGHTS),
+    ("staging", "s3:GetObject", "incoming/train.jsonl"),
+    ("staging", "s3:GetObject", "base-models/mpt-7b/config.json"),
+    ("staging", "s3:PutObject", "scratch/run1/data/train/train.jsonl"),
+    ("workflow", "s3:GetObject", METRICS),
+]
+
+MAY_NOT = [
+    # A training job cannot touch the users' uploads, the staged data or the base models ...
+    ("training", "s3:GetObject", "incoming/train.jsonl"),
+    ("training", "s3:PutObject", "scratch/run2/data/train/train.jsonl"),
+    ("training", "s3:DeleteObject", "scratch/run2/data/train/train.jsonl"),
+    ("training", "s3:PutObject", "base-models/mpt-7b/model-00001-of-00002.safetensors"),
+    ("training", "s3:PutObject", "incoming/train.jsonl"),
+    # ... nor delete or read any execution's model (an overwrite leaves the old version, and the
+    # package's manifest digest no longer matches).
+    ("training", "s3:DeleteObject", WEIGHTS),
+    ("training", "s3:GetObject", WEIGHTS),
+    # Staging reads uploads and each model's config.json, and writes staged data only.
+    ("staging", "s3:GetObject", "base-models/mpt-7b/model-00001-of-00002.safetensors"),
+    ("staging", "s3:GetObject", "scratch/run1/checkpoints/step-00000100/part-0.json"),
+    ("staging", "s3:PutObject", WEIGHTS),
+    ("staging", "s3:PutObject", "scratch/run1/checkpoints/step-00000100/part-0.json"),
+    ("staging", "s3:PutObject", "incoming/train.jsonl"),
+    ("staging", "s3:DeleteObject", "incoming/train.jsonl"),
+    # The workflow reads the final metrics, and nothing else of a model.
+    ("workflow", "s3:GetObject", WEIGHTS),
+    ("workflow", "s3:GetObject", "executions/run1/model/ftstack--run1-0a1b2c3d-a0/output/model/metrics.json"),
+    ("workflow", "s3:GetObject", "scratch/run1/data/train/train.jsonl"),
+    ("workflow", "s3:PutObject", METRICS),
+    ("reaper", "s3:GetObject", METRICS),
+]
+
+
+@pytest.mark.parametrize(("role", "action", "key_name"), MAY, ids=[f"{r} {a} {k}" for r, a, k in MAY])
+def test_each_role_may_do_what_its_step_needs(policies, bucket, role, action, key_name):
+    assert allows(policies[role], action, f"{bucket}/{key_name}")
+
+
+@pytest.mark.parametrize(("role", "action", "key_name"), MAY_NOT, ids=[f"{r} {a} {k}" for r, a, k in MAY_NOT])
+def test_no_role_may_touch_what_its_step_does_not_need(policies, bucket, role, action, key_name):
+    assert not allows(policies[role], action, f"{bucket}/{key_name}")
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_no_role_may_delete_an_object_version_or_change_the_bucket(policies, bucket, role):
+    for key_name in (WEIGHTS, METRICS, "scratch/run1/checkpoints/step-00000100/part-0.json",
+                     "scratch/run1/data/train/train.jsonl", "incoming/train.jsonl"):
+        for action in ("s3:DeleteObjectVersion", "s3:PutObjectVersionAcl", "s3:PutObjectRetention", "s3:BypassGovernanceRetention"):
+            assert not allows(policies[role], action, f"{bucket}/{key_name}"), (action, key_name)
+    for action in ("s3:PutBucketPolicy", "s3:PutLifecycleConfiguration", "s3:PutBucketVersioning", "s3:DeleteBucket",
+                   "s3:GetBucketPolicy", "s3:GetBucketLocation", "s3:ListBucketVersions"):
+        assert not allows(policies[role], action, bucket), action
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_listing_is_limited_to_prefixes(policies, bucket, role):
+    for statement in policies[role]:
+        if any(a.lower().startswith("s3:list") for a in as_list(statement["Action"])):
+            assert statement["Action"] == "s3:ListBucket", statement
+            assert set(statement["Condition"]) == {"StringLike"} and set(statement["Condition"]["StringLike"]) == {"s3:prefix"}
+    for prefix in ("", "executions/", "scratch/"):  # the whole bucket, every model, every run's scratch
+        assert not allows(policies[role], "s3:ListBucket", bucket, context={"s3:prefix": prefix}), prefix
+        assert not allows(policies[role], "s3:ListBucket", bucket), "a listing without a prefix"
+
+
+@pytest.mark.parametrize(("role", "prefix"), [
+    ("training", "scratch/run1/data/train/"), ("training", "scratch/run1/checkpoints/"), ("training", "scratch/run1/checkpoints"),
+    ("training", "base-models/mpt-7b/"), ("training", "executions/run1/model/"),
+    ("staging", "incoming/train.jsonl"), ("staging", "base-models/mpt-7b/config.json"), ("staging", "scratch/run0/checkpoints/"),
+])
+def test_sagemaker_and_staging_may_list_what_they_read(policies, bucket, role, prefix):
+    assert allows(policies[role], "s3:ListBucket", bucket, context={"s3:prefix": prefix})
+
+
+def test_no_role_may_re_encrypt_and_only_the_training_role_may_encrypt(policies, key):
+    for role, statements in policies.items():
+        for action in ("kms:ReEncryptFrom", "kms:ReEncryptTo", "kms:CreateKey", "kms:ScheduleKeyDeletion", "kms:PutKeyPolicy"):
+            assert not allows(statements, action, key), (role, action)
+        # OutputDataConfig.KmsKeyId's documentation asks the training job's role for kms:Encrypt.
+        assert allows(statements, "kms:Encrypt", key) == (role == "training"), role
+
+
+def test_the_only_action_wildcard_is_the_topics_data_key(policies):
+    wildcards = {a for statements in policies.values() for s in statements for a in as_list(s["Action"]) if "*" in a}
+    assert wildcards == {"kms:GenerateDataKey*"}  # topic.grant_publish's; its resource is the key alone
+
+
+@pytest.mark.parametrize(("types", "allowed"), [
+    (["ml.p4d.24xlarge"], True), (["ml.g5.48xlarge"], True),
+    (["ml.p5.48xlarge"], False), (["ml.p4d.24xlarge", "ml.p5.48xlarge"], False), (None, False),
+])
+def test_the_workflow_starts_jobs_on_the_allowed_instance_types_only(policies, types, allowed):
+    context = {} if types is None else {"sagemaker:InstanceTypes": types}
+    assert allows(policies["workflow"], "sagemaker:CreateTrainingJob", JOB, context=context) == allowed
+
+
+def test_the_workflow_starts_only_this_stacks_jobs(policies):
+    other_stack = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/ftstack-dev--run1-0a1b2c3d-a0"
+    context = {"sagemaker:InstanceTypes": ["ml.p4d.24xlarge"]}
+    assert not allows(policies["workflow"], "sagemaker:CreateTrainingJob", other_stack, context=context)
+    assert not allows(policies["reaper"], "sagemaker:StopTrainingJob", other_stack)
+    assert allows(policies["reaper"], "sagemaker:StopTrainingJob", JOB)
+
+
+def test_service_trust_policies_carry_the_confused_deputy_conditions(resources):
+    """SageMaker and Step Functions send aws:SourceAccount and aws:SourceArn when they assume a role
+    (each service's "Cross-service confused deputy prevention" page); Lambda documents neither for
+    its execution roles, so its roles trust lambda.amazonaws.com alone."""
+    for role_id, role in of_type(resources, "AWS::IAM::Role").items():
+        (trust,) = role["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+        service = trust["Principal"]["Service"]
+        if service == "lambda.amazonaws.com":
+            continue
+        assert service in ("sagemaker.amazonaws.com", "states.amazonaws.com"), role_id
+        assert trust["Condition"]["StringEquals"] == {"aws:SourceAccount": ACCOUNT}, role_id
+        assert set(trust["Condition"]["ArnLike"]) == {"aws:SourceArn"}, role_id
+        arn = trust["Condition"]["ArnLike"]["aws:SourceArn"]
+        assert arn.startswith(f"arn:aws:{service.split('.')[0]}:{REGION}:{ACCOUNT}:"), arn
+    sagemaker = [r for r in of_type(resources, "AWS::IAM::Role").values()
+                 if r["Properties"]["AssumeRolePolicyDocument"]["Statement"][0]["Principal"]["Service"] == "sagemaker.amazonaws.com"]
+    (training,) = sagemaker
+    assert training["Properties"]["AssumeRolePolicyDocument"]["Statement"][0]["Condition"]["ArnLike"]["aws:SourceArn"] \
+        == f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/ftstack--*"
+
+
+def test_every_log_group_outlives_the_stack(resources):
+    """The log groups are the audit trail: deleting the stack keeps them (their retention still applies)."""
+    groups = of_type(resources, "AWS::Logs::LogGroup")
+    assert groups
+    for group_id, group in groups.items():
+        assert (group.get("DeletionPolicy"), group.get("UpdateReplacePolicy")) == ("Retain", "Retain"), group_id
