@@ -11,7 +11,7 @@ import aws_cdk as cdk
 from cdk_nag import AwsSolutionsChecks
 
 from infra.config import CONTEXT_KEYS, InfraConfigError, load_config
-from infra.images import inference_image, training_base_image
+from infra.images import inference_image, pinned_by_digest, training_base_image
 from infra.stack import FineTuningStack
 
 
@@ -20,6 +20,8 @@ def build_app(app: cdk.App) -> FineTuningStack:
     context = {key: app.node.try_get_context(key) for key in CONTEXT_KEYS}
     config = load_config(context)
     base = config.base_image or training_base_image(config.region, config.pytorch_version, config.python_version)
+    if config.base_image_digest:
+        base = pinned_by_digest(base, config.base_image_digest)
     inference = config.inference_image or inference_image(config.region)
     account = os.environ.get("CDK_DEFAULT_ACCOUNT")
     stack = FineTuningStack(

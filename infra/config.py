@@ -15,6 +15,7 @@ from .instances import INSTANCE_TYPE
 APPROVAL_STATUSES = ("PendingManualApproval", "Approved")
 REMOVAL_POLICIES = ("retain", "destroy")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z](-?[A-Za-z0-9]){0,39}$")
 """No "--" (job names separate the stack's prefix with it, see stage_data.request.JOB_SEPARATOR) and
 no hyphen at the end."""
@@ -63,6 +64,11 @@ class InfraConfig:
     notification_emails: tuple[str, ...] = _doc("E-mail addresses subscribed to run notifications.", default=())
     removal_policy: str = _doc("retain or destroy for the access-log bucket when the stack is deleted; the data bucket and its key are always retained (they hold the models).", default="retain")
     base_image: str | None = _doc("Training base image URI; empty: the AWS PyTorch training image for the region.", default=None)
+    base_image_digest: str | None = _doc(
+        "Digest of the base image in the region deployed to (`sha256:` and 64 hex digits, the `imageDigest` of `aws ecr describe-images`): "
+        "the image builds FROM `<repository>@<digest>`, whatever the tag points to later; empty: the tag, which AWS re-publishes with patches.",
+        default=None,
+    )
     pytorch_version: str = _doc("PyTorch version of the resolved training base image.", default="2.8")
     python_version: str = _doc("Python version of the resolved training base image.", default="py312")
     inference_image: str | None = _doc("Inference image URI of registered models; empty: the Hugging Face LLM (TGI) image for the region.", default=None)
@@ -120,6 +126,11 @@ def _check(cfg: InfraConfig) -> None:
             fail("notification_emails", f"{email!r} is not an e-mail address")
     if cfg.removal_policy not in REMOVAL_POLICIES:
         fail("removal_policy", f"use one of {', '.join(REMOVAL_POLICIES)}")
+    if cfg.base_image_digest is not None and not _DIGEST.match(cfg.base_image_digest):
+        fail("base_image_digest", f"{cfg.base_image_digest!r} is not an image digest: give sha256: and 64 lowercase hex digits, "
+             "as `aws ecr describe-images` prints it, or leave it empty")
+    if cfg.base_image_digest is not None and "@" in (cfg.base_image or ""):
+        fail("base_image_digest", "base_image already names a digest (...@sha256:...): keep only one of the two")
 
 
 def load_config(context: Mapping[str, Any]) -> InfraConfig:

@@ -43,6 +43,15 @@ def registry_of(image_uri: str) -> Registry | None:
     return Registry(match["account"], match["region"], host) if match else None
 
 
+def pinned_by_digest(image_uri: str, digest: str) -> str:
+    """``image_uri`` as ``<repository>@<digest>``: Docker then pulls that exact image, whatever the
+    tag points to by the time of the build. The tag is dropped rather than kept beside the digest
+    (``repo:tag@digest``), where Docker would ignore it without a word."""
+    host_and_path, _, last = image_uri.rpartition("/")
+    repository = last.split("@", 1)[0].split(":", 1)[0]
+    return f"{host_and_path}/{repository}@{digest}" if host_and_path else f"{repository}@{digest}"
+
+
 def training_base_image(region: str, pytorch_version: str, python_version: str) -> str:
     """The AWS Deep Learning Container for PyTorch GPU training in ``region``, e.g.
     ``763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.8-gpu-py312``."""

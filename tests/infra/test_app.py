@@ -169,6 +169,32 @@ def test_config_errors_name_the_key():
     assert load_config({"notification_emails": "a@example.com,b@example.com"}).notification_emails == ("a@example.com", "b@example.com")
 
 
+def test_a_base_image_digest_reaches_the_docker_build(tmp_path):
+    """Issue 11, item 9: with base_image_digest the training image builds FROM <repository>@<digest>,
+    not from the tag AWS re-publishes."""
+    from aws_cdk.assertions import Template
+
+    digest = "sha256:" + "9f" * 32
+    app = cdk.App(outdir=str(tmp_path), context=CDK_CONTEXT | {"region": "eu-west-1", "base_image_digest": digest})
+    Template.from_stack(ftstack_app.build_app(app))  # writes the asset manifest that `cdk deploy` reads
+    (image,) = json.loads((tmp_path / "ftstack.assets.json").read_text())["dockerImages"].values()
+    assert image["source"]["dockerBuildArgs"] == {"BASE_IMAGE": f"763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training@{digest}"}
+
+
+@pytest.mark.parametrize("context", [
+    {"base_image_digest": "sha256:" + "9f" * 31},  # too short
+    {"base_image_digest": "9f" * 32},  # no algorithm
+    {"base_image_digest": "sha256:" + "9F" * 32},  # Docker accepts lowercase hex only
+    {"base_image_digest": "2.8-gpu-py312"},  # a tag
+    {"base_image_digest": "sha256:" + "9f" * 32, "base_image": "example.com/base@sha256:" + "0" * 64},
+])
+def test_a_malformed_base_image_digest_is_rejected_naming_the_key(context):
+    from infra.config import load_config
+
+    with pytest.raises(InfraConfigError, match="context key 'base_image_digest'"):
+        load_config(context)
+
+
 @pytest.mark.parametrize("name", ["ftstack--dev", "ftstack-", "-ftstack", "9ftstack"])
 def test_stack_names_keep_job_names_apart(name):
     # Jobs are named <stack>--<execution>...: a "--" in the stack name would let one stack's IAM

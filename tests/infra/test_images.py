@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from infra.config import InfraConfig, InfraConfigError
-from infra.images import Registry, inference_image, registry_of, training_base_image
+from infra.images import Registry, inference_image, pinned_by_digest, registry_of, training_base_image
 
 TGI = re.compile(
     r"^763104351884\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com/huggingface-pytorch-tgi-inference:"
@@ -90,3 +90,19 @@ def test_the_registry_login_comes_from_the_resolved_image(region, account, host_
 ])
 def test_images_outside_a_private_ecr_registry_need_no_aws_login(image):
     assert registry_of(image) is None
+
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+@pytest.mark.parametrize("image, pinned", [
+    ("763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.8-gpu-py312",
+     f"763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training@{DIGEST}"),
+    ("registry.example.com:5000/team/train:1", f"registry.example.com:5000/team/train@{DIGEST}"),
+    ("registry.example.com:5000/team/train", f"registry.example.com:5000/team/train@{DIGEST}"),
+    ("ubuntu:24.04", f"ubuntu@{DIGEST}"),
+])
+def test_a_digest_replaces_the_tag(image, pinned):
+    # Docker ignores a tag written beside a digest: dropping it leaves nothing that reads as if it counted.
+    assert pinned_by_digest(image, DIGEST) == pinned
+    assert registry_of(pinned) == registry_of(image)  # the login is the same registry's
