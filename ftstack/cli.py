@@ -48,6 +48,22 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from ftstack_train.manifest import verify_model
+
+    digest = verify_model(args.model_dir, args.sha256)
+    against = "the registered digest" if args.sha256 else "its own manifest (give --sha256 to check it is the registered model)"
+    print(f"{args.model_dir}: every file matches {against}; manifest SHA-256 {digest}")
+    return 0
+
+
+def _sha256(text: str) -> str:
+    if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a SHA-256 (64 hex digits); copy the model package's "
+                                         "model_manifest_sha256 metadata")
+    return text.lower()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ftstack", description="Fine-tune Hugging Face causal LMs on Amazon SageMaker.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -78,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
     gen.add_argument("--max-new-tokens", type=int, default=48)
     gen.set_defaults(func=_generate)
+
+    verify = commands.add_parser("verify", help="check an exported model's files against its manifest", description=(
+        "Hashes every file of an exported model folder and compares it with model-manifest.json, and the manifest "
+        "with --sha256 (the model package's model_manifest_sha256 metadata). Exits 0 only when all match."))
+    verify.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="e.g. runs/demo/model, or a downloaded model")
+    verify.add_argument("--sha256", type=_sha256, metavar="DIGEST", help="the registered manifest digest")
+    verify.set_defaults(func=_verify)
     return parser
 
 

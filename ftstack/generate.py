@@ -3,9 +3,12 @@ training template) and generate greedily."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+from ftstack_train.contract import MANIFEST_FILE
 from ftstack_train.errors import ModelLoadError
+from ftstack_train.manifest import verify_model
 
 
 def generate(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -16,6 +19,10 @@ def generate(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[s
 
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"{model_dir}: no config.json; give the model folder of a finished run (e.g. runs/demo/model)")
+    if (model_dir / MANIFEST_FILE).is_file():
+        verify_model(model_dir)  # files changed since the export are not loaded (ModelIntegrityError)
+    else:
+        print(f"note: {model_dir} has no {MANIFEST_FILE}; its files cannot be verified", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if not tokenizer.chat_template:
         raise ModelLoadError(f"{model_dir}: the tokenizer has no chat template; give a model exported by ftstack")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ftstack_train.contract import FINAL_EVAL_CE, FINAL_METRICS_FILE, METRICS_FILE
+from ftstack_train.contract import FINAL_EVAL_CE, FINAL_METRICS_FILE, MANIFEST_SHA256, METRICS_FILE
 
 from .layout import JOB_MODEL_DIR
 from .stage_data.fields import MODEL_PACKAGE_DESCRIPTION
@@ -30,6 +30,8 @@ PLACEHOLDERS = (
 
 EVAL_CE = f"$.metrics.final.{FINAL_EVAL_CE}"
 """The final eval cross-entropy, once the job's final-metrics file is read."""
+MANIFEST_DIGEST = f"$.metrics.final.{MANIFEST_SHA256}"
+"""The SHA-256 of the model's manifest (``ftstack_train.manifest``), registered with the package."""
 
 LAMBDA_ERRORS = ["Lambda.ServiceException", "Lambda.AWSLambdaException", "Lambda.SdkClientException"]
 STAGING_RETRY = [
@@ -157,6 +159,8 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
             "Choices": [{"And": [
                 {"Variable": EVAL_CE, "IsPresent": True},
                 {"Variable": EVAL_CE, "IsNumeric": True},
+                {"Variable": MANIFEST_DIGEST, "IsPresent": True},
+                {"Variable": MANIFEST_DIGEST, "IsString": True},
             ], "Next": "QualityGate" if s.quality_threshold is not None else "Register"}],
             "Default": "MetricsIncomplete",
         },
@@ -164,7 +168,8 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
             "Type": "Pass",
             "Parameters": {
                 "Error": "MetricsMissing",
-                "Cause.$": f"States.Format('{{}} of training job {{}} has no numeric {FINAL_EVAL_CE}; nothing was registered', $.model.final_metrics_uri, $.job.name)",
+                "Cause.$": f"States.Format('{{}} of training job {{}} has no numeric {FINAL_EVAL_CE} or no {MANIFEST_SHA256}; "
+                           "nothing was registered', $.model.final_metrics_uri, $.job.name)",
             },
             "ResultPath": "$.error",
             "Next": "NotifyError",
@@ -201,6 +206,8 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
                     "execution.$": "$$.Execution.Name",
                     "training_image": "${TrainingImage}",
                     f"{FINAL_EVAL_CE}.$": f"States.Format('{{}}', {EVAL_CE})",
+                    # Deployment and `ftstack verify` check the model files against it before use.
+                    f"{MANIFEST_SHA256}.$": MANIFEST_DIGEST,
                 },
             },
             "ResultSelector": {"arn.$": "$.ModelPackageArn"},

@@ -384,3 +384,37 @@ def test_generate_on_a_folder_without_config_names_the_folder(tmp_path, capsys, 
     captured = capsys.readouterr()
     assert captured.err == f"ftstack: error: {model_dir}: no config.json; give the model folder of a finished run (e.g. runs/demo/model)\n"
     assert captured.out == ""
+
+
+def _exported(tmp_path) -> tuple[Path, str]:
+    """A folder shaped like an export: files, a manifest, and the digest the workflow registers."""
+    from ftstack_train.manifest import write_manifest
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "mpt"}')
+    (model_dir / "model.safetensors").write_bytes(b"\0" * 4096)
+    return model_dir, write_manifest(model_dir)
+
+
+def test_generate_refuses_a_model_changed_after_its_export(tmp_path, capsys):
+    model_dir, _ = _exported(tmp_path)
+    (model_dir / "model.safetensors").write_bytes(b"\1" * 4096)
+    assert main(["generate", str(model_dir), "hi"]) == 2
+    assert "model.safetensors: its content is not what model-manifest.json lists; do not use this model" in capsys.readouterr().err
+
+
+def test_verify_checks_the_files_and_the_registered_digest(tmp_path, capsys):
+    model_dir, digest = _exported(tmp_path)
+    assert main(["verify", str(model_dir), "--sha256", digest.upper()]) == 0
+    assert f"every file matches the registered digest; manifest SHA-256 {digest}" in capsys.readouterr().out
+    assert main(["verify", str(model_dir), "--sha256", "0" * 64]) == 2
+    assert f"is not the registered {'0' * 64}; the model was changed after it was registered" in capsys.readouterr().err
+
+
+def test_verify_rejects_a_malformed_digest_naming_the_flag(tmp_path, capsys):
+    model_dir, _ = _exported(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["verify", str(model_dir), "--sha256", "abc"])
+    assert exit_.value.code == 2
+    assert "argument --sha256: 'abc' is not a SHA-256 (64 hex digits)" in capsys.readouterr().err

@@ -15,7 +15,8 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from ftstack_train.config import DEFAULT_PROMPT_TEMPLATE, parse_config
-from ftstack_train.contract import FINAL_METRICS_FILE
+from ftstack_train.contract import FINAL_METRICS_FILE, MANIFEST_FILE, MANIFEST_SHA256
+from ftstack_train.manifest import verify_model
 from ftstack_train.data import format_prompt
 from ftstack_train.export import _unique_state_names, adds_bos, chat_template, export_hf_model
 from ftstack_train.export_folder import EXPORT_MARKER, STAGING
@@ -262,8 +263,13 @@ def test_export_fp32_sharded_reloads_with_the_trained_weights(trained, tmp_path)
     assert json.loads((model_dir / EXPORT_MARKER).read_text()) == {"files": sorted(files)}
     assert {"config.json", "generation_config.json", "tokenizer.json", "metrics.json", "README.md"} <= files
     assert json.loads((model_dir / "metrics.json").read_text()) == METRICS
-    # What the workflow's gate reads: the final figures alone, however long the history grew.
-    assert json.loads((model_dir / FINAL_METRICS_FILE).read_text()) == METRICS["final"]
+    # What the workflow's gate reads: the final figures alone, however long the history grew, and
+    # the digest of the manifest of every other file, which the workflow registers.
+    final = json.loads((model_dir / FINAL_METRICS_FILE).read_text())
+    assert final == METRICS["final"] | {MANIFEST_SHA256: final[MANIFEST_SHA256]}
+    assert verify_model(model_dir, final[MANIFEST_SHA256]) == final[MANIFEST_SHA256]
+    listed = json.loads((model_dir / MANIFEST_FILE).read_text())["files"]
+    assert set(listed) == files - {MANIFEST_FILE, FINAL_METRICS_FILE}
 
     index = json.loads((model_dir / "model.safetensors.index.json").read_text())
     shards = sorted(f for f in files if f.endswith(".safetensors"))

@@ -46,6 +46,8 @@ VALUES = {
 }
 STAGING = staging_settings(BUCKET, key_arn=KEY_ARN)
 GOOD_INPUT = {"train_data": f"s3://{BUCKET}/incoming/train.jsonl"}
+MANIFEST_DIGEST = "5" * 64
+"""The SHA-256 of the model's manifest, as the job writes it into final-metrics.json."""
 RUN1 = job_name_prefix("ftstack", "run1")
 """The job names of the execution run1 start with this (``ftstack-run1-<digest>``)."""
 RECORDS = "".join(json.dumps({"prompt": f"What is {i} + 1?", "response": str(i + 1)}) + "\n" for i in range(40))
@@ -170,7 +172,8 @@ def run(sagemaker: dict, execution_input: dict, *, name: str = "run1", final_met
         s3.create_bucket(Bucket=BUCKET)
         for key, body in {"incoming/train.jsonl": RECORDS.encode(), **(objects or {})}.items():
             s3.put_object(Bucket=BUCKET, Key=key, Body=body)
-        metrics = {"eval_cross_entropy": 1.2, "eval_perplexity": 3.32, "step": 90} if final_metrics is None else final_metrics
+        metrics = {"eval_cross_entropy": 1.2, "eval_perplexity": 3.32, "step": 90, "model_manifest_sha256": MANIFEST_DIGEST} \
+            if final_metrics is None else final_metrics
         prefix = f"executions/{name}/model/"
         for attempt in range(3):
             job_name = stage_name(name, attempt)
@@ -221,6 +224,7 @@ def test_happy_path_trains_polls_gates_registers_and_notifies():
         f"s3://{BUCKET}/executions/run1/model/{RUN1}-a0/output/model/"
     assert package["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"].endswith(f"/{RUN1}-a0/output/model/metrics.json")
     assert package["CustomerMetadataProperties"]["eval_cross_entropy"] == "1.2"
+    assert package["CustomerMetadataProperties"]["model_manifest_sha256"] == MANIFEST_DIGEST
     (message,) = messages(calls)
     assert "model-package/ftstack-models/1" in message and "1.2" in message and f"{RUN1}-a0" in message
 
@@ -314,9 +318,10 @@ def test_an_api_error_that_is_not_a_quota_is_reported_not_retried_on_another_typ
 
 
 @pytest.mark.parametrize(("final", "error"), [
-    ({"eval_cross_entropy": 1.9}, "QualityGateFailed"),
+    ({"eval_cross_entropy": 1.9, "model_manifest_sha256": MANIFEST_DIGEST}, "QualityGateFailed"),
     ({}, "MetricsMissing"),
-    ({"eval_cross_entropy": None}, "MetricsMissing"),
+    ({"eval_cross_entropy": None, "model_manifest_sha256": MANIFEST_DIGEST}, "MetricsMissing"),
+    ({"eval_cross_entropy": 1.2}, "MetricsMissing"),  # no manifest digest: nothing to verify the model by
 ])
 def test_quality_gate_fails_without_registering(final, error):
     result, events, calls = run({}, GOOD_INPUT, final_metrics=final)
@@ -328,7 +333,8 @@ def test_quality_gate_fails_without_registering(final, error):
 
 def test_without_a_threshold_there_is_no_gate():
     settings = WorkflowSettings(**{**SETTINGS.__dict__, "quality_threshold": None})
-    result, events, _ = run({}, GOOD_INPUT, final_metrics={"eval_cross_entropy": 9.0}, settings=settings)
+    result, events, _ = run({}, GOOD_INPUT, final_metrics={"eval_cross_entropy": 9.0, "model_manifest_sha256": MANIFEST_DIGEST},
+                            settings=settings)
     assert result["status"] == "SUCCEEDED"
     assert "QualityGate" not in entered(events)
 

@@ -47,6 +47,14 @@ gate. Its size does not grow with the run, as the eval history does."""
 FINAL_EVAL_CE = "eval_cross_entropy"
 """The key of the final eval cross-entropy in ``final``: the workflow's quality gate reads it."""
 
+MANIFEST_FILE = "model-manifest.json"
+"""In the exported model directory: the SHA-256 and size of every file of the model
+(``ftstack_train.manifest``)."""
+
+MANIFEST_SHA256 = "model_manifest_sha256"
+"""The key in ``final`` of the manifest's own SHA-256: the workflow registers it with the model
+package, and deployment and ``ftstack verify`` check the model against it before use."""
+
 FAILURE_FILE = "failure"
 """SageMaker shows this file's text as the job's FailureReason."""
 

@@ -22,9 +22,10 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 from .config import TEMPLATE_FIELD, TrainConfig
-from .contract import FINAL_METRICS_FILE, METRICS_FILE
+from .contract import FINAL_METRICS_FILE, MANIFEST_SHA256, METRICS_FILE
 from .errors import ConfigError
 from .export_folder import STAGING, check_model_dir, claim_staging, replace_export
+from .manifest import write_manifest
 from .metrics import json_safe
 from .data import format_prompt
 from .modelcard import render_model_card
@@ -191,6 +192,9 @@ def _write_metadata(model, tokenizer, cfg: TrainConfig, out: Path, dtype: torch.
     tokenizer.save_pretrained(out)
     _drop_remote_code(out / "tokenizer_config.json")
     (out / METRICS_FILE).write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
-    (out / FINAL_METRICS_FILE).write_text(json.dumps(json_safe(metrics.get("final", {})), allow_nan=False))
     example = format_prompt(cfg.prompt_template, "<your question>")
     (out / "README.md").write_text(render_model_card(cfg, metrics, lineage, example))
+    # Last: the manifest lists every file above, and the final figures carry its digest, which the
+    # workflow registers with the package.
+    final = json_safe(metrics.get("final", {})) | {MANIFEST_SHA256: write_manifest(out)}
+    (out / FINAL_METRICS_FILE).write_text(json.dumps(final, allow_nan=False))
