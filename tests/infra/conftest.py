@@ -9,7 +9,7 @@ from pathlib import Path
 
 # jsii runs on the pinned node 22 of package.json when `make` set JSII_NODE; otherwise (system node
 # 20) it prints an end-of-life banner on every start unless this is set before aws_cdk loads.
-_NODE = Path(__file__).resolve().parents[2] / "node_modules" / "node" / "bin" / "node"
+_NODE = Path(__file__).resolve().parents[2] / "node_modules" / ".bin" / "node"
 if _NODE.is_file():
     os.environ.setdefault("JSII_NODE", str(_NODE))
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
