@@ -65,7 +65,7 @@ class InfraConfig:
     removal_policy: str = _doc("retain or destroy for the access-log bucket when the stack is deleted; the data bucket and its key are always retained (they hold the models).", default="retain")
     base_image: str | None = _doc("Training base image URI; empty: the AWS PyTorch training image for the region.", default=None)
     base_image_digest: str | None = _doc(
-        "Digest of the base image in the region deployed to (`sha256:` and 64 hex digits, the `imageDigest` of `aws ecr describe-images`): "
+        "Digest of the base image in the region deployed to (`sha256:` and 64 hex digits, as `docker inspect` shows it after a pull; see Deploy): "
         "the image builds FROM `<repository>@<digest>`, whatever the tag points to later; empty: the tag, which AWS re-publishes with patches.",
         default=None,
     )
@@ -128,7 +128,7 @@ def _check(cfg: InfraConfig) -> None:
         fail("removal_policy", f"use one of {', '.join(REMOVAL_POLICIES)}")
     if cfg.base_image_digest is not None and not _DIGEST.match(cfg.base_image_digest):
         fail("base_image_digest", f"{cfg.base_image_digest!r} is not an image digest: give sha256: and 64 lowercase hex digits, "
-             "as `aws ecr describe-images` prints it, or leave it empty")
+             "as `docker inspect --format '{{index .RepoDigests 0}}' IMAGE` prints it after the @, or leave it empty")
     if cfg.base_image_digest is not None and "@" in (cfg.base_image or ""):
         fail("base_image_digest", "base_image already names a digest (...@sha256:...): keep only one of the two")
 
