@@ -21,9 +21,11 @@ BASE_MODELS = "base-models/"
 """Base models uploaded to S3 (for jobs without network access)."""
 
 
-def staged_data_prefix(execution: str, channel: str) -> str:
-    """``scratch/<execution>/data/<channel>/``: the job's input channel."""
-    return f"{SCRATCH}{execution}/data/{channel}/"
+def staged_data_prefix(execution: str, attempt: str, channel: str) -> str:
+    """``scratch/<execution>/data/<attempt>/<channel>/``: the job's input channel, as staged by
+    one invocation of the staging function (``attempt``); each writes a new folder, and the
+    workflow uses the one whose invocation returned."""
+    return f"{SCRATCH}{execution}/data/{attempt}/{channel}/"
 
 
 def checkpoint_prefix(execution: str) -> str:

@@ -14,12 +14,16 @@ from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from . import layout
-from .stage_data.handler import ASSET_PATHS
+from .stage_data.handler import ASSET_PATHS, FUNCTION_TIMEOUT_S
 from .stage_data.request import Settings
 from .access import ENCRYPT_OBJECTS, grant_key, grant_list, grant_objects
 from .nag import acknowledge, arn_of, wildcard
 
 ROOT = Path(__file__).resolve().parents[1]
+MEMORY_MB = 2048
+"""The staging function's memory. Lambda gives a whole vCPU from 1,769 MB on: the check runs on one
+(what ``MAX_DATA_BYTES`` is sized for), and the part uploads get the rest. At 1,024 MB it had about
+0.6 of a vCPU, and staging took longer in step."""
 
 
 
@@ -58,7 +62,7 @@ def python_function(scope: Construct, *, key: kms.IKey, handler: str, descriptio
 
 
 class StagingFunction(Construct):
-    """``self.function``: reads ``incoming/``, writes ``scratch/<execution>/data/``."""
+    """``self.function``: reads ``incoming/``, writes new objects under ``scratch/<execution>/data/``."""
 
     def __init__(self, scope: Construct, construct_id: str, *, bucket: s3.IBucket, key: kms.IKey, settings: Settings,
                  reserved_concurrency: int) -> None:
@@ -67,15 +71,18 @@ class StagingFunction(Construct):
         # the account's whole Lambda concurrency, and other functions cannot starve staging.
         self.function = python_function(
             self, key=key, handler="infra.stage_data.handler.handler", environment=settings.environment(),
-            memory_size=1024, ephemeral_storage_size=cdk.Size.gibibytes(10), timeout=cdk.Duration.minutes(15),
+            memory_size=MEMORY_MB, ephemeral_storage_size=cdk.Size.gibibytes(10),
+            timeout=cdk.Duration.seconds(FUNCTION_TIMEOUT_S),
             reserved_concurrent_executions=reserved_concurrency,
             description="ftstack: validate the execution input and data, stage the training channels",
             role_description="ftstack data staging: read incoming data, write staged channels, log",
         )
         role = self.function.role
         staged = f"{layout.SCRATCH}*/data/*"
+        # No delete: each invocation writes new objects in a folder of its own, and a folder that a
+        # failed or killed one leaves is never referenced (it expires with scratch/).
         grant_objects(role, bucket, read=(f"{layout.INCOMING}*", f"{layout.BASE_MODELS}*/config.json"),  # a model's config only
-                      write=(staged,), delete=(staged,))  # removes a half-staged pair after a failed upload
+                      write=(staged,))
         # Listing tells a missing file (404) from an unreadable one; resume_from lists checkpoints.
         grant_list(role, bucket, f"{layout.INCOMING}*", f"{layout.BASE_MODELS}*", f"{layout.SCRATCH}*/checkpoints/*")
         grant_key(role, key, *ENCRYPT_OBJECTS)

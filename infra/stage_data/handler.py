@@ -6,10 +6,15 @@ S3 (``check_input``, ``Settings``, ``InvalidInput``, ...) are in ``request``, re
 The Lambda reads the training JSONL (and the test JSONL, or holds out every Nth record) once, as a
 stream, through ``ftstack_train.validation`` -- the same check the training job and ``ftstack
 validate`` run -- writing the staged files to /tmp as it goes. Only when all of it is valid does it
-upload them, so a failed execution leaves nothing behind. It returns what the training job needs.
+upload them, to a folder of its own (``scratch/<execution>/data/<attempt>/``), and only the URIs it
+returns are used: an invocation that fails, runs out of time or is killed leaves at most an
+unreferenced folder, which expires with ``scratch/``. It returns what the training job needs.
 
-Errors for the user: ``InvalidInput`` (the execution input) and ``InvalidDataset`` (the data);
-Step Functions reports the class name as the error and the message as the cause.
+Data over ``MAX_DATA_BYTES`` is refused before anything is read; a slower run stops before the
+function's time is up (``StagingTimeout``) instead of being killed.
+
+Errors for the user: ``InvalidInput`` (the execution input), ``InvalidDataset`` (the data) and
+``StagingTimeout``; Step Functions reports the class name as the error and the message as the cause.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,7 @@ from .request import (  # noqa: E402, F401
     INPUT_KEYS, MAX_HYPERPARAMETER_CHARS, MAX_HYPERPARAMETERS, MAX_JOB_NAME_PREFIX, MODEL_KEY, InvalidInput, Request,
     Settings, _uri, check_input, check_sagemaker_fields, is_execution_name, job_name_prefix,
 )
+from .upload import Deadline, StagingTimeout, upload_new  # noqa: E402
 
 ASSET_PATHS = (
     "infra/__init__.py", "infra/layout.py", "infra/instances.py", "infra/stage_data/",
@@ -49,7 +56,14 @@ ASSET_PATHS = (
 """Everything the function imports from the repository; the Lambda asset needs exactly these."""
 
 CHUNK_BYTES = 1 << 20
-_UTF8_BOM = b"\xef\xbb\xbf"
+MAX_DATA_BYTES = 4_000_000_000
+"""The most data (train_data and test_data together, 4 GB) one execution stages: what one vCPU checks
+and copies within the function's time at half the speed ``bench/staging.py`` measured for the
+shortest records (about 20 MB/s), with the upload's time kept, and a margin of nearly 2 on top.
+Larger data is refused before it is read."""
+FUNCTION_TIMEOUT_S = 900
+"""The function's timeout (Lambda's most), which the limit above is sized for."""
+_WORK_PREFIX = "ftstack-stage-"
 _MISSING = ("404", "NoSuchKey", "NotFound")
 
 
@@ -59,7 +73,15 @@ class InvalidDataset(Exception):
 
 def handler(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     """Lambda entry point: ``{"execution": name, "input": execution input}`` -> what was staged."""
-    return stage(event, Settings.from_env(os.environ), _s3_client())
+    _remove_stale_work()
+    return stage(event, Settings.from_env(os.environ), _s3_client(), Deadline.of(context))
+
+
+def _remove_stale_work() -> None:
+    """Removes what a killed invocation left in /tmp: an environment runs one invocation at a
+    time, and /tmp outlives a timeout, so a folder left there would fill the disk for the next."""
+    for path in Path(tempfile.gettempdir()).glob(_WORK_PREFIX + "*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @functools.cache
@@ -70,37 +92,40 @@ def _s3_client() -> Any:
     return boto3.client("s3")
 
 
-def stage(event: Mapping[str, Any], settings: Settings, s3: Any) -> dict[str, Any]:
-    """Checks the input and the data, and only when all is valid uploads the staged files."""
+def stage(event: Mapping[str, Any], settings: Settings, s3: Any, deadline: Deadline | None = None) -> dict[str, Any]:
+    """Checks the input and the data, and only when all is valid uploads the staged files, to a
+    new folder of this invocation's."""
+    deadline = deadline or Deadline()
     execution = _execution_name(event)
     request = check_input(event.get("input"), settings)
     check_sagemaker_fields(execution, request)
     bucket = settings.bucket
-    _check_objects(s3, bucket, request)
-    prefixes = {channel: staged_data_prefix(execution, channel) for channel in (TRAIN_CHANNEL, TEST_CHANNEL)}
+    size = _check_objects(s3, bucket, request)
+    attempt = _attempt_id()  # a new folder per invocation: a retry never writes where another did
+    prefixes = {channel: staged_data_prefix(execution, attempt, channel) for channel in (TRAIN_CHANNEL, TEST_CHANNEL)}
     every = hold_out_every(request.test_split)
-    with tempfile.TemporaryDirectory(prefix="ftstack-stage-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=_WORK_PREFIX) as tmp:
         train, test = _StagedFile(Path(tmp) / "train.jsonl"), _StagedFile(Path(tmp) / "test.jsonl")
-        problems = _Problems()
+        reading = _Reading(bucket, deadline, size, _Problems(), (train, test))
         try:
             if request.test_key is None:
-                _copy_records(s3, bucket, request.train_key, "train_data", problems,
-                              lambda n: test if n % every == 0 else train)
+                _copy_records(s3, request.train_key, "train_data", reading, train, hold_out=(test, every))
             else:
-                _copy_records(s3, bucket, request.train_key, "train_data", problems, lambda n: train)
-                _copy_records(s3, bucket, request.test_key, "test_data", problems, lambda n: test)
+                _copy_records(s3, request.train_key, "train_data", reading, train)
+                _copy_records(s3, request.test_key, "test_data", reading, test)
         finally:
             train.close()
             test.close()
-        if problems.total:
-            raise InvalidDataset(problems.message())
+        if reading.problems.total:
+            raise InvalidDataset(reading.problems.message())
         if not test.records or not train.records:
             raise InvalidDataset(
                 f"train_data {_uri(bucket, request.train_key)}: {train.records + test.records} records are too few "
                 f"to hold out every {every}th as test data (test_split {request.test_split}); give test_data, a "
                 f"larger test_split, or at least {every} records")
-        _upload(s3, bucket, settings.key_arn, [(train.path, prefixes[TRAIN_CHANNEL] + "train.jsonl"),
-                             (test.path, prefixes[TEST_CHANNEL] + "test.jsonl")])
+        extra = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": settings.key_arn, "ContentType": "application/jsonlines"}
+        for staged, channel in ((train, TRAIN_CHANNEL), (test, TEST_CHANNEL)):
+            upload_new(s3, bucket, prefixes[channel] + staged.path.name, staged.path, extra, deadline)
     return {
         "train": train.summary(_uri(bucket, prefixes[TRAIN_CHANNEL])),
         "test": {**test.summary(_uri(bucket, prefixes[TEST_CHANNEL])),
@@ -119,6 +144,11 @@ def stage(event: Mapping[str, Any], settings: Settings, s3: Any) -> dict[str, An
     }
 
 
+def _attempt_id() -> str:
+    """A name for this invocation's folder, unique among all invocations'."""
+    return uuid.uuid4().hex
+
+
 def _execution_name(event: Mapping[str, Any]) -> str:
     execution = event.get("execution") if isinstance(event, Mapping) else None
     if not is_execution_name(execution):
@@ -127,8 +157,9 @@ def _execution_name(event: Mapping[str, Any]) -> str:
     return execution
 
 
-def _check_objects(s3: Any, bucket: str, request: Request) -> None:
-    """Fails fast on a missing file or model, and on data that /tmp cannot hold."""
+def _check_objects(s3: Any, bucket: str, request: Request) -> int:
+    """Fails fast on a missing file or model, and on data over the limit or more than /tmp holds;
+    returns the data's size."""
     from botocore.exceptions import ClientError
 
     checks = [("train_data", request.train_key, "the file does not exist; upload it there, or check the URI "
@@ -145,7 +176,7 @@ def _check_objects(s3: Any, bucket: str, request: Request) -> None:
             raise InvalidInput(f"resume_from: execution {request.resume_from!r} left no checkpoints in "
                                f"{_uri(bucket, checkpoint_prefix(request.resume_from))} (none was saved, or they "
                                "expired); start without resume_from")
-    size = 0
+    sizes = {}
     for field, key, fix in checks:
         try:
             head = s3.head_object(Bucket=bucket, Key=key)
@@ -154,28 +185,46 @@ def _check_objects(s3: Any, bucket: str, request: Request) -> None:
                 where = _uri(bucket, request.base_model_key if field == "base_model" else key)
                 raise InvalidInput(f"{field}: {where}: {fix}") from None
             raise
-        size += head["ContentLength"] if field != "base_model" else 0
+        if field != "base_model":
+            sizes[f"{field} {_uri(bucket, key)}"] = head["ContentLength"]
+    size = sum(sizes.values())
+    if size > MAX_DATA_BYTES:
+        files = " and ".join(f"{name} ({n:,} bytes)" for name, n in sizes.items()) if len(sizes) > 1 else next(iter(sizes))
+        raise InvalidInput(
+            f"{files}: {size:,} bytes of data, over staging's limit of {MAX_DATA_BYTES:,} bytes (what the staging "
+            f"function can check and copy in its {FUNCTION_TIMEOUT_S // 60} minutes, short records included); "
+            "use less data, e.g. a sample of it (see Staging limits in the README)")
     free = shutil.disk_usage(tempfile.gettempdir()).free
     if size + 2 > free:  # the staged copies are at most one newline each longer than the input
         raise InvalidInput(f"train_data: the data ({size:,} bytes) is larger than the staging function's "
                            f"temporary storage ({free:,} bytes free); raise its ephemeral storage or use less data")
+    return size
 
 
 class _StagedFile:
-    """A staged file being written to /tmp, counting and hashing what goes in."""
+    """A staged file being written to /tmp, counting and hashing what goes in.
+
+    The copy loop appends lines to ``pending``; ``flush`` writes them, hashes and counts them in
+    one go, so that a record costs a list append rather than a write and a hash update of its own.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path, self.records, self.bytes = path, 0, 0
+        self.pending: list[bytes] = []
         self._hash = hashlib.sha256()
         self._file = path.open("wb")
 
-    def write(self, line: bytes) -> None:
-        if not line.endswith(b"\n"):
-            line += b"\n"
-        self._file.write(line)
-        self._hash.update(line)
-        self.records += 1
-        self.bytes += len(line)
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        if not self.pending[-1].endswith(b"\n"):  # only a file's last line can lack its ending
+            self.pending[-1] += b"\n"
+        data = b"".join(self.pending)
+        self._file.write(data)
+        self._hash.update(data)
+        self.records += len(self.pending)
+        self.bytes += len(data)
+        self.pending.clear()
 
     def close(self) -> None:
         self._file.close()
@@ -208,57 +257,61 @@ class _Problems:
                 f"`ftstack validate FILE`) and start a new execution:\n{validation.DataError(self.kept, self.total)}")
 
 
-class _Cursor:
-    """Passes lines through, remembering the last one and its number."""
+class _Reading:
+    """What the reads of one invocation share: the problems found, the files being staged, and
+    the deadline, checked at every chunk so that staging ends with time left to upload."""
 
-    def __init__(self, lines: Iterable[bytes]) -> None:
-        self._lines, self.line, self.number = lines, b"", 0
+    def __init__(self, bucket: str, deadline: Deadline, size: int, problems: _Problems,
+                 files: tuple[_StagedFile, ...]) -> None:
+        self.bucket, self.deadline, self.size, self.problems, self.files = bucket, deadline, size, problems, files
+        self.read = 0
 
-    def __iter__(self) -> Iterator[bytes]:
-        for line in self._lines:
-            self.line, self.number = line, self.number + 1
-            yield line
+    def chunks(self, body: Any, field: str, uri: str) -> Iterator[bytes]:
+        """The object's chunks; between two, the lines of the last one are all copied: written
+        out here, then the time checked."""
+        for chunk in body.iter_chunks(CHUNK_BYTES):
+            for staged in self.files:
+                staged.flush()
+            self._check_time(field, uri)
+            self.read += len(chunk)
+            yield chunk
+
+    def _check_time(self, field: str, uri: str) -> None:
+        staged = sum(f.bytes for f in self.files)
+        left = self.deadline.seconds_left()
+        if left >= self.deadline.upload_reserve(staged):
+            return
+        where = f"stopped at byte {self.read:,} of {self.size:,} after {self.deadline.elapsed():.0f} s, to end before the " \
+                f"function's {FUNCTION_TIMEOUT_S // 60}-minute limit"
+        if self.problems.total:  # what was found is worth more than the timeout
+            raise InvalidDataset(f"{self.problems.message()}\n(the check {where}; the rest was not checked)")
+        raise StagingTimeout(
+            f"{field} {uri}: staging {where}; nothing was staged. Reading went slower than staging's limit "
+            f"({MAX_DATA_BYTES:,} bytes) allows for (very short records or blank lines, or a slow S3): use less "
+            f"data than the {self.read:,} bytes it got through (see Staging limits in the README)")
 
 
-def _copy_records(s3: Any, bucket: str, key: str, field: str, problems: _Problems,
-                  route: Callable[[int], _StagedFile]) -> None:
-    """Streams one object through the validator, writing its n-th record to ``route(n)``.
+def _copy_records(s3: Any, key: str, field: str, reading: _Reading, into: _StagedFile,
+                  hold_out: tuple[_StagedFile, int] | None = None) -> None:
+    """Streams one object through the validator, copying its records ``into`` a staged file, or
+    with ``hold_out = (file, n)`` every n-th record into that file instead.
 
     After a problem nothing more is written (nothing will be uploaded), but the scan goes on so
     the message lists the problems of the whole file.
     """
-    uri = _uri(bucket, key)
-    body = s3.get_object(Bucket=bucket, Key=key)["Body"]
+    uri = _uri(reading.bucket, key)
+    body = s3.get_object(Bucket=reading.bucket, Key=key)["Body"]
+    kept, (held, every) = into.pending, (hold_out[0].pending, hold_out[1]) if hold_out else ([], 0)
+    problems, problem, records = reading.problems, validation.Problem, 0
     try:
-        cursor = _Cursor(validation.split_chunks(body.iter_chunks(CHUNK_BYTES)))
-        records = 0
-        for item in validation.scan_lines(cursor, uri):
-            if isinstance(item, validation.Problem):
+        lines = validation.split_chunks(reading.chunks(body, field, uri))
+        for item in validation.scan_lines(lines, uri, copy=True):
+            if item.__class__ is problem:
                 problems.add(field, uri, item)
             elif not problems.total:
-                # scan_lines pulls a line and yields its result before pulling the next one.
-                assert item.line == cursor.number, (item.line, cursor.number)
                 records += 1
-                line = cursor.line.removeprefix(_UTF8_BOM) if item.line == 1 else cursor.line
-                route(records).write(line)
+                (held if every and records % every == 0 else kept).append(item)
+        for staged in reading.files:
+            staged.flush()  # the last lines, after the last chunk
     finally:
         body.close()
-
-
-def _upload(s3: Any, bucket: str, key_arn: str, files: list[tuple[Path, str]]) -> None:
-    """Uploads the staged files, encrypted with the stack's key (``aws:kms`` without a key id
-    would mean the account's ``aws/s3`` key); on a failure removes the ones already uploaded, so
-    that a failed execution has no staged data."""
-    done = []
-    try:
-        for path, key in files:
-            s3.upload_file(str(path), bucket, key, ExtraArgs={
-                "ServerSideEncryption": "aws:kms", "SSEKMSKeyId": key_arn, "ContentType": "application/jsonlines"})
-            done.append(key)
-    except BaseException:
-        for key in done:
-            try:
-                s3.delete_object(Bucket=bucket, Key=key)
-            except Exception as exc:  # the upload's error is the one to report; note this one
-                print(f"could not remove s3://{bucket}/{key} after a failed upload: {exc}")
-        raise

@@ -4,6 +4,7 @@ exactly the files the handler imports."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import aws_cdk as cdk
@@ -13,7 +14,8 @@ from aws_cdk.assertions import Match, Template
 from infra.config import InfraConfigError, load_config
 from infra.stage_data.handler import ASSET_PATHS
 from infra.stage_data.request import Settings
-from infra.staging import StagingFunction
+from infra.stage_data.handler import FUNCTION_TIMEOUT_S
+from infra.staging import MEMORY_MB, StagingFunction
 from infra.storage import Storage
 from staging_samples import staging_values
 
@@ -43,7 +45,8 @@ def test_function_settings(built):
     template.has_resource_properties("AWS::Lambda::Function", {
         "Handler": "infra.stage_data.handler.handler",
         "Runtime": "python3.14",
-        "Timeout": 900,
+        "Timeout": FUNCTION_TIMEOUT_S,
+        "MemorySize": MEMORY_MB,
         "EphemeralStorage": {"Size": 10240},
         "ReservedConcurrentExecutions": 7,
         "Environment": {"Variables": {"BUCKET": Match.any_value(), "SETTINGS": json.dumps(SETTINGS, sort_keys=True)}},
@@ -65,6 +68,24 @@ def test_role_reads_incoming_and_writes_only_staged_data(built):
     assert listing["Condition"] == {"StringLike": {"s3:prefix": ["incoming/*", "base-models/*", "scratch/*/checkpoints/*"]}}
     writes = [s for s in policy["Properties"]["PolicyDocument"]["Statement"] if "s3:PutObject" in s["Action"]]
     assert writes and all("/scratch/*/data/*" in json.dumps(s["Resource"]) for s in writes)
+
+
+def test_staging_deletes_nothing(built):
+    """Issue 11, items 4 and 8: each invocation writes new objects to a folder of its own, so the
+    function needs no delete, and cannot remove another execution's staged data."""
+    template, _ = built
+    (policy,) = [p for p in template.find_resources("AWS::IAM::Policy").values() if "StagingRole" in json.dumps(p["Properties"]["Roles"])]
+    actions = [a for s in policy["Properties"]["PolicyDocument"]["Statement"] for a in
+               (s["Action"] if isinstance(s["Action"], list) else [s["Action"]])]
+    assert "s3:PutObject" in actions and not [a for a in actions if a.startswith("s3:Delete")]
+
+
+def test_the_function_has_the_vcpu_and_time_the_limit_is_sized_for():
+    assert MEMORY_MB >= 1769  # Lambda's memory for one whole vCPU
+    assert FUNCTION_TIMEOUT_S == 900  # Lambda's most
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    limits = text[text.index("**Staging limits.**"):].split("\n\n", 1)[0]
+    assert [int(n.replace(",", "")) for n in re.findall(r"\(([\d,]+) MB\)", limits)] == [MEMORY_MB]
 
 
 def test_asset_holds_exactly_the_imported_files(built):
