@@ -65,6 +65,11 @@ FUNCTION_TIMEOUT_S = 900
 """The function's timeout (Lambda's most), which the limit above is sized for."""
 _WORK_PREFIX = "ftstack-stage-"
 _MISSING = ("404", "NoSuchKey", "NotFound")
+_FORBIDDEN = ("403", "AccessDenied", "Forbidden")
+"""What HeadObject answers for a missing key when the caller's s3:ListBucket does not cover the
+request (S3 API reference, HeadObject: "If you don't have the s3:ListBucket permission, Amazon S3
+returns an HTTP status code 403"): the function may list only under its prefixes, so a 403 may
+mean missing as well as unreadable."""
 
 
 class InvalidDataset(Exception):
@@ -181,9 +186,14 @@ def _check_objects(s3: Any, bucket: str, request: Request) -> int:
         try:
             head = s3.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in _MISSING:
-                where = _uri(bucket, request.base_model_key if field == "base_model" else key)
+            code = exc.response.get("Error", {}).get("Code")
+            where = _uri(bucket, request.base_model_key if field == "base_model" else key)
+            if code in _MISSING:
                 raise InvalidInput(f"{field}: {where}: {fix}") from None
+            if code in _FORBIDDEN:
+                raise InvalidInput(f"{field}: {where}: S3 refused it (403): it does not exist, or it is encrypted with "
+                                   "a KMS key other than the stack's; upload it again with the bucket's default "
+                                   "encryption, or check the URI (keys are case-sensitive)") from None
             raise
         if field != "base_model":
             sizes[f"{field} {_uri(bucket, key)}"] = head["ContentLength"]
