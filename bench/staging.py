@@ -74,7 +74,7 @@ def staged(s3, data: bytes) -> tuple[float, float]:
     handler.upload_new = timed_upload
     try:
         start = time.perf_counter()
-        result = handler.stage({"execution": "bench", "input": {"train_data": f"s3://{BUCKET}/incoming/bench.jsonl"}},
+        result = handler.stage(handler.Execution("bench", {"train_data": f"s3://{BUCKET}/incoming/bench.jsonl"}),
                                settings, s3)
         seconds = time.perf_counter() - start
     finally:

@@ -264,7 +264,9 @@ def build_definition(s: WorkflowSettings) -> dict[str, Any]:
     states["StageData"] = {
         "Type": "Task",
         "Resource": "arn:aws:states:::lambda:invoke",
-        "Parameters": {"FunctionName": "${StagingFunctionArn}", "Payload": {"execution.$": "$$.Execution.Name", "input.$": "$"}},
+        # Only the execution's ARN: the function asks Step Functions for its name and input, so an
+        # invoker cannot make it stage for another name or input (issue 11, item 4).
+        "Parameters": {"FunctionName": "${StagingFunctionArn}", "Payload": {"execution_arn.$": "$$.Execution.Id"}},
         "ResultSelector": {"value.$": "$.Payload"},
         "ResultPath": "$.staging",
         "Retry": STAGING_RETRY,

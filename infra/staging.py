@@ -14,10 +14,12 @@ from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from . import layout
+from .stage_data.execution import STATE_MACHINE_VARIABLE
 from .stage_data.handler import ASSET_PATHS, FUNCTION_TIMEOUT_S
 from .stage_data.request import Settings
 from .access import ENCRYPT_OBJECTS, grant_key, grant_list, grant_objects
-from .nag import acknowledge, arn_of, wildcard
+from .nag import acknowledge, arn_in_finding, arn_of, wildcard
+from .workflow import execution_arns, state_machine_arn, state_machine_name
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY_MB = 2048
@@ -62,7 +64,8 @@ def python_function(scope: Construct, *, key: kms.IKey, handler: str, descriptio
 
 
 class StagingFunction(Construct):
-    """``self.function``: reads ``incoming/``, writes new objects under ``scratch/<execution>/data/``."""
+    """``self.function``: stages a running execution of the stack's workflow (``state_machine_name``):
+    reads ``incoming/``, writes new objects under ``scratch/<execution>/data/``."""
 
     def __init__(self, scope: Construct, construct_id: str, *, bucket: s3.IBucket, key: kms.IKey, settings: Settings,
                  reserved_concurrency: int) -> None:
@@ -70,7 +73,8 @@ class StagingFunction(Construct):
         # Reserved so that a burst of executions (each staging for up to 15 minutes) cannot take
         # the account's whole Lambda concurrency, and other functions cannot starve staging.
         self.function = python_function(
-            self, key=key, handler="infra.stage_data.handler.handler", environment=settings.environment(),
+            self, key=key, handler="infra.stage_data.handler.handler",
+            environment=settings.environment() | {STATE_MACHINE_VARIABLE: state_machine_arn(cdk.Stack.of(self))},
             memory_size=MEMORY_MB, ephemeral_storage_size=cdk.Size.gibibytes(10),
             timeout=cdk.Duration.seconds(FUNCTION_TIMEOUT_S),
             reserved_concurrent_executions=reserved_concurrency,
@@ -86,9 +90,15 @@ class StagingFunction(Construct):
         # Listing tells a missing file (404) from an unreadable one; resume_from lists checkpoints.
         grant_list(role, bucket, f"{layout.INCOMING}*", f"{layout.BASE_MODELS}*", f"{layout.SCRATCH}*/checkpoints/*")
         grant_key(role, key, *ENCRYPT_OBJECTS)
+        # The execution it stages, its name and its input come from Step Functions (issue 11, item 4).
+        stack = cdk.Stack.of(self)
+        role.add_to_principal_policy(iam.PolicyStatement(actions=["states:DescribeExecution"],
+                                                         resources=[execution_arns(stack)]))
         bucket_arn = arn_of(bucket)
         acknowledge(role, {
             wildcard(f"Resource::{bucket_arn}/{layout.INCOMING}*"): "the user's data files, named by the execution input",
             wildcard(f"Resource::{bucket_arn}/{layout.BASE_MODELS}*/config.json"): "checks that an s3:// base model exists (its config.json only)",
             wildcard(f"Resource::{bucket_arn}/{layout.SCRATCH}*/data/*"): "writes the staged channels of the running execution",
+            wildcard("Resource::" + arn_in_finding(self, "states", f"execution:{state_machine_name(stack)}:*")):
+                "describes the execution that invoked it, whose name is known at run time only (its own state machine's only)",
         })

@@ -6,6 +6,8 @@ checks that every task of the definition is in it and that the role allows each 
 
 from __future__ import annotations
 
+import hashlib
+
 import aws_cdk as cdk
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
@@ -41,6 +43,30 @@ FINAL_METRICS_OBJECTS = f"{layout.model_prefix('*')}*/{JOB_MODEL_DIR}{FINAL_METR
 """Every job's final-metrics file: ``executions/<execution>/model/<job>/output/model/final-metrics.json``."""
 
 
+def state_machine_name(stack: cdk.Stack) -> str:
+    """The state machine's name, ``<stack>-workflow``, fixed so that the staging function can be
+    told its ARN without a reference to it (the machine refers to the function: a cycle). Step
+    Functions takes 80 characters, of 0-9 A-Z a-z - _ when it logs; a stack name may be 128."""
+    name = stack.stack_name
+    if cdk.Token.is_unresolved(name):
+        raise ValueError("the workflow's stack needs a concrete stack name (its state machine is named after it)")
+    if len(name) > 80 - len("-workflow"):
+        name = f"{name[:62]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return f"{name}-workflow"
+
+
+def state_machine_arn(stack: cdk.Stack) -> str:
+    """The workflow's state machine ARN, from its name (see ``state_machine_name``)."""
+    return stack.format_arn(service="states", resource="stateMachine", resource_name=state_machine_name(stack),
+                            arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)
+
+
+def execution_arns(stack: cdk.Stack) -> str:
+    """The ARN pattern of every execution of the workflow's state machine."""
+    return stack.format_arn(service="states", resource="execution", resource_name=f"{state_machine_name(stack)}:*",
+                            arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)
+
+
 def model_package_group_arn(stack: cdk.Stack, group: str, *, packages: bool = False) -> str:
     """The ARN of a model package group (or, with ``packages``, of its versions). SageMaker writes
     these ARNs in lower case whatever the group name's case, and IAM compares ARNs case-sensitively."""
@@ -72,7 +98,7 @@ class FineTuningWorkflow(Construct):
                         assumed_by=iam.ServicePrincipal("states.amazonaws.com", conditions={
                             "StringEquals": {"aws:SourceAccount": stack.account}, "ArnLike": {"aws:SourceArn": machines}}))
         self.state_machine = sfn.StateMachine(
-            self, "StateMachine", role=role,
+            self, "StateMachine", role=role, state_machine_name=state_machine_name(stack),
             definition_body=sfn.DefinitionBody.from_string(render(build_definition(settings))),
             definition_substitutions={
                 "Bucket": bucket.bucket_name, "KeyArn": key.key_arn, "TrainingRoleArn": training_role.role_arn,

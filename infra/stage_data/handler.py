@@ -13,8 +13,14 @@ unreferenced folder, which expires with ``scratch/``. It returns what the traini
 Data over ``MAX_DATA_BYTES`` is refused before anything is read; a slower run stops before the
 function's time is up (``StagingTimeout``) instead of being killed.
 
+The execution comes from Step Functions, not from the event (``execution``): the state machine
+passes its execution's ARN, and the function stages only a running execution of its own state
+machine, with the name and input Step Functions gives for it.
+
 Errors for the user: ``InvalidInput`` (the execution input), ``InvalidDataset`` (the data) and
 ``StagingTimeout``; Step Functions reports the class name as the error and the message as the cause.
+``ExecutionRefused``: the function was invoked for something else than a running execution of its
+workflow.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +52,7 @@ from .request import (  # noqa: E402, F401
     INPUT_KEYS, MAX_HYPERPARAMETER_CHARS, MAX_HYPERPARAMETERS, MAX_JOB_NAME_PREFIX, MODEL_KEY, InvalidInput, Request,
     Settings, _uri, check_input, check_sagemaker_fields, is_execution_name, job_name_prefix,
 )
+from .execution import STATE_MACHINE_VARIABLE, Execution, ExecutionRefused, running_execution  # noqa: E402, F401
 from .upload import Deadline, StagingTimeout, upload_new  # noqa: E402
 
 ASSET_PATHS = (
@@ -77,9 +84,13 @@ class InvalidDataset(Exception):
 
 
 def handler(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
-    """Lambda entry point: ``{"execution": name, "input": execution input}`` -> what was staged."""
+    """Lambda entry point: ``{"execution_arn": $$.Execution.Id}`` -> what was staged."""
     _remove_stale_work()
-    return stage(event, Settings.from_env(os.environ), _s3_client(), Deadline.of(context))
+    settings = Settings.from_env(os.environ)
+    if not os.environ.get(STATE_MACHINE_VARIABLE):
+        raise RuntimeError(f"staging function environment: {STATE_MACHINE_VARIABLE} is not set; redeploy the stack")
+    execution = running_execution(event, _client("stepfunctions"), os.environ[STATE_MACHINE_VARIABLE])
+    return stage(execution, settings, _client("s3"), Deadline.of(context))
 
 
 def _remove_stale_work() -> None:
@@ -90,19 +101,19 @@ def _remove_stale_work() -> None:
 
 
 @functools.cache
-def _s3_client() -> Any:
-    """One client per Lambda environment, reused by warm invocations."""
+def _client(service: str) -> Any:
+    """One client per service and Lambda environment, reused by warm invocations."""
     import boto3  # here, so that infra code can import this module's helpers without it
 
-    return boto3.client("s3")
+    return boto3.client(service)
 
 
-def stage(event: Mapping[str, Any], settings: Settings, s3: Any, deadline: Deadline | None = None) -> dict[str, Any]:
-    """Checks the input and the data, and only when all is valid uploads the staged files, to a
-    new folder of this invocation's."""
+def stage(run: Execution, settings: Settings, s3: Any, deadline: Deadline | None = None) -> dict[str, Any]:
+    """Checks the input and the data of a running execution, and only when all is valid uploads
+    the staged files, to a new folder of this invocation's."""
     deadline = deadline or Deadline()
-    execution = _execution_name(event)
-    request = check_input(event.get("input"), settings)
+    execution = _execution_name(run)
+    request = check_input(run.input, settings)
     check_sagemaker_fields(execution, request)
     bucket = settings.bucket
     size = _check_objects(s3, bucket, request)
@@ -154,12 +165,11 @@ def _attempt_id() -> str:
     return uuid.uuid4().hex
 
 
-def _execution_name(event: Mapping[str, Any]) -> str:
-    execution = event.get("execution") if isinstance(event, Mapping) else None
-    if not is_execution_name(execution):
-        # Not the user's input: the state machine passes $$.Execution.Name.
-        raise ValueError(f"event['execution'] must be the Step Functions execution name, got {execution!r}")
-    return execution
+def _execution_name(run: Execution) -> str:
+    if not is_execution_name(run.name):  # Step Functions allows "." and "..", which cannot name a folder
+        raise InvalidInput(f"the execution name {run.name!r} cannot name the run's folders; start the execution "
+                           "again with a name of letters, digits, - and _")
+    return run.name
 
 
 def _check_objects(s3: Any, bucket: str, request: Request) -> int:

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from infra.stage_data import handler as stage_data
-from infra.stage_data.handler import MAX_DATA_BYTES, InvalidDataset, InvalidInput, Settings
+from infra.stage_data.handler import MAX_DATA_BYTES, Execution, InvalidDataset, InvalidInput, Settings
 from infra.stage_data import upload
 from infra.stage_data.upload import Deadline, StagingTimeout
 
-from test_stage_data import BUCKET, SETTINGS, TEST, TRAIN, client, put, read, records, s3, written  # noqa: F401 (fixtures)
+from test_stage_data import BUCKET, SETTINGS, TEST, TRAIN, client, invoke, put, read, records, s3, written  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRATCH = re.compile(r"scratch/run-1/data/[0-9a-f]{32}/(train|test)/")
@@ -31,7 +31,7 @@ def settings() -> Settings:
 
 def run(client, input_: dict, context=None) -> dict:
     """One invocation of the staging code for the execution run-1, with ``client`` as its S3."""
-    return stage_data.stage({"execution": "run-1", "input": input_}, settings(), client, Deadline.of(context))
+    return stage_data.stage(Execution("run-1", input_), settings(), client, Deadline.of(context))
 
 
 def consumed(s3, result: dict) -> set[str]:
@@ -246,7 +246,7 @@ with mock_aws():
     s3 = boto3.client("s3", region_name="us-east-1")
     s3.create_bucket(Bucket={bucket!r})
     s3.put_object(Bucket={bucket!r}, Key="incoming/train.jsonl", Body={data!r})
-    handler.stage({{"execution": "run-1", "input": {{"train_data": {train!r}}}}},
+    handler.stage(handler.Execution("run-1", {{"train_data": {train!r}}}),
                   handler.Settings.from_env(os.environ), s3, handler.Deadline.of(Context()))
 """
 
@@ -262,7 +262,7 @@ def test_what_a_killed_invocation_left_in_tmp_is_removed_by_the_next(s3, tmp_pat
     (left,) = lambda_tmp.iterdir()
     assert left.name.startswith("ftstack-stage-") and (left / "train.jsonl").is_file()
     put(s3, TRAIN, records(40))
-    result = stage_data.handler({"execution": "run-1", "input": {"train_data": TRAIN}}, None)
+    result = invoke({"train_data": TRAIN})  # the next invocation, on the same /tmp
     assert result["train"]["records"] == 38
     assert not left.exists()
 

@@ -16,7 +16,10 @@ from infra.stage_data.handler import ASSET_PATHS
 from infra.stage_data.request import Settings
 from infra.stage_data.handler import FUNCTION_TIMEOUT_S
 from infra.staging import MEMORY_MB, StagingFunction
+from infra.workflow import state_machine_name
 from infra.storage import Storage
+from aws_contract import operation, problems
+from iam_model import ACCOUNT, allows, as_list, of_type, resolved_resources, role_statements
 from staging_samples import staging_values
 
 SETTINGS = staging_values(fallback_instance_types=[])
@@ -126,3 +129,34 @@ def test_staging_concurrency_is_read_from_context_and_checked():
         load_config({"staging_concurrency": 0})
     with pytest.raises(InfraConfigError, match=r"'staging_concurrency': 'ten' is not a whole number"):
         load_config({"staging_concurrency": "ten"})
+
+
+def test_the_function_may_describe_its_own_workflows_executions_only(synthesized):
+    """Issue 11, item 4: the function is told its state machine's ARN (which has a fixed name, so
+    that no reference makes a cycle) and may describe that machine's executions, nothing else."""
+    _, stack, template, _ = synthesized
+    resources = resolved_resources(stack, template)
+    (machine,) = of_type(resources, "AWS::StepFunctions::StateMachine").values()
+    name = machine["Properties"]["StateMachineName"]
+    assert name == state_machine_name(stack) == f"{stack.stack_name}-workflow"
+    (function,) = [f for f in of_type(resources, "AWS::Lambda::Function").values()
+                   if f["Properties"]["Handler"] == "infra.stage_data.handler.handler"]
+    arn = function["Properties"]["Environment"]["Variables"]["STATE_MACHINE_ARN"]
+    assert arn == f"arn:aws:states:{stack.region}:{ACCOUNT}:stateMachine:{name}"
+    (role_id,) = [k for k in of_type(resources, "AWS::IAM::Role") if k.startswith("StagingRole")]
+    statements = role_statements(resources, role_id)
+    own = f"arn:aws:states:{stack.region}:{ACCOUNT}:execution:{name}:run-1"
+    assert allows(statements, "states:DescribeExecution", own)
+    for other in (own.replace(f":{name}:", f":{name}2:"), own.replace(f":{name}:", ":other:"),
+                  own.replace(ACCOUNT, "210987654321")):
+        assert not allows(statements, "states:DescribeExecution", other), other
+    assert [a for st in statements for a in as_list(st["Action"]) if a.startswith("states:")] == ["states:DescribeExecution"]
+
+
+@pytest.mark.parametrize("stack_name", ["ftstack", "a" * 71, "a" * 72, "Ab-" * 42 + "c1"])
+def test_the_state_machine_name_fits_step_functions_for_any_stack_name(stack_name):
+    name = state_machine_name(cdk.Stack(cdk.App(), "S", stack_name=stack_name))
+    assert problems(operation("stepfunctions", "CreateStateMachine").input_shape.members["name"], name) == []
+    assert re.fullmatch(r"[0-9A-Za-z_-]+", name)  # what a logging state machine's name may hold
+    twin = state_machine_name(cdk.Stack(cdk.App(), "S", stack_name=stack_name[:-1] + "9"))
+    assert twin != name

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 import uuid
 
@@ -22,7 +23,7 @@ from moto import mock_aws
 from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import state_task_service_aws_sdk
 
 from infra.definition import PLACEHOLDERS, WorkflowSettings, build_definition, render
-from infra.stage_data.handler import InvalidDataset, InvalidInput, Settings, job_name_prefix, stage
+from infra.stage_data.handler import InvalidDataset, InvalidInput, Settings, job_name_prefix, running_execution, stage
 from infra.training_states import poll_seconds
 
 from aws_contract import AwsCalls, AwsError, operation, problems
@@ -45,6 +46,8 @@ VALUES = {
     "ModelPackageGroupName": "ftstack-models",
 }
 STAGING = staging_settings(BUCKET, key_arn=KEY_ARN)
+STATE_MACHINE_ARN = f"arn:aws:states:{REGION}:{ACCOUNT}:stateMachine:ftstack"
+"""The state machine the tests create, whose ARN the staging function is given."""
 GOOD_INPUT = {"train_data": f"s3://{BUCKET}/incoming/train.jsonl"}
 MANIFEST_DIGEST = "5" * 64
 """The SHA-256 of the model's manifest, as the job writes it into final-metrics.json."""
@@ -105,11 +108,13 @@ def published(request: dict) -> dict:
 
 
 def staging_lambda(settings: Settings = STAGING):
-    """The real staging handler, run in-process on the Invoke request against moto's S3."""
+    """The real staging handler, run in-process on the Invoke request against moto's S3; it asks
+    moto's Step Functions for the running execution, as the function does."""
     def invoke(request: dict) -> dict:
         event = json.loads(request["Payload"])
         try:
-            result, error = stage(event, settings, boto3.client("s3", region_name=REGION)), None
+            run = running_execution(event, boto3.client("stepfunctions", region_name=REGION), STATE_MACHINE_ARN)
+            result, error = stage(run, settings, boto3.client("s3", region_name=REGION)), None
         except (InvalidInput, InvalidDataset) as exc:
             result, error = {"errorType": type(exc).__name__, "errorMessage": str(exc)}, "Unhandled"
         payload = json.dumps(result).encode()
@@ -180,6 +185,7 @@ def run(sagemaker: dict, execution_input: dict, *, name: str = "run1", final_met
             s3.put_object(Bucket=BUCKET, Key=f"{prefix}{job_name}/output/model/final-metrics.json", Body=json.dumps(metrics).encode())
         sfn = boto3.client("stepfunctions", region_name=REGION)
         arn = sfn.create_state_machine(name="ftstack", definition=definition(settings), roleArn=f"arn:aws:iam::{ACCOUNT}:role/sfn")["stateMachineArn"]
+        assert arn == STATE_MACHINE_ARN
         execution = sfn.start_execution(stateMachineArn=arn, name=name, input=json.dumps(execution_input))["executionArn"]
         deadline = time.monotonic() + 60
         while (result := sfn.describe_execution(executionArn=execution))["status"] == "RUNNING":
@@ -214,6 +220,9 @@ def test_happy_path_trains_polls_gates_registers_and_notifies():
     assert request["OutputDataConfig"] == {"S3OutputPath": f"s3://{BUCKET}/executions/run1/model/", "KmsKeyId": KEY_ARN, "CompressionType": "NONE"}
     assert request["AlgorithmSpecification"]["EnableSageMakerMetricsTimeSeries"] is True
     assert [c["ChannelName"] for c in request["InputDataConfig"]] == ["train", "test"]
+    # The channels are the folder the staging invocation returned, one of its own (issue 11, item 8).
+    train, test = (c["DataSource"]["S3DataSource"]["S3Uri"] for c in request["InputDataConfig"])
+    assert re.fullmatch(f"s3://{BUCKET}/scratch/run1/data/[0-9a-f]{{32}}/train/", train) and test == train[:-6] + "test/"
     assert request["Tags"] == [{"Key": "ftstack:execution", "Value": "run1"}]
     assert len(calls.of("sagemaker", "DescribeTrainingJob")) == 2  # InProgress, then Completed
     states = entered(events)
