@@ -38,8 +38,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from .files import write_atomic
-from .checkpoint_trust import NoPickleLoadPlanner, UntrustedCheckpoint, check_metadata, sha256_file
+from .files import sha256_file, write_atomic
+from .checkpoint_trust import NoPickleLoadPlanner, UntrustedCheckpoint, check_metadata
 
 PART_PREFIX = "ftstack-part-"
 _PART = re.compile(rf"^{PART_PREFIX}(\d{{5}})\.json$")

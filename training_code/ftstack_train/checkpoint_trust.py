@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
-import hashlib
 import io
 import pathlib
 import pickle
@@ -36,7 +35,6 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from .errors import ConfigError
 
-_CHUNK = 8 << 20
 
 _PLAIN = {
     ("torch.serialization", "_get_layout"): torch.serialization._get_layout,  # a lookup of torch.layout by name
@@ -50,15 +48,6 @@ class UntrustedCheckpoint(ConfigError):
     """A checkpoint folder that ftstack did not write, or whose files changed since; the message
     says which file and why. A ConfigError, so that the job shows the message, not a traceback,
     when a loaded checkpoint is refused."""
-
-
-def sha256_file(path: Path) -> str:
-    """The file's SHA-256 as hex, read in chunks (checkpoint shards are gigabytes)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _allowed(module: str, name: str) -> object | None:

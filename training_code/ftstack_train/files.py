@@ -1,9 +1,13 @@
-"""Writing a file so that a reader never sees it half-written. Standard library only."""
+"""Writing a file so that a reader never sees it half-written, and hashing one that may be
+gigabytes. Standard library only."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+_CHUNK = 8 << 20
 
 
 def partial_name(path: Path) -> Path:
@@ -17,3 +21,12 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = partial_name(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    """The file's SHA-256 as hex, read in chunks (checkpoint shards and model weights are gigabytes)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -18,25 +18,16 @@ from pathlib import Path
 
 from .contract import FINAL_METRICS_FILE, MANIFEST_FILE
 from .errors import ModelLoadError
+from .files import sha256_file
 
 UNLISTED = (MANIFEST_FILE, FINAL_METRICS_FILE)
 """Files of an export that the manifest does not list."""
 _OWN_PREFIX = ".ftstack"
 """ftstack's own bookkeeping (the export marker, the staging marker): not part of the model."""
-CHUNK = 8 << 20
 
 
 class ModelIntegrityError(ModelLoadError):
     """The model's files are not the ones its manifest lists, or the manifest is not the registered one."""
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of one file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def model_files(folder: Path) -> list[str]:
@@ -57,7 +48,7 @@ def write_manifest(folder: Path) -> str:
         path = folder / name
         if path.is_symlink() or not path.is_file():
             raise ModelIntegrityError(f"{path}: not a regular file; an export writes files only")
-        entries[name] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+        entries[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     text = manifest_bytes(entries)
     (folder / MANIFEST_FILE).write_bytes(text)
     return hashlib.sha256(text).hexdigest()
@@ -106,6 +97,6 @@ def verify_model(folder: Path, expected_sha256: str | None = None) -> str:
     compare(entries, model_files(folder), str(folder))
     for name, entry in entries.items():
         file = folder / name
-        if file.stat().st_size != entry["bytes"] or file_sha256(file) != entry["sha256"]:
+        if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
             raise ModelIntegrityError(f"{file}: its content is not what {MANIFEST_FILE} lists; do not use this model")
     return hashlib.sha256(text).hexdigest()
