@@ -87,7 +87,8 @@ class StagingFunction(Construct):
         # failed or killed one leaves is never referenced (it expires with scratch/).
         grant_objects(role, bucket, read=(f"{layout.INCOMING}*", f"{layout.BASE_MODELS}*/config.json"),  # a model's config only
                       write=(staged,))
-        # Listing tells a missing file (404) from an unreadable one; resume_from lists checkpoints.
+        # Listing lets S3 answer a missing upload with 404 (without it: 403, which the handler also
+        # names); resume_from lists the checkpoints it continues from.
         grant_list(role, bucket, f"{layout.INCOMING}*", f"{layout.BASE_MODELS}*", f"{layout.SCRATCH}*/checkpoints/*")
         grant_key(role, key, *ENCRYPT_OBJECTS)
         # The execution it stages, its name and its input come from Step Functions (issue 11, item 4).

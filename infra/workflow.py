@@ -89,14 +89,13 @@ class FineTuningWorkflow(Construct):
         log_group = logs.LogGroup(self, "Logs", encryption_key=key, retention=logs.RetentionDays.ONE_YEAR,
                                   removal_policy=cdk.RemovalPolicy.RETAIN)
         stack = cdk.Stack.of(self)
-        # Only Step Functions acting for a state machine of this account and region may assume the
-        # role (confused-deputy prevention, as the Step Functions developer guide shows it; the
-        # machine's own ARN would make a cycle: the machine names the role).
-        machines = stack.format_arn(service="states", resource="stateMachine", resource_name="*",
-                                    arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)
+        # Only Step Functions acting for this very state machine may assume the role (confused-deputy
+        # prevention, as the Step Functions developer guide shows it). Its name is fixed, so its ARN
+        # is known without a reference to it, which would be a cycle: the machine names the role.
         role = iam.Role(self, "Role", description="ftstack workflow: stage, train, read final metrics, register, notify",
                         assumed_by=iam.ServicePrincipal("states.amazonaws.com", conditions={
-                            "StringEquals": {"aws:SourceAccount": stack.account}, "ArnLike": {"aws:SourceArn": machines}}))
+                            "StringEquals": {"aws:SourceAccount": stack.account},
+                            "ArnLike": {"aws:SourceArn": state_machine_arn(stack)}}))
         self.state_machine = sfn.StateMachine(
             self, "StateMachine", role=role, state_machine_name=state_machine_name(stack),
             definition_body=sfn.DefinitionBody.from_string(render(build_definition(settings))),

@@ -169,20 +169,22 @@ def test_service_trust_policies_carry_the_confused_deputy_conditions(resources):
     (each service's "Cross-service confused deputy prevention" page); Lambda documents neither for
     its execution roles, so its roles trust lambda.amazonaws.com alone."""
     for role_id, role in of_type(resources, "AWS::IAM::Role").items():
-        (trust,) = role["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+        trust = trust_of(role)
         service = trust["Principal"]["Service"]
         if service == "lambda.amazonaws.com":
             continue
         assert service in ("sagemaker.amazonaws.com", "states.amazonaws.com"), role_id
         assert trust["Condition"]["StringEquals"] == {"aws:SourceAccount": ACCOUNT}, role_id
         assert set(trust["Condition"]["ArnLike"]) == {"aws:SourceArn"}, role_id
-        arn = trust["Condition"]["ArnLike"]["aws:SourceArn"]
-        assert arn.startswith(f"arn:aws:{service.split('.')[0]}:{REGION}:{ACCOUNT}:"), arn
-    sagemaker = [r for r in of_type(resources, "AWS::IAM::Role").values()
-                 if r["Properties"]["AssumeRolePolicyDocument"]["Statement"][0]["Principal"]["Service"] == "sagemaker.amazonaws.com"]
-    (training,) = sagemaker
-    assert training["Properties"]["AssumeRolePolicyDocument"]["Statement"][0]["Condition"]["ArnLike"]["aws:SourceArn"] \
-        == f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/ftstack--*"
+    sources = {trust_of(role)["Principal"]["Service"]: trust_of(role)["Condition"]["ArnLike"]["aws:SourceArn"]
+               for role in of_type(resources, "AWS::IAM::Role").values() if "Condition" in trust_of(role)}
+    assert sources == {"sagemaker.amazonaws.com": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/ftstack--*",
+                       "states.amazonaws.com": f"arn:aws:states:{REGION}:{ACCOUNT}:stateMachine:ftstack-workflow"}
+
+
+def trust_of(role: dict) -> dict:
+    (trust,) = role["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+    return trust
 
 
 def test_every_log_group_outlives_the_stack(resources):

@@ -78,13 +78,13 @@ def test_training_jobs_are_limited_to_the_prefix_and_the_allowed_instance_types(
                                       "Null": {"sagemaker:InstanceTypes": "false"}}
 
 
-def test_assumed_by_step_functions_only_for_state_machines_of_this_account(template):
+def test_assumed_by_step_functions_only_for_this_state_machine(template):
     (role,) = [r for r in template.find_resources("AWS::IAM::Role").values()
                if "states.amazonaws.com" in json.dumps(r["Properties"]["AssumeRolePolicyDocument"])]
     (trust,) = role["Properties"]["AssumeRolePolicyDocument"]["Statement"]
     assert set(trust["Condition"]) == {"StringEquals", "ArnLike"}
     assert set(trust["Condition"]["StringEquals"]) == {"aws:SourceAccount"}
-    assert json.dumps(trust["Condition"]["ArnLike"]["aws:SourceArn"]).endswith(':stateMachine:*"]]}')
+    assert json.dumps(trust["Condition"]["ArnLike"]["aws:SourceArn"]).endswith(':stateMachine:Test-workflow"]]}')
 
 
 def test_the_execution_log_is_kept_when_the_stack_is_deleted(template):
