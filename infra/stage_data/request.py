@@ -84,14 +84,12 @@ class Settings:
     """Training jobs have no network: a hub base model is refused here, before any instance starts."""
 
     def __post_init__(self) -> None:
-        for name in ("fallback_instance_types", "allowed_instance_types"):  # lists from JSON: hashable, comparable
+        for name in ("fallback_instance_types", "allowed_instance_types"):  # JSON gives lists: make them comparable
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
     def environment(self) -> dict[str, str]:
         """The function's environment variables that ``from_env`` reads back (the stack sets them)."""
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "bucket"}
-        for name in ("fallback_instance_types", "allowed_instance_types"):
-            values[name] = list(values[name])
         return {"BUCKET": self.bucket, "SETTINGS": json.dumps(values, sort_keys=True)}
 
     @classmethod
@@ -102,10 +100,7 @@ class Settings:
 
         try:
             raw = json.loads(environ["SETTINGS"])
-            settings = cls(bucket=environ["BUCKET"], fallback_instance_types=tuple(raw["fallback_instance_types"]),
-                           allowed_instance_types=tuple(raw["allowed_instance_types"]),
-                           **{k: raw[k] for k in ("job_prefix", "instance_type", "instance_count", "max_instance_count",
-                                                   "spot", "base_model", "test_split", "key_arn", "network_isolation")})
+            settings = cls(bucket=environ["BUCKET"], **{f.name: raw[f.name] for f in fields(cls) if f.name != "bucket"})
         except KeyError as exc:
             raise fail(f"{exc.args[0]} is not set") from None
         except (ValueError, TypeError) as exc:
