@@ -59,8 +59,10 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _sha256(text: str) -> str:
     if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        from ftstack_train.contract import MANIFEST_SHA256
+
         raise argparse.ArgumentTypeError(f"{text!r} is not a SHA-256 (64 hex digits); copy the model package's "
-                                         "model_manifest_sha256 metadata")
+                                         f"{MANIFEST_SHA256} metadata")
     return text.lower()
 
 
