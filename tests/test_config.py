@@ -74,6 +74,7 @@ def test_tutorial_yaml_lands_every_meaningful_value_in_its_field():
         max_grad_norm=1.0,
         precision="amp_bf16",
         activation_checkpointing=True,
+        sharding="FULL_SHARD",
         save_folder="/tmp/checkpoints",
         console_log_interval=Duration(1, "ba"),
         dist_timeout=2000.0,
@@ -87,7 +88,7 @@ def test_tutorial_yaml_reports_the_ignored_keys_in_one_warning():
     [warning] = warnings
     listed = set(warning.split(": ", 1)[1].split(", "))
     for key in (
-        "callbacks.speed_monitor.window_size", "callbacks.lr_monitor", "fsdp_config.sharding_strategy",
+        "callbacks.speed_monitor.window_size", "callbacks.lr_monitor",
         "fsdp_config.mixed_precision", "model.name", "model.config_overrides.attn_config.attn_impl",
         "tokenizer.kwargs.model_max_length", "train_loader.dataset.tokenizer_name", "train_loader.num_workers",
         "eval_loader.dataset.shuffle", "progress_bar", "log_to_console",
@@ -96,6 +97,7 @@ def test_tutorial_yaml_reports_the_ignored_keys_in_one_warning():
     # Keys that do take effect are never reported as ignored.
     assert not listed & set(FIELDS)
     assert "train_loader.dataset.shuffle" not in listed and "fsdp_config.activation_checkpointing" not in listed
+    assert "fsdp_config.sharding_strategy" not in listed
 
 
 # --- hyperparameters: all strings, some JSON-quoted by the SageMaker SDK -----------------------
@@ -286,6 +288,8 @@ def test_the_reviewed_attack_fails_in_milliseconds_and_little_memory():
     ("export.dtype=int8", "export.dtype"),
     ("export.max_shard_size=lots", "export.max_shard_size"),
     ("export.max_shard_size=0", "export.max_shard_size"),
+    ("fsdp_config.sharding_strategy=SHARD_GRAD_OP", "fsdp_config.sharding_strategy"),
+    ("attn_impl=flash", "attn_impl"),
 ])
 def test_invalid_value_names_its_key_once_and_its_source(override, key):
     message = config_error(override)

@@ -40,6 +40,10 @@ TOKENIZER_KEY = "tokenizer.name"
 """The key that names the tokenizer; equal to the base model's id, it follows the model (see job.tokenizer_source)."""
 
 
+SHARDING_STRATEGIES = ("auto", "FULL_SHARD", "HYBRID_SHARD")
+ATTN_IMPLS = ("auto", "eager", "sdpa", "flex")
+
+
 def _key(key: str, doc: str, **kwargs: Any) -> Any:
     return field(metadata={"key": key, "doc": doc}, **kwargs)
 
@@ -128,6 +132,20 @@ class TrainConfig:
     activation_checkpointing: bool = _key(
         "fsdp_config.activation_checkpointing", "Recompute activations in the backward pass to save memory.", default=True
     )
+    sharding: str = _key(
+        "fsdp_config.sharding_strategy",
+        "`auto`: `HYBRID_SHARD` when the job has more than one node (shard within a node, replicate "
+        "across nodes), else `FULL_SHARD`; or either of them by name.",
+        default="auto",
+    )
+    attn_impl: str = _key(
+        "attn_impl",
+        "Attention over packed rows: `auto` (the fastest exact path for the device: `flex` on GPU, "
+        "`sdpa` on CPU), `flex` (FlexAttention with a block mask from the examples), `sdpa` (one "
+        "fused call per example: cost follows the examples' lengths), or `eager` (the model's own, "
+        "with a full row-by-row mask).",
+        default="auto",
+    )
     save_folder: str | None = _key(
         "save_folder",
         "Checkpoint directory, relative to the SageMaker checkpoint directory (synced to S3, survives "
@@ -182,8 +200,8 @@ IGNORED_PREFIXES = (
     "fsdp_config", "callbacks", "loggers", "progress_bar", "log_to_console", "python_log_level",
     "max_split_size_mb", "autoresume", "save_overwrite",
 )
-"""llm-foundry keys that have no effect here (data comes from the channels, FSDP is always full
-sharding with mixed precision as `precision` says, logging is fixed)."""
+"""llm-foundry keys that have no effect here (data comes from the channels, the other FSDP
+settings follow `precision` and `fsdp_config.sharding_strategy`, logging is fixed)."""
 
 
 def batch_split(cfg: TrainConfig, world_size: int, device_type: str) -> tuple[int, int]:
@@ -263,6 +281,10 @@ def _check(cfg: TrainConfig) -> None:
         fail("algorithms.gradient_clipping.clipping_threshold", "must be positive, or 0 to turn clipping off")
     if cfg.precision not in ("amp_bf16", "bf16", "fp32"):
         fail("precision", f"{cfg.precision!r} is not supported; use amp_bf16 (or bf16) or fp32")
+    if cfg.sharding not in SHARDING_STRATEGIES:
+        fail("fsdp_config.sharding_strategy", f"{cfg.sharding!r} is not supported; use {', '.join(SHARDING_STRATEGIES)}")
+    if cfg.attn_impl not in ATTN_IMPLS:
+        fail("attn_impl", f"{cfg.attn_impl!r} is not supported; use {', '.join(ATTN_IMPLS)}")
     if cfg.save_num_checkpoints_to_keep < MIN_CHECKPOINTS_KEPT:
         fail("save_num_checkpoints_to_keep", f"keep at least {MIN_CHECKPOINTS_KEPT}: with 1, the only complete checkpoint is deleted "
              "while SageMaker is still uploading the next one, and an interruption leaves nothing to resume")
