@@ -42,7 +42,9 @@ def run(paths: SageMakerPaths, stop: StopRequested) -> bool:
     module = build_sharded_model(
         lambda empty: load_model(source, cfg.pretrained, len(tokenizer), empty), d, cfg.precision, cfg.activation_checkpointing
     )
-    model = Model(module, compute_dtype(cfg.precision, d.device), tokenizer.pad_token_id)
+    model = Model.build(module, cfg.attn_impl, compute_dtype(cfg.precision, d.device), d.device, tokenizer.pad_token_id)
+    if d.is_main:
+        print(model.describe(), flush=True)
     optimizer = build_optimizer(module, cfg)
     result = train(
         model, optimizer, cfg, d, plan, splits[TRAIN_CHANNEL], rows[TRAIN_CHANNEL],

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from .checkpoint import agree_on_resume, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Batch, StepPlan, TokenizedSplit, attention_bias, collate, epoch_order
+from .attention import PackedAttention, attention_dropout, resolve_attn_impl, use_packed_attention
 from .distributed import Dist
+from .loss import TargetsOnlyHead, use_targets_only_loss
 from .metrics import format_line, perplexity
 
 
@@ -79,12 +81,29 @@ class Schedule:
 
 @dataclass
 class Model:
-    """The sharded model with what the loop needs to call it."""
+    """The sharded model with what the loop needs to call it: the packed attention and the
+    targets-only output layer when the model has them (see ``attention`` and ``loss``)."""
 
     module: torch.nn.Module
     compute_dtype: torch.dtype
     pad_id: int
+    attention: PackedAttention | None = None
+    head: TargetsOnlyHead | None = None
     takes_positions: bool = field(init=False)
+
+    @classmethod
+    def build(cls, module: torch.nn.Module, attn_impl: str, compute_dtype: torch.dtype, device: torch.device, pad_id: int) -> Model:
+        """Puts in the fastest exact attention the config allows (see ``resolve_attn_impl``) and
+        the targets-only loss where the model has them; on every rank, after sharding."""
+        config = module.config
+        impl = resolve_attn_impl(attn_impl, device, config.model_type, attention_dropout(config))
+        return cls(module, compute_dtype, pad_id, use_packed_attention(module, impl), use_targets_only_loss(module))
+
+    def describe(self) -> str:
+        """What the log says about the paths taken."""
+        attention = "eager (the model's own, full row mask)" if self.attention is None else f"{self.attention.impl} (per example)"
+        loss = "targets only, chunked" if self.head is not None else "full logits"
+        return f"attention: {attention}; loss: {loss}"
 
     def __post_init__(self) -> None:
         # Models with position ids (RoPE, learned) need them restarted per packed example; ALiBi
@@ -93,16 +112,23 @@ class Model:
 
     def loss_sum(self, batch: Batch, device: torch.device) -> torch.Tensor:
         """Summed cross-entropy over the batch's target tokens."""
-        kwargs: dict[str, Any] = {
-            "input_ids": batch.input_ids.to(device),
-            "attention_mask": attention_bias(batch.segment_ids.to(device), self.compute_dtype),
-        }
+        segment_ids = batch.segment_ids.to(device)
+        kwargs: dict[str, Any] = {"input_ids": batch.input_ids.to(device)}
+        if self.attention is None:
+            kwargs["attention_mask"] = attention_bias(segment_ids, self.compute_dtype)
+        else:
+            kwargs.update(self.attention.prepare(segment_ids))
         if self.takes_positions:
             kwargs["position_ids"] = batch.position_ids.to(device)
-        logits = self.module(**kwargs).logits
-        return F.cross_entropy(
-            logits.float().flatten(0, 1), batch.labels.to(device).flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        labels = batch.labels.to(device)
+        if self.head is None:
+            logits = self.module(**kwargs).logits
+            return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        self.head.targets = labels
+        try:
+            return self.module(**kwargs).logits  # the head's summed loss
+        finally:
+            self.head.targets = None
 
 
 def _all_sum(values: list[float], device: torch.device) -> list[float]:
