@@ -2,7 +2,7 @@
 transformers' ``Trainer`` fed the tutorial's way, on the same tiny MPT, the same examples and the
 same global batch (rows per optimizer step), 2 processes each (torchrun, gloo), back to back.
 
-    .venv/bin/python bench/throughput_cpu.py [--data FILE] [--max-seq-len 512] [--steps 8]
+    .venv/bin/python bench/throughput_cpu.py [--data FILE] [--max-seq-len 512] [--steps 8] [--repeats 1]
 
 ftstack runs as users run it, ``ftstack local`` with a generated config (packing on, everything
 else at its default, eval and checkpoints kept out of the timing by the trainer itself); its
@@ -10,7 +10,8 @@ figure comes from the trainer's own metric lines. ``Trainer`` (``bench/trainer_b
 gets each example padded to max_seq_len, one per row, prompt tokens masked with -100. The first
 step of each side is not timed (start-up). Without ``--data`` the examples are synthetic
 prompt/response pairs with the long-tailed lengths of instruction data (as in
-``bench/packing.py``). The ratio is what to read: absolute times on a shared machine are noise.
+``bench/packing.py``). The ratio is what to read: absolute times on a shared machine are noise;
+``--repeats N`` runs the two sides N times, interleaved, and keeps each side's best run.
 """
 
 from __future__ import annotations
@@ -100,15 +101,15 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, Path, dict
         if rows >= need or args.data is not None:
             break
         records = synthetic_records(2 * len(records), args.seed)
-    if min(rows, len(lengths)) < need:
+    if rows < need:  # packed rows are never more than the examples: Trainer has enough too
         raise SystemExit(
             f"--data {args.data}: {len(lengths)} examples pack into {rows} rows of {args.max_seq_len} tokens; the run takes "
-            f"{need} (--steps {args.steps} x --global-batch {args.global_batch}); give more data or fewer --steps"
+            f"{need} rows (--steps {args.steps} x --global-batch {args.global_batch}); give more data or fewer --steps"
         )
     return model, data, {"examples": len(lengths), "data_tokens": sum(lengths), "packed_rows": rows}
 
 
-def run_ftstack(args: argparse.Namespace, model: Path, data: Path, work: Path) -> Side:
+def run_ftstack(args: argparse.Namespace, model: Path, data: Path, work: Path, attempt: int) -> Side:
     """``ftstack local`` on 2 processes; reads the timing of every step after the first from its
     metric lines (each step logs ``tokens_per_s`` over that step alone and its real-token share)."""
     test = write_jsonl([next({"prompt": r.prompt, "response": r.response} for r in read_records(data))], work / "test.jsonl")
@@ -124,7 +125,7 @@ def run_ftstack(args: argparse.Namespace, model: Path, data: Path, work: Path) -
     config_file.write_text(json.dumps(config, indent=2))  # JSON is YAML
     command = [
         sys.executable, "-m", "ftstack.cli", "local", "--train", str(data), "--test", str(test), "--model", str(model),
-        "--config", str(config_file), "--nproc", str(NPROC), "--output", str(work / "ftstack-run"),
+        "--config", str(config_file), "--nproc", str(NPROC), "--output", str(work / f"ftstack-run-{attempt}"),
     ]
     output = _run(command, "ftstack local")
     steps = {}
@@ -174,8 +175,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per side; the first is not timed")
     parser.add_argument("--global-batch", type=int, default=8, help="rows per optimizer step, both sides")
     parser.add_argument("--micro-batch", type=int, default=4, help="rows per forward pass per process, both sides")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per side, interleaved; each side's best counts")
     parser.add_argument("--seed", type=int, default=17)
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.steps < 2:
         parser.error("--steps must be at least 2: the first step of each side is not timed")
     if args.global_batch % (NPROC * args.micro_batch):
@@ -199,16 +203,19 @@ def main(argv: list[str] | None = None) -> None:
               f"(mean {figures['data_tokens'] / figures['examples']:.1f}), max_seq_len {args.max_seq_len}; "
               f"{args.global_batch} rows per step ({args.micro_batch} x {accumulation} accumulation x {NPROC} processes), "
               f"{args.steps} steps, the first not timed", flush=True)
-        ours = run_ftstack(args, model, data, work)
-        theirs = run_trainer(args, model, data, work)
+        runs: dict[str, list[Side]] = {"ftstack": [], "trainer": []}
+        for attempt in range(args.repeats):  # interleaved, so drift in machine load hits both
+            runs["ftstack"].append(run_ftstack(args, model, data, work, attempt))
+            runs["trainer"].append(run_trainer(args, model, data, work))
+    ours, theirs = (max(runs[name], key=lambda side: side.tokens_per_s) for name in ("ftstack", "trainer"))
     for name, side in (("ftstack (packed, FSDP2)", ours), ("Trainer (padded, DDP)", theirs)):
         print(f"{name:>24}: real-token share {side.real_token_share:.3f}, {sum(side.real_tokens) / len(side.real_tokens):8.0f} "
-              f"real tokens per step, {side.tokens_per_s:8.0f} real tokens/s")
+              f"real tokens per step, {side.tokens_per_s:8.0f} real tokens/s (best of {args.repeats})")
     ratio = ours.tokens_per_s / theirs.tokens_per_s
     print(f"ftstack trains {ratio:.2f}x the real tokens per second of Trainer")
     summary = {
         "bench": "throughput_cpu", "data": str(args.data) if args.data else "synthetic", "max_seq_len": args.max_seq_len,
-        "steps": args.steps, "timed_steps": args.steps - 1, "global_batch": args.global_batch, "micro_batch": args.micro_batch,
+        "steps": args.steps, "timed_steps": args.steps - 1, "repeats": args.repeats, "global_batch": args.global_batch, "micro_batch": args.micro_batch,
         "processes": NPROC, **figures,
         **{name: {"real_tokens_per_s": round(side.tokens_per_s, 1), "real_token_share": round(side.real_token_share, 4),
                   "real_tokens_per_step": side.real_tokens} for name, side in (("ftstack", ours), ("trainer", theirs))},
