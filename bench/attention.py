@@ -1,0 +1,339 @@
+"""Time and peak memory of one MPT block's forward and backward pass with each attention path
+(eager: transformers' own ``MptAttention`` with the dense packed mask the trainer passes; sdpa and
+flex: ``ftstack_train.attention``), at L = 512, 2048 and 4096, on packed rows of short examples and
+on one example filling the row (the worst case for the per-example paths). Then an analytic memory
+budget per GPU for MPT-7B at L=2048, micro batch 4, FULL_SHARD over 8 x A10G.
+
+    .venv/bin/python bench/attention.py                     # CPU: a small block (d_model 256)
+    python bench/attention.py --d-model 4096 --heads 32     # GPU default is the 7B block already
+
+Peak memory is what one forward+backward adds on top of the block, its gradients and its inputs.
+On GPU it is ``torch.cuda.max_memory_allocated`` minus the allocation before the pass. On CPU
+each case runs in a fresh process with glibc's mmap threshold fixed at 64 KiB, so that every
+tensor of any size is its own mapping and freed memory goes back to the system at once; the peak
+is the kernel's high-water mark of resident memory (VmHWM, reset through /proc/self/clear_refs
+after a warm-up pass) minus the resident memory just before the pass. FlexAttention has no
+backward pass on CPU, so there it is reported as not available for training. Times are medians of
+several passes; read the ratios to eager at the same L (the same script's baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from ftstack_train.attention import use_packed_attention  # noqa: E402
+from ftstack_train.data import attention_bias, pack_rows  # noqa: E402
+from ftstack_train.loss import CHUNK_TOKENS  # noqa: E402
+
+PATHS = ("eager", "sdpa", "flex")
+DATA = ("packed", "long")
+GIB = 2**30
+MIB = 2**20
+MPT_7B = {"d_model": 4096, "n_heads": 32, "n_layers": 32, "vocab_size": 50432}
+"""mosaicml/mpt-7b's shape (expansion ratio 4, no biases, tied embeddings)."""
+A10G_BYTES = 23028 * MIB
+"""An A10G's memory as nvidia-smi reports it (24 GB nominal)."""
+HEADROOM = int(1.5 * GIB)
+"""Left for the CUDA context, NCCL's buffers and allocator fragmentation (assumed, not measured)."""
+
+
+def synthetic_examples(n: int, max_len: int, seed: int) -> list[tuple[int, int]]:
+    """(tokens, prompt tokens) of ``n`` instruction examples: a log-normal prompt (with 8 tokens
+    of template) and a longer log-normal response, the shapes of ``bench/packing.py``'s synthetic
+    records scaled to a real tokenizer's token counts (mean about 145 tokens, a long tail);
+    truncated to ``max_len`` with at least one response token, as the job truncates."""
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        prompt = min(max_len - 1, 8 + int(rng.lognormvariate(3.3, 0.6)))
+        examples.append((min(max_len, prompt + 1 + int(rng.lognormvariate(4.2, 0.8))), prompt))
+    return examples
+
+
+def synthetic_lengths(n: int, max_len: int, seed: int) -> list[int]:
+    """The token counts of ``synthetic_examples``."""
+    return [length for length, _ in synthetic_examples(n, max_len, seed)]
+
+
+def packed_segment_ids(batch: int, seq: int, seed: int) -> torch.Tensor:
+    """(batch, seq) segment ids of packed rows (``data.pack_rows``, best-fit decreasing) of
+    synthetic examples: the rows at the middle of each of ``batch`` equal slices of the packing,
+    which opens with the longest examples and ends with rows of short ones."""
+    lengths = synthetic_lengths(max(64, 8 * batch * seq // 100), seq, seed)
+    picked = pick_rows(pack_rows(lengths, seq, packing=True), batch)
+    segment_ids = torch.zeros(batch, seq, dtype=torch.long)
+    for r, row in enumerate(picked):
+        start = 0
+        for seg, i in enumerate(row, start=1):
+            segment_ids[r, start : start + lengths[i]] = seg
+            start += lengths[i]
+    return segment_ids
+
+
+def pick_rows(rows: list[list[int]], k: int) -> list[list[int]]:
+    """``k`` rows of a packing, each from the middle of one of ``k`` equal slices of it."""
+    if len(rows) < k:
+        raise ValueError(f"{len(rows)} packed rows, {k} needed")
+    return [rows[(2 * i + 1) * len(rows) // (2 * k)] for i in range(k)]
+
+
+def segment_ids_for(data: str, batch: int, seq: int, seed: int) -> torch.Tensor:
+    """Packed short examples, or (``long``) one example filling each row."""
+    if data == "long":
+        return torch.ones(batch, seq, dtype=torch.long)
+    return packed_segment_ids(batch, seq, seed)
+
+
+class OneBlock(torch.nn.Module):
+    """One ``MptBlock`` with the config ``use_packed_attention`` reads."""
+
+    def __init__(self, d_model: int, heads: int, seq: int) -> None:
+        super().__init__()
+        from transformers import MptConfig
+        from transformers.models.mpt.modeling_mpt import MptBlock
+
+        self.config = MptConfig(d_model=d_model, n_heads=heads, n_layers=1, expansion_ratio=4, max_seq_len=seq)
+        self.block = MptBlock(self.config, layer_idx=0)
+
+
+def block_inputs(block: OneBlock, path: str, segment_ids: torch.Tensor, dtype: torch.dtype) -> dict:
+    """The block's keyword arguments as ``MptModel.forward`` makes them for the trainer's batch:
+    the dense mask (as bool) and the ALiBi tensor for eager; nothing for the packed paths, whose
+    layout is prepared on the hook."""
+    if path == "eager":
+        from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+        seq = segment_ids.shape[1]
+        mask = attention_bias(segment_ids, dtype).to(torch.bool)
+        return {"attention_mask": mask, "position_bias": build_mpt_alibi_tensor(block.config.n_heads, seq, device=segment_ids.device)}
+    packed = use_packed_attention(block, path)
+    packed.prepare(segment_ids)
+    return {"attention_mask": None, "position_bias": None}
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_high_water_mark() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+
+
+def measure_case(case: dict) -> dict:
+    """Median seconds and peak added bytes of one forward+backward of the block, after a warm-up
+    pass (which also compiles flex and allocates the parameter gradients)."""
+    device = torch.device(case["device"])
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    batch, seq, d_model = case["batch"], case["seq"], case["d_model"]
+    block = OneBlock(d_model, case["heads"], seq).to(device=device, dtype=dtype)
+    segment_ids = segment_ids_for(case["data"], batch, seq, seed=1).to(device)
+    kwargs = block_inputs(block, case["path"], segment_ids, dtype)
+    x = torch.randn(batch, seq, d_model, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn_like(x)
+
+    def step() -> None:
+        out, _ = block.block(x, **kwargs)
+        out.backward(grad_out)
+
+    step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        sync()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = _rss("VmRSS")
+        _reset_high_water_mark()
+        step()
+        peak = _rss("VmHWM") - base
+    seconds = []
+    while len(seconds) < case["iters"]:
+        start = time.perf_counter()
+        step()
+        sync()
+        seconds.append(time.perf_counter() - start)
+    examples = int(sum(len(torch.unique(row[row > 0])) for row in segment_ids.cpu()))
+    return case | {"seconds": statistics.median(seconds), "peak_bytes": peak, "examples": examples,
+                   "real_share": float((segment_ids > 0).float().mean())}
+
+
+def run_cases(cases: list[dict], fresh_process: bool) -> list[dict]:
+    """Each case in this process (GPU: the allocator's statistics are exact) or in a fresh one
+    with small allocations mapped one by one (CPU: see the module docstring)."""
+    results = []
+    for case in cases:
+        if case["path"] == "flex" and case["device"] == "cpu":
+            results.append(case | {"seconds": None, "peak_bytes": None, "note": "n/a: FlexAttention has no backward pass on CPU"})
+        elif not fresh_process:
+            results.append(measure_case(case))
+            torch.cuda.empty_cache()
+        else:
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+            done = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], env=env,
+                                  capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"case {case} failed:\n{done.stderr[-3000:]}")
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        _print_case(results[-1], results)
+    return results
+
+
+def _print_case(r: dict, results: list[dict]) -> None:
+    eager = next((e for e in results if e["path"] == "eager" and e["seq"] == r["seq"] and e["data"] == r["data"]), None)
+    if r["seconds"] is None:
+        print(f"L={r['seq']:5d} {r['data']:6s} {r['path']:5s}  {r['note']}", flush=True)
+        return
+    ratio = ""
+    if eager is not None and eager is not r:
+        ratio = f"  {eager['seconds'] / r['seconds']:5.2f}x eager's speed, {r['peak_bytes'] / eager['peak_bytes']:5.3f}x its memory"
+    print(f"L={r['seq']:5d} {r['data']:6s} {r['path']:5s} {r['seconds'] * 1e3:9.1f} ms  peak +{r['peak_bytes'] / MIB:9.1f} MiB"
+          f"  ({r['examples']} examples in {r['batch']} rows){ratio}", flush=True)
+
+
+def block_params(d_model: int) -> int:
+    """Parameters of one MPT block: Wqkv, out_proj, the 4x MLP (no biases) and two norms."""
+    return 12 * d_model * d_model + 2 * d_model
+
+
+def recompute_peaks(results: list[dict], seq: int, batch: int) -> tuple[dict[str, int], str]:
+    """One MPT-7B block's forward+backward peak at ``seq`` x ``batch`` in bf16, per path: the
+    measured figure where this run measured that very shape, otherwise scaled from it. Scaled: the
+    packed sdpa peak (no term in L^2 left) by tokens x d_model x bytes per element, plus for eager
+    the score tensors, B x H x L^2 elements x 14 bytes (fp32 softmax output and bf16 probabilities
+    saved for backward, and the fp32 gradient in and out of the softmax in the backward pass; MPT
+    upcasts the scores to fp32 for the softmax)."""
+    d, heads = MPT_7B["d_model"], MPT_7B["n_heads"]
+    same = {r["path"]: r for r in results if r["seconds"] is not None and r["seq"] == seq and r["data"] == "packed"}
+    any_r = next(iter(same.values()), None)
+    if any_r and (any_r["d_model"], any_r["heads"], any_r["batch"], any_r["device"].startswith("cuda")) == (d, heads, batch, True):
+        return {path: r["peak_bytes"] for path, r in same.items()}, "measured at this shape"
+    if "sdpa" not in same or "eager" not in same:
+        raise RuntimeError(f"the estimate needs the packed eager and sdpa cases at L={seq}; add {seq} to --lengths")
+    m = same["sdpa"]
+    bytes_m = 2 if m["device"].startswith("cuda") else 4
+    linear = m["peak_bytes"] * (batch * seq * d * 2) / (m["batch"] * m["seq"] * m["d_model"] * bytes_m)
+    quadratic = batch * heads * seq * seq * 14
+    peaks = {"sdpa": int(linear), "flex": int(linear), "eager": int(linear + quadratic)}
+    return peaks, f"scaled from the L={seq} packed sdpa case (d_model {m['d_model']}, batch {m['batch']}), eager's scores computed"
+
+
+def a10g_estimate(results: list[dict], seq: int = 2048, batch: int = 4, world: int = 8) -> dict:
+    """Analytic peak memory per GPU of MPT-7B fine-tuning at ``seq`` x ``batch`` with FULL_SHARD
+    over ``world`` A10Gs: bf16 compute, fp32 master weights, gradients (fp32 reduce) and AdamW
+    states, activation checkpointing on every block. The peak is the steady part plus the larger
+    of one block's recompute (backward) and the loss (end of the forward pass): they never
+    coexist."""
+    d, layers, vocab, heads = MPT_7B["d_model"], MPT_7B["n_layers"], MPT_7B["vocab_size"], MPT_7B["n_heads"]
+    tokens, p_block, p_embed = batch * seq, block_params(d), vocab * d
+    n_params = layers * p_block + p_embed + d
+    parts = {
+        # fp32 parameters, fp32 gradients, AdamW exp_avg and exp_avg_sq, each split over the ranks
+        "sharded_states": n_params * 16 // world,
+        # the block in use and the prefetched one (bf16), one block's bf16 gradients and their fp32
+        # copy for the reduce-scatter; the root's tied embedding (bf16) and its gradient stay whole
+        "gathered_in_flight": 2 * p_block * 2 + p_block * 6 + p_embed * 4,
+        # activation checkpointing keeps each block's input (bf16)
+        "saved_block_inputs": layers * tokens * d * 2,
+    }
+    mask = {"eager": batch * seq * seq * 3, "sdpa": 0, "flex": 0}  # the bf16 bias and MPT's bool copy
+    loss = {"full_logits": tokens * vocab * 14, "targets_only": min(CHUNK_TOKENS, tokens) * vocab * 14}
+    peaks, source = recompute_peaks(results, seq, batch)
+    rows = []
+    for path, loss_kind in (("eager", "full_logits"), ("eager", "targets_only"), ("sdpa", "targets_only"), ("flex", "targets_only")):
+        if path not in peaks:
+            continue
+        total = sum(parts.values()) + mask[path] + max(peaks[path], loss[loss_kind])
+        rows.append({"attention": path, "loss": loss_kind, "block_recompute": peaks[path], "loss_bytes": loss[loss_kind],
+                     "total": total, "fits": total + HEADROOM <= A10G_BYTES})
+    step_peak = parts["sharded_states"] + 2 * n_params * 4 // world  # AdamW's foreach temporaries, activations gone
+    return {"params": n_params, "parts": parts, "recompute_source": source, "rows": rows, "optimizer_step_peak": step_peak}
+
+
+def print_estimate(est: dict) -> None:
+    """The budget as a table, in GiB."""
+    g = lambda b: f"{b / GIB:6.2f}"  # noqa: E731
+    print(f"\nMPT-7B ({est['params'] / 1e9:.2f}B parameters), L=2048, micro batch 4, FULL_SHARD over 8 x A10G "
+          f"({A10G_BYTES / GIB:.2f} GiB, {HEADROOM / GIB:.1f} GiB kept for context, NCCL and fragmentation):")
+    for name, value in est["parts"].items():
+        print(f"  {name:20s} {g(value)} GiB")
+    print(f"  one block's recompute: {est['recompute_source']}")
+    for r in est["rows"]:
+        print(f"  {r['attention']:5s} + {r['loss']:12s}: block {g(r['block_recompute'])}, loss {g(r['loss_bytes'])}, "
+              f"peak {g(r['total'])} GiB -> {'fits' if r['fits'] else 'does NOT fit'}")
+    print(f"  optimizer step (AdamW foreach temporaries, no activations): {g(est['optimizer_step_peak'])} GiB")
+
+
+def quadratic_check(results: list[dict], seq: int) -> float | None:
+    """Measured bytes per score element (eager minus sdpa, packed rows) at ``seq``: the figure the
+    estimate's 14 bytes (bf16) stands for; in fp32 the casts are no-ops and fewer copies exist."""
+    same = {r["path"]: r for r in results if r["seconds"] is not None and r["seq"] == seq and r["data"] == "packed"}
+    if "eager" not in same or "sdpa" not in same:
+        return None
+    e = same["eager"]
+    return (e["peak_bytes"] - same["sdpa"]["peak_bytes"]) / (e["batch"] * e["heads"] * seq * seq)
+
+
+def main() -> int:
+    """Runs every case, prints the table, the estimate and one JSON line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--d-model", type=int, help="default: 4096 on GPU (MPT-7B), 256 on CPU")
+    parser.add_argument("--heads", type=int, help="default: 32 on GPU, 4 on CPU (head dim 64)")
+    parser.add_argument("--batch", type=int, help="rows per pass; default: 4 on GPU, 1 on CPU")
+    parser.add_argument("--lengths", default="512,2048,4096", help="row lengths L, comma-separated")
+    parser.add_argument("--iters", type=int, default=3, help="timed passes per case (median)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in a fresh process (CPU)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(measure_case(json.loads(args.case))))
+        return 0
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    d_model, heads, batch = args.d_model or (4096 if cuda else 256), args.heads or (32 if cuda else 4), args.batch or (4 if cuda else 1)
+    try:
+        lengths = [int(v) for v in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths: {args.lengths!r} is not a comma-separated list of integers")
+    if d_model % heads or min(lengths + [batch, args.iters, d_model]) < 1:
+        parser.error("--d-model must be a multiple of --heads; --lengths, --batch, --iters must be positive")
+    device = "cuda" if cuda else "cpu"
+    print(f"one MPT block, d_model {d_model}, {heads} heads, batch {batch}, {'bf16 on ' + torch.cuda.get_device_name() if cuda else 'fp32 on CPU'}; "
+          f"peak = {'torch.cuda.max_memory_allocated' if cuda else 'VmHWM - VmRSS in a fresh process'} over the pass", flush=True)
+    cases = [{"device": device, "d_model": d_model, "heads": heads, "batch": batch, "seq": seq, "data": data, "path": path,
+              "iters": args.iters} for seq in lengths for data in DATA for path in PATHS]
+    results = run_cases(cases, fresh_process=not cuda)
+    summary = {"bench": "attention", "device": torch.cuda.get_device_name() if cuda else "cpu", "d_model": d_model,
+               "heads": heads, "batch": batch, "cases": results}
+    if 2048 in lengths:
+        est = a10g_estimate(results)
+        print_estimate(est)
+        per_element = quadratic_check(results, 2048)
+        print(f"  check: eager's measured extra at L=2048 is {per_element:.1f} bytes per score element here "
+              f"({'bf16' if cuda else 'fp32: the fp32 casts are no-ops'}; the 7B figure uses 14 for bf16)")
+        summary |= {"a10g_estimate": est, "eager_bytes_per_score_element": per_element}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
