@@ -81,7 +81,7 @@ def write_jsonl(records: list[dict[str, str]], path: Path) -> Path:
 
 def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, Path, dict[str, int]]:
     """The model folder, the training file and its figures (examples, real tokens, packed rows).
-    Synthetic data grows until it packs into more rows than the run takes, so that ftstack's timed
+    Synthetic data grows until it packs into at least the rows the run takes, so that ftstack's timed
     steps are all full and inside one epoch; a ``--data`` file that is too small is an error."""
     need = args.steps * args.global_batch
     if args.data is not None:
