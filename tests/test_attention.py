@@ -155,7 +155,7 @@ def test_alibi_bias_is_mpts_up_to_a_constant_per_query():
     from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
     slopes = -build_mpt_alibi_tensor(4, 2)[:, 0, 0]
-    ours = Layout.build(torch.ones(1, 6, dtype=torch.long), flex=False).alibi(slopes, 6, torch.float32)
+    ours = Layout.build(torch.ones(1, 6, dtype=torch.long), flex=False).alibi(slopes, 6, torch.float32)[0]
     mpt = build_mpt_alibi_tensor(4, 6)  # (heads, 1, keys): slope x (key - last)
     allowed = torch.ones(6, 6, dtype=torch.bool).tril()
     difference = (ours - mpt).masked_fill(~allowed, 0.0)

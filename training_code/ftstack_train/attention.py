@@ -105,16 +105,17 @@ class Layout:
         return layout
 
     def alibi(self, slopes: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
-        """ALiBi with the causal mask folded in, for one example of ``length`` tokens: (heads,
-        length, length). MPT adds ``slope x (key - last)``; softmax ignores a constant per query,
-        so ``slope x (key - query)`` within the example is the same attention."""
+        """ALiBi with the causal mask folded in, for one example of ``length`` tokens: (1, heads,
+        length, length), 4-D because SDPA's fused CPU kernel takes no other mask shape. MPT adds
+        ``slope x (key - last)``; softmax ignores a constant per query, so ``slope x (key -
+        query)`` within the example is the same attention."""
         key = (length, dtype)
         if key not in self._biases:
             pos = torch.arange(length, device=slopes.device)
             distance = (pos[None, :] - pos[:, None]).to(torch.float32)
             bias = slopes.float()[:, None, None] * distance
             bias = bias.masked_fill(distance > 0, float("-inf"))
-            self._biases[key] = bias.to(dtype)
+            self._biases[key] = bias.to(dtype)[None]
         return self._biases[key]
 
 
@@ -141,24 +142,38 @@ def _block_mask(segment_ids: torch.Tensor):
 def packed_sdpa(q, k, v, layout: Layout, scale: float, slopes: torch.Tensor | None = None, dropout: float = 0.0):
     """Attention of (batch, heads, seq, dim) tensors, one fused call per example. ``k`` and ``v``
     may have fewer heads (grouped-query attention)."""
-    batch, heads, seq, dim = q.shape
+    heads, seq = q.shape[1], q.shape[2]
     gqa = k.shape[1] != heads
     rows = []
-    for b, spans in enumerate(layout.spans):
-        pieces, cursor = [], 0
-        for start, end in spans:
-            if start > cursor:
-                pieces.append(q.new_zeros(1, heads, start - cursor, dim))
+    # split, not indexing: its backward pass is one cat, where each slice's backward would
+    # write a zero tensor the size of the whole batch.
+    for spans, q_row, k_row, v_row in zip(layout.spans, q.split(1), k.split(1), v.split(1)):
+        pieces = _pieces(spans, seq)
+        sizes = [end - start for start, end, _ in pieces]
+        out = []
+        for (start, end, example), q_p, k_p, v_p in zip(pieces, q_row.split(sizes, 2), k_row.split(sizes, 2), v_row.split(sizes, 2)):
+            if not example:
+                out.append(q_p.new_zeros(q_p.shape))
+                continue
             bias = None if slopes is None else layout.alibi(slopes, end - start, q.dtype)
-            pieces.append(F.scaled_dot_product_attention(
-                q[b : b + 1, :, start:end], k[b : b + 1, :, start:end], v[b : b + 1, :, start:end],
-                attn_mask=bias, dropout_p=dropout, is_causal=bias is None, scale=scale, enable_gqa=gqa,
+            out.append(F.scaled_dot_product_attention(
+                q_p, k_p, v_p, attn_mask=bias, dropout_p=dropout, is_causal=bias is None, scale=scale, enable_gqa=gqa
             ))
-            cursor = end
-        if cursor < seq:
-            pieces.append(q.new_zeros(1, heads, seq - cursor, dim))
-        rows.append(torch.cat(pieces, dim=2))
-    return torch.cat(rows, dim=0)
+        rows.append(torch.cat(out, dim=2))
+    return torch.cat(rows)
+
+
+def _pieces(spans: list[tuple[int, int]], seq: int) -> list[tuple[int, int, bool]]:
+    """The row cut into examples and the gaps between them: (start, end, is_example)."""
+    pieces, cursor = [], 0
+    for start, end in spans:
+        if start > cursor:
+            pieces.append((cursor, start, False))
+        pieces.append((start, end, True))
+        cursor = end
+    if cursor < seq:
+        pieces.append((cursor, seq, False))
+    return pieces
 
 
 _COMPILED_FLEX = None
@@ -195,7 +210,11 @@ class PackedAttention:
         """Builds the batch's layout. It stays current until the next batch: activation
         checkpointing runs the attention again in the backward pass, after the forward returned."""
         self.layout = Layout.build(segment_ids, flex=self.impl == "flex")
-        return {} if self.mpt_slopes is not None else {LAYOUT_KWARG: self.layout}
+        if self.mpt_slopes is None:
+            return {LAYOUT_KWARG: self.layout}
+        # MptModel builds a (batch, 1, seq, seq) causal mask unless it is handed a 4-D one; the
+        # packed forward never reads it, so it gets a stand-in of one element per row.
+        return {"attention_mask": segment_ids.new_zeros((segment_ids.shape[0], 1, 1, 1), dtype=torch.bool)}
 
     def attend(self, q, k, v, layout: Layout, scale: float, slopes=None, dropout: float = 0.0):
         """(batch, heads, seq, dim) context of the chosen kernel."""

@@ -40,7 +40,8 @@ def run(paths: SageMakerPaths, stop: StopRequested) -> bool:
     rows = {name: pack_rows([len(a) for a in s.ids], cfg.max_seq_len, cfg.packing) for name, s in splits.items()}
     plan = StepPlan.from_config(cfg, d.world_size, d.device.type)
     module = build_sharded_model(
-        lambda empty: load_model(source, cfg.pretrained, len(tokenizer), empty), d, cfg.precision, cfg.activation_checkpointing
+        lambda empty: load_model(source, cfg.pretrained, len(tokenizer), empty), d, cfg.precision, cfg.activation_checkpointing,
+        cfg.sharding,
     )
     model = Model.build(module, cfg.attn_impl, compute_dtype(cfg.precision, d.device), d.device, tokenizer.pad_token_id)
     if d.is_main:
