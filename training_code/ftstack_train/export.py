@@ -2,8 +2,10 @@
 folder, which SageMaker uploads uncompressed.
 
 Weights are gathered one tensor at a time and written in safetensors shards of at most
-``export.max_shard_size``: rank 0's host never holds more than one shard plus one tensor, well
-under one full bf16 copy of the model. Everything is written to a staging folder first and moved
+``export.max_shard_size``, each tensor streamed into its shard file as soon as it is gathered:
+rank 0's host holds one full tensor and its cast copy at a time, whatever the shard size (with
+``safetensors.save_file`` it held a whole shard, which is the whole bf16 model when that is under
+``max_shard_size``). Everything is written to a staging folder first and moved
 into place at the end, so a failed export leaves no half-written model behind. Only an earlier
 export of ftstack is replaced; a model folder holding anything else is refused before the weights
 are gathered (see ``export_folder``).
@@ -12,13 +14,15 @@ are gathered (see ``export_folder``).
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import struct
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 from .config import TEMPLATE_FIELD, TrainConfig
@@ -68,45 +72,87 @@ def _unique_state_names(model: torch.nn.Module) -> list[str]:
     return names
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+TensorSpec = tuple[str, torch.Size, torch.dtype]
+"""A tensor's name, shape and dtype as written: all a safetensors header needs."""
+
+
+def write_safetensors(path: Path, specs: Sequence[TensorSpec], tensors: Iterable[torch.Tensor]) -> None:
+    """Writes a safetensors file (metadata ``format: pt``) holding ``tensors``, whose names, shapes
+    and dtypes ``specs`` gives in advance, in the same order. The header comes first, from the
+    specs, so each tensor is written and dropped as it arrives: ``save_file`` needs all of them in
+    memory at once."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in specs:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format allows trailing spaces; 8-byte alignment, as safetensors writes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        # next() rather than zip: zip's reused result tuple would keep each tensor alive while
+        # the next one is gathered.
+        items = iter(tensors)
+        for name, shape, dtype in specs:
+            tensor = next(items, None)
+            if tensor is None or tensor.shape != shape or tensor.dtype != dtype:
+                got = "nothing" if tensor is None else f"{tuple(tensor.shape)} {tensor.dtype}"
+                raise ValueError(f"{name}: got {got}, the header says {tuple(shape)} {dtype}")
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del tensor  # before the next one is gathered
+
+
+def _plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Groups the tensors, in order, into shards of at most ``max_shard_bytes`` (a larger tensor
+    gets a shard of its own)."""
+    shards: list[list[TensorSpec]] = []
+    size = 0
+    for spec in specs:
+        nbytes = math.prod(spec[1]) * spec[2].itemsize
+        if not shards or (shards[-1] and size + nbytes > max_shard_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards
+
+
 def _write_weights(model: torch.nn.Module, out: Path, dtype: torch.dtype, max_shard_bytes: int, is_main: bool) -> None:
-    """Gathers each tensor (a collective: every rank calls this) and rank 0 writes the shards."""
+    """Gathers each tensor (a collective: every rank calls this) and rank 0 streams it into its
+    shard file."""
     state = model.state_dict()
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes = 0
-    shards: list[dict[str, torch.Tensor]] = []
-    files: list[str] = []
+    specs = [(n, state[n].shape, dtype if state[n].is_floating_point() else state[n].dtype) for n in _unique_state_names(model)]
+    shards = _plan_shards(specs, max_shard_bytes)
 
-    def flush() -> None:
-        nonlocal shard, shard_bytes
-        if shard:
-            name = f"part-{len(files):05d}.safetensors"
-            save_file(shard, str(out / name), metadata={"format": "pt"})
-            files.append(name)
-            shards.append({k: None for k in shard})  # names only, the tensors are freed
-            shard, shard_bytes = {}, 0
+    def gathered(shard: list[TensorSpec]):
+        for name, _, target in shard:
+            tensor = state[name]
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            if is_main:
+                cast = full.detach().to(device="cpu", dtype=target).contiguous()
+                del full  # the full-precision copy goes before the cast one is written
+                yield cast
+                del cast  # written: gone before the next tensor is gathered
 
-    for name in _unique_state_names(model):
-        tensor = state[name]
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        if not is_main:
-            continue
-        full = full.detach().to(device="cpu", dtype=dtype if full.is_floating_point() else full.dtype).contiguous()
-        if shard and shard_bytes + full.numel() * full.element_size() > max_shard_bytes:
-            flush()
-        shard[name] = full
-        shard_bytes += full.numel() * full.element_size()
-    if not is_main:
+    files = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    if len(shards) == 1:
+        files = ["model.safetensors"]
+    for file, shard in zip(files, shards):
+        if is_main:
+            write_safetensors(out / file, shard, gathered(shard))
+        else:
+            for _ in gathered(shard):  # the same collectives, in the same order; yields nothing here
+                pass
+    if not is_main or len(files) == 1:
         return
-    flush()
     total = sum((out / f).stat().st_size for f in files)
-    if len(files) == 1:
-        (out / files[0]).rename(out / "model.safetensors")
-        return
-    weight_map = {}
-    for index, (old, names) in enumerate(zip(files, shards), start=1):
-        new = f"model-{index:05d}-of-{len(files):05d}.safetensors"
-        (out / old).rename(out / new)
-        weight_map.update({n: new for n in names})
+    weight_map = {name: file for file, shard in zip(files, shards) for name, _, _ in shard}
     index_doc = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))
 
