@@ -112,6 +112,23 @@ def test_flex_path_forward_equals_eager(kind, sources):
     torch.testing.assert_close(real_logits(flex, batch), real_logits(eager, batch), rtol=1e-4, atol=1e-4)
 
 
+def test_flex_compiles_once_for_every_batch_of_one_shape(sources):
+    """Each batch brings a new block mask; the compiled kernel must not be rebuilt for it (a
+    recompile per batch would cost more than the attention saves, and stop at dynamo's limit)."""
+    from torch._dynamo.utils import counters
+
+    module = load(sources["tiny-mpt"])
+    flex = Model(module, torch.float32, PAD, use_packed_attention(module, "flex"))
+    real_logits(flex, batch_of(packed=True))
+    compiled = counters["stats"]["unique_graphs"]
+    for seed in range(3):
+        split = random_split(LENGTHS[seed:] + LENGTHS[:seed], prompt_len=3, seed=seed)
+        rows = pack_rows([len(a) for a in split.ids], 40, packing=True)
+        batch = collate(split, rows, 40, PAD, min_rows=len(batch_of(packed=True).input_ids))
+        real_logits(flex, batch)
+    assert counters["stats"]["unique_graphs"] == compiled
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_packed_path_isolates_examples(kind, sources):
     """The negative control: a layout that joins two examples changes the second one's logits."""

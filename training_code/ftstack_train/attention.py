@@ -96,9 +96,12 @@ class Layout:
     _biases: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, segment_ids: torch.Tensor, flex: bool) -> Layout:
-        """The layout of a (batch, seq) tensor of segment ids (0 is padding)."""
+    def build(cls, segment_ids: torch.Tensor, flex: bool, device: torch.device | None = None) -> Layout:
+        """The layout of a (batch, seq) tensor of segment ids (0 is padding), for ``device``
+        (default: the ids'). Give the ids on the CPU, where the batch is made: the spans are read
+        there, without waiting on the device."""
         spans = [_spans(row) for row in segment_ids.cpu().tolist()]
+        segment_ids = segment_ids.to(device or segment_ids.device)
         layout = cls(segment_ids, spans)
         if flex:
             layout.block_mask = _block_mask(segment_ids)
@@ -179,19 +182,16 @@ def _pieces(spans: list[tuple[int, int]], seq: int) -> list[tuple[int, int, bool
 _COMPILED_FLEX = None
 
 
-def packed_flex(q, k, v, layout: Layout, scale: float, slopes: torch.Tensor | None = None):
-    """FlexAttention over the layout's block mask, with ALiBi as a score modification; compiled on
-    first use (once per shape)."""
+def packed_flex(q, k, v, layout: Layout, scale: float, score_mod=None):
+    """FlexAttention over the layout's block mask, with ``score_mod`` (ALiBi); compiled on first
+    use, once per shape (the block mask and score functions of later batches are new closures of
+    the same code, which the compiled kernel takes without compiling again)."""
     global _COMPILED_FLEX
     from torch.nn.attention.flex_attention import flex_attention
 
     if _COMPILED_FLEX is None:
         # Uncompiled, FlexAttention materializes the scores: no gain, so compile even on CPU.
         _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-    score_mod = None
-    if slopes is not None:
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return score + slopes[h] * (kv_idx - q_idx)
     return _COMPILED_FLEX(
         q, k, v, score_mod=score_mod, block_mask=layout.block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
     )
@@ -205,22 +205,38 @@ class PackedAttention:
         self.impl = impl
         self.layout: Layout | None = None
         self.mpt_slopes = mpt_slopes
+        self._alibi: tuple[torch.Tensor, Any] | None = None
 
-    def prepare(self, segment_ids: torch.Tensor) -> dict[str, Any]:
-        """Builds the batch's layout. It stays current until the next batch: activation
-        checkpointing runs the attention again in the backward pass, after the forward returned."""
-        self.layout = Layout.build(segment_ids, flex=self.impl == "flex")
+    def prepare(self, segment_ids: torch.Tensor, device: torch.device | None = None) -> dict[str, Any]:
+        """Builds the batch's layout (see ``Layout.build``). It stays current until the next
+        batch: activation checkpointing runs the attention again in the backward pass, after the
+        forward returned."""
+        self.layout = Layout.build(segment_ids, self.impl == "flex", device)
+        segment_ids = self.layout.segment_ids
         if self.mpt_slopes is None:
             return {LAYOUT_KWARG: self.layout}
         # MptModel builds a (batch, 1, seq, seq) causal mask unless it is handed a 4-D one; the
         # packed forward never reads it, so it gets a stand-in of one element per row.
         return {"attention_mask": segment_ids.new_zeros((segment_ids.shape[0], 1, 1, 1), dtype=torch.bool)}
 
-    def attend(self, q, k, v, layout: Layout, scale: float, slopes=None, dropout: float = 0.0):
-        """(batch, heads, seq, dim) context of the chosen kernel."""
+    def attend_mpt(self, q, k, v, scale: float, dropout: float = 0.0):
+        """MPT's (batch, heads, seq, dim) context through the chosen kernel, with its ALiBi."""
+        slopes, score_mod = self._alibi_on(q.device)
         if self.impl == "flex":
-            return packed_flex(q, k, v, layout, scale, slopes)
-        return packed_sdpa(q, k, v, layout, scale, slopes, dropout)
+            return packed_flex(q, k, v, self.layout, scale, score_mod)
+        return packed_sdpa(q, k, v, self.layout, scale, slopes, dropout)
+
+    def _alibi_on(self, device: torch.device):
+        """The ALiBi slopes on ``device`` and FlexAttention's score modification over them, made
+        once per device rather than copied to it in every layer."""
+        if self._alibi is None or self._alibi[0].device != device:
+            slopes = self.mpt_slopes.to(device)
+
+            def alibi(score, b, h, q_idx, kv_idx):
+                return score + slopes[h] * (kv_idx - q_idx)
+
+            self._alibi = (slopes, alibi)
+        return self._alibi
 
 
 def use_packed_attention(model: torch.nn.Module, impl: str) -> PackedAttention | None:
@@ -257,8 +273,7 @@ def _mpt_forward(self, hidden_states, position_bias, cache=None, attention_mask=
         qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
     q, k, v = (t.reshape(batch, seq, self.n_heads, self.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=2))
     dropout = self.attn_dropout_p if self.training else 0.0
-    slopes = packed.mpt_slopes.to(q.device)
-    context = packed.attend(q, k, v, packed.layout, self.softmax_scale, slopes, dropout)
+    context = packed.attend_mpt(q, k, v, self.softmax_scale, dropout)
     return self.out_proj(context.transpose(1, 2).reshape(batch, seq, -1)), None
 
 

@@ -112,12 +112,11 @@ class Model:
 
     def loss_sum(self, batch: Batch, device: torch.device) -> torch.Tensor:
         """Summed cross-entropy over the batch's target tokens."""
-        segment_ids = batch.segment_ids.to(device)
         kwargs: dict[str, Any] = {"input_ids": batch.input_ids.to(device)}
         if self.attention is None:
-            kwargs["attention_mask"] = attention_bias(segment_ids, self.compute_dtype)
+            kwargs["attention_mask"] = attention_bias(batch.segment_ids.to(device), self.compute_dtype)
         else:
-            kwargs.update(self.attention.prepare(segment_ids))
+            kwargs.update(self.attention.prepare(batch.segment_ids, device))
         if self.takes_positions:
             kwargs["position_ids"] = batch.position_ids.to(device)
         labels = batch.labels.to(device)
