@@ -188,3 +188,23 @@ def test_tiny_llama_loads_identically_on_every_rank_and_exports_bf16(runs, tmp_p
             assert {shard.get_tensor(k).dtype for k in shard.keys()} == {torch.bfloat16}
     weights = runs.exported_weights(model_dir)
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_the_packed_attention_and_targets_only_loss_train_like_the_eager_path(runs, reference, tmp_path):
+    """The run's default paths (per-example SDPA, targets-only loss) against MPT's own eager
+    attention with the full row mask and full logits, through the same 2-process FSDP job: the
+    same losses and gradient norms, step by step (the same run length: it sets the schedule)."""
+    _, log = reference
+    eager_log = tmp_path / "eager.log"
+    assert runs.run(runs.command(tmp_path / "eager", "max_duration=40ba", "attn_impl=eager"), eager_log) == 0, eager_log.read_text()
+    assert "attention: sdpa (per example); loss: targets only, chunked" in log.read_text()
+    assert "attention: eager (the model's own, full row mask); loss: targets only, chunked" in eager_log.read_text()
+
+    def first_steps(path):
+        lines = [(kind, values) for kind, values in runs.metrics_lines(path) if kind in ("train", "eval") and values["step"] <= 10]
+        return [(kind, values["step"], values.get("loss", values.get("cross_entropy")), values.get("grad_norm", 0.0)) for kind, values in lines]
+
+    default, eager = first_steps(log), first_steps(eager_log)
+    assert [step[:2] for step in default] == [step[:2] for step in eager] and len(default) == 12
+    for ours, theirs in zip(default, eager):
+        assert ours[2:] == pytest.approx(theirs[2:], rel=1e-4), (ours, theirs)
