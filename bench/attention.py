@@ -4,17 +4,21 @@ flex: ``ftstack_train.attention``), at L = 512, 2048 and 4096, on packed rows of
 on one example filling the row (the worst case for the per-example paths). Then an analytic memory
 budget per GPU for MPT-7B at L=2048, micro batch 4, FULL_SHARD over 8 x A10G.
 
-    .venv/bin/python bench/attention.py                     # CPU: a small block (d_model 256)
-    python bench/attention.py --d-model 4096 --heads 32     # GPU default is the 7B block already
+    .venv/bin/python bench/attention.py     # CPU: a small block (d_model 256, 4 heads, 1 row), fp32
+    python bench/attention.py               # GPU: the MPT-7B block (4096, 32 heads, 4 rows), bf16
 
 Peak memory is what one forward+backward adds on top of the block, its gradients and its inputs.
+What a training step holds once for all blocks (eager's dense mask, sdpa's ALiBi biases) is
+reported next to it as "per step".
 On GPU it is ``torch.cuda.max_memory_allocated`` minus the allocation before the pass. On CPU
 each case runs in a fresh process with glibc's mmap threshold fixed at 64 KiB, so that every
 tensor of any size is its own mapping and freed memory goes back to the system at once; the peak
 is the kernel's high-water mark of resident memory (VmHWM, reset through /proc/self/clear_refs
 after a warm-up pass) minus the resident memory just before the pass. FlexAttention has no
 backward pass on CPU, so there it is reported as not available for training. Times are medians of
-several passes; read the ratios to eager at the same L (the same script's baseline).
+several passes, the paths of one L and data built side by side and timed in turn, pass by pass
+(on CPU in a fresh process with the ordinary allocator); read the ratios to eager at the same L
+and data (the same script's baseline).
 """
 
 from __future__ import annotations
@@ -109,19 +113,30 @@ class OneBlock(torch.nn.Module):
         self.block = MptBlock(self.config, layer_idx=0)
 
 
-def block_inputs(block: OneBlock, path: str, segment_ids: torch.Tensor, dtype: torch.dtype) -> dict:
-    """The block's keyword arguments as ``MptModel.forward`` makes them for the trainer's batch:
-    the dense mask (as bool) and the ALiBi tensor for eager; nothing for the packed paths, whose
-    layout is prepared on the hook."""
+def block_inputs(block: OneBlock, path: str, segment_ids: torch.Tensor, dtype: torch.dtype) -> tuple[dict, object]:
+    """The block's keyword arguments as ``MptModel.forward`` makes them for the trainer's batch
+    (the dense mask as bool and the ALiBi tensor for eager; nothing for the packed paths, whose
+    layout is prepared on the hook), and that PackedAttention (None for eager)."""
     if path == "eager":
         from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
         seq = segment_ids.shape[1]
         mask = attention_bias(segment_ids, dtype).to(torch.bool)
-        return {"attention_mask": mask, "position_bias": build_mpt_alibi_tensor(block.config.n_heads, seq, device=segment_ids.device)}
+        alibi = build_mpt_alibi_tensor(block.config.n_heads, seq, device=segment_ids.device)
+        return {"attention_mask": mask, "position_bias": alibi}, None
     packed = use_packed_attention(block, path)
     packed.prepare(segment_ids)
-    return {"attention_mask": None, "position_bias": None}
+    return {"attention_mask": None, "position_bias": None}, packed
+
+
+def step_input_bytes(kwargs: dict, packed, dtype: torch.dtype) -> int:
+    """Memory that a training step holds once for all its blocks, left out of the per-block peak:
+    eager's dense mask (the trainer's float bias and MPT's bool copy); the packed paths' ALiBi
+    biases, one per distinct example length in the batch (sdpa; flex computes ALiBi in its kernel)."""
+    if packed is None:
+        mask = kwargs["attention_mask"]
+        return mask.numel() * (1 + torch.finfo(dtype).bits // 8)
+    return sum(b.numel() * b.element_size() for b in packed.layout._biases.values())
 
 
 def _rss(field: str) -> int:
@@ -135,67 +150,92 @@ def _reset_high_water_mark() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
 
 
-def measure_case(case: dict) -> dict:
-    """Median seconds and peak added bytes of one forward+backward of the block, after a warm-up
-    pass (which also compiles flex and allocates the parameter gradients)."""
+def build_case(case: dict):
+    """The block, its inputs and a function running one forward+backward pass, after a warm-up
+    pass (which compiles flex and allocates the parameter gradients)."""
     device = torch.device(case["device"])
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     batch, seq, d_model = case["batch"], case["seq"], case["d_model"]
     block = OneBlock(d_model, case["heads"], seq).to(device=device, dtype=dtype)
     segment_ids = segment_ids_for(case["data"], batch, seq, seed=1).to(device)
-    kwargs = block_inputs(block, case["path"], segment_ids, dtype)
+    kwargs, packed = block_inputs(block, case["path"], segment_ids, dtype)
     x = torch.randn(batch, seq, d_model, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn_like(x)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step() -> None:
         out, _ = block.block(x, **kwargs)
         out.backward(grad_out)
+        sync()
 
     step()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+    examples = int(sum(len(torch.unique(row[row > 0])) for row in segment_ids.cpu()))
+    facts = {"examples": examples, "real_share": float((segment_ids > 0).float().mean()),
+             "step_input_bytes": step_input_bytes(kwargs, packed, dtype)}
+    return step, facts
+
+
+def peak_of(step, device: str) -> int:
+    """Bytes one pass adds at its peak (see the module docstring for how, on CPU)."""
     gc.collect()
-    if device.type == "cuda":
+    if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step()
-        sync()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = _rss("VmRSS")
-        _reset_high_water_mark()
-        step()
-        peak = _rss("VmHWM") - base
-    seconds = []
-    while len(seconds) < case["iters"]:
-        start = time.perf_counter()
-        step()
-        sync()
-        seconds.append(time.perf_counter() - start)
-    examples = int(sum(len(torch.unique(row[row > 0])) for row in segment_ids.cpu()))
-    return case | {"seconds": statistics.median(seconds), "peak_bytes": peak, "examples": examples,
-                   "real_share": float((segment_ids > 0).float().mean())}
+        return torch.cuda.max_memory_allocated() - base
+    base = _rss("VmRSS")
+    _reset_high_water_mark()
+    step()
+    return _rss("VmHWM") - base
 
 
-def run_cases(cases: list[dict], fresh_process: bool) -> list[dict]:
-    """Each case in this process (GPU: the allocator's statistics are exact) or in a fresh one
-    with small allocations mapped one by one (CPU: see the module docstring)."""
+def time_group(cases: list[dict], iters: int, memory: bool) -> list[dict]:
+    """The cases of one L and data, built side by side and timed interleaved (pass k of every
+    path, then pass k+1), so that a change in the machine's load hits every path alike; median
+    seconds per case, and the peak of each when ``memory``."""
+    built = [(case, *build_case(case)) for case in cases]
+    results = [case | facts | ({"peak_bytes": peak_of(step, case["device"])} if memory else {}) for case, step, facts in built]
+    seconds: list[list[float]] = [[] for _ in built]
+    for _ in range(iters):
+        for i, (_, step, _) in enumerate(built):
+            start = time.perf_counter()
+            step()
+            seconds[i].append(time.perf_counter() - start)
+    return [r | {"seconds": statistics.median(s)} for r, s in zip(results, seconds)]
+
+
+def _subprocess(flag: str, payload, env: dict) -> object:
+    done = subprocess.run([sys.executable, __file__, flag, json.dumps(payload)], env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{flag} {payload} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_cases(cases: list[dict], iters: int, cuda: bool) -> list[dict]:
+    """Every case, grouped by L and data. GPU: in this process (the allocator's statistics are
+    exact). CPU: the timing in one fresh process per group, and each case's peak in a fresh
+    process of its own with every allocation its own mapping (see the module docstring); that
+    setting slows allocation, so it stays out of the timing."""
     results = []
+    groups: dict[tuple, list[dict]] = {}
     for case in cases:
-        if case["path"] == "flex" and case["device"] == "cpu":
-            results.append(case | {"seconds": None, "peak_bytes": None, "note": "n/a: FlexAttention has no backward pass on CPU"})
-        elif not fresh_process:
-            results.append(measure_case(case))
+        groups.setdefault((case["seq"], case["data"]), []).append(case)
+    for group in groups.values():
+        runnable = [c for c in group if cuda or c["path"] != "flex"]
+        if cuda:
+            done = time_group(runnable, iters, memory=True)
             torch.cuda.empty_cache()
         else:
-            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-            done = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], env=env,
-                                  capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                raise RuntimeError(f"case {case} failed:\n{done.stderr[-3000:]}")
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        _print_case(results[-1], results)
+            done = _subprocess("--group", {"cases": runnable, "iters": iters}, dict(os.environ))
+            mapped = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+            for r in done:
+                r["peak_bytes"] = _subprocess("--peak", r, mapped)
+        by_path = {r["path"]: r for r in done}
+        for case in group:
+            results.append(by_path.get(case["path"]) or case | {"seconds": None, "peak_bytes": None,
+                                                                  "note": "n/a: FlexAttention has no backward pass on CPU"})
+            _print_case(results[-1], results)
     return results
 
 
@@ -207,8 +247,8 @@ def _print_case(r: dict, results: list[dict]) -> None:
     ratio = ""
     if eager is not None and eager is not r:
         ratio = f"  {eager['seconds'] / r['seconds']:5.2f}x eager's speed, {r['peak_bytes'] / eager['peak_bytes']:5.3f}x its memory"
-    print(f"L={r['seq']:5d} {r['data']:6s} {r['path']:5s} {r['seconds'] * 1e3:9.1f} ms  peak +{r['peak_bytes'] / MIB:9.1f} MiB"
-          f"  ({r['examples']} examples in {r['batch']} rows){ratio}", flush=True)
+    print(f"L={r['seq']:5d} {r['data']:6s} {r['path']:5s} {r['seconds'] * 1e3:9.1f} ms  peak +{r['peak_bytes'] / MIB:8.1f} MiB"
+          f"  (+{r['step_input_bytes'] / MIB:6.1f} MiB per step)  {r['examples']:3d} examples in {r['batch']} rows{ratio}", flush=True)
 
 
 def block_params(d_model: int) -> int:
@@ -256,7 +296,9 @@ def a10g_estimate(results: list[dict], seq: int = 2048, batch: int = 4, world: i
         # activation checkpointing keeps each block's input (bf16)
         "saved_block_inputs": layers * tokens * d * 2,
     }
-    mask = {"eager": batch * seq * seq * 3, "sdpa": 0, "flex": 0}  # the bf16 bias and MPT's bool copy
+    # held once per step (see step_input_bytes): eager's bf16 bias and bool mask; sdpa's ALiBi
+    # biases, at worst one example filling the row (bf16); flex none
+    mask = {"eager": batch * seq * seq * 3, "sdpa": heads * seq * seq * 2, "flex": 0}
     loss = {"full_logits": tokens * vocab * 14, "targets_only": min(CHUNK_TOKENS, tokens) * vocab * 14}
     peaks, source = recompute_peaks(results, seq, batch)
     rows = []
@@ -302,11 +344,17 @@ def main() -> int:
     parser.add_argument("--heads", type=int, help="default: 32 on GPU, 4 on CPU (head dim 64)")
     parser.add_argument("--batch", type=int, help="rows per pass; default: 4 on GPU, 1 on CPU")
     parser.add_argument("--lengths", default="512,2048,4096", help="row lengths L, comma-separated")
-    parser.add_argument("--iters", type=int, default=3, help="timed passes per case (median)")
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in a fresh process (CPU)
+    parser.add_argument("--iters", type=int, default=5, help="timed passes per case, interleaved across paths (median)")
+    parser.add_argument("--group", help=argparse.SUPPRESS)  # CPU: one group's timing, in a fresh process
+    parser.add_argument("--peak", help=argparse.SUPPRESS)  # CPU: one case's peak, in a fresh process
     args = parser.parse_args()
-    if args.case:
-        print(json.dumps(measure_case(json.loads(args.case))))
+    if args.group:
+        group = json.loads(args.group)
+        print(json.dumps(time_group(group["cases"], group["iters"], memory=False)))
+        return 0
+    if args.peak:
+        step, _ = build_case(json.loads(args.peak))
+        print(json.dumps(peak_of(step, "cpu")))
         return 0
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     d_model, heads, batch = args.d_model or (4096 if cuda else 256), args.heads or (32 if cuda else 4), args.batch or (4 if cuda else 1)
@@ -319,9 +367,9 @@ def main() -> int:
     device = "cuda" if cuda else "cpu"
     print(f"one MPT block, d_model {d_model}, {heads} heads, batch {batch}, {'bf16 on ' + torch.cuda.get_device_name() if cuda else 'fp32 on CPU'}; "
           f"peak = {'torch.cuda.max_memory_allocated' if cuda else 'VmHWM - VmRSS in a fresh process'} over the pass", flush=True)
-    cases = [{"device": device, "d_model": d_model, "heads": heads, "batch": batch, "seq": seq, "data": data, "path": path,
-              "iters": args.iters} for seq in lengths for data in DATA for path in PATHS]
-    results = run_cases(cases, fresh_process=not cuda)
+    cases = [{"device": device, "d_model": d_model, "heads": heads, "batch": batch, "seq": seq, "data": data, "path": path}
+             for seq in lengths for data in DATA for path in PATHS]
+    results = run_cases(cases, args.iters, cuda)
     summary = {"bench": "attention", "device": torch.cuda.get_device_name() if cuda else "cpu", "d_model": d_model,
                "heads": heads, "batch": batch, "cases": results}
     if 2048 in lengths:

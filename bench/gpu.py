@@ -4,7 +4,7 @@ checkpointing on and off; before the timing, a check on a small model that every
 eager path's loss and gradients (FlexAttention's backward pass is checked only here: it has none
 on CPU).
 
-    python bench/gpu.py --quick                         # one GPU, about 5 minutes with compiles
+    python bench/gpu.py --quick                         # one GPU; sized for < 8 minutes with compiles
     torchrun --nproc-per-node 8 bench/gpu.py            # full depth, every GPU of the node
     .venv/bin/python bench/gpu.py --smoke               # CPU, gloo, tiny shapes (make test runs it)
 
@@ -345,7 +345,11 @@ def run(args: argparse.Namespace, d: Dist) -> dict:
                 if cuda:
                     torch.cuda.empty_cache()
                 say(_line(runs[-1]), flush=True)
-    return {"bench": "gpu", "device": device, "world_size": d.world_size, "torch": torch.__version__,
+    notes = [f"7B shape at {args.layers} of {SHAPES['7b']['n_layers']} layers" if args.layers and "7b" in args.shapes else "full depth",
+             "optimizer step run (AdamW)" if setup.optimizer else "optimizer step skipped (--no-optimizer)",
+             "correctness check skipped" if args.skip_check else "correctness check run"]
+    say("done: " + "; ".join(notes), flush=True)
+    return {"bench": "gpu", "notes": notes, "device": device, "world_size": d.world_size, "torch": torch.__version__,
             "peak_tflops": peak / 1e12 if peak else None, "seq": args.seq, "micro_batch": args.micro_batch,
             "steps": args.steps, "optimizer": setup.optimizer, "check": check, "runs": runs}
 
