@@ -15,10 +15,10 @@ each case runs in a fresh process with glibc's mmap threshold fixed at 64 KiB, s
 tensor of any size is its own mapping and freed memory goes back to the system at once; the peak
 is the kernel's high-water mark of resident memory (VmHWM, reset through /proc/self/clear_refs
 after a warm-up pass) minus the resident memory just before the pass. FlexAttention has no
-backward pass on CPU, so there it is reported as not available for training. Times are medians of
-several passes, the paths of one L and data built side by side and timed in turn, pass by pass
-(on CPU in a fresh process with the ordinary allocator); read the ratios to eager at the same L
-and data (the same script's baseline).
+backward pass on CPU, so there it is reported as not available for training. Times are the best
+of several passes (other load on the machine only adds time), the paths of one L and data built
+side by side and timed in turn, pass by pass (on CPU in a fresh process with the ordinary
+allocator); read the ratios to eager at the same L and data (the same script's baseline).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import gc
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -192,7 +191,7 @@ def peak_of(step, device: str) -> int:
 
 def time_group(cases: list[dict], iters: int, memory: bool) -> list[dict]:
     """The cases of one L and data, built side by side and timed interleaved (pass k of every
-    path, then pass k+1), so that a change in the machine's load hits every path alike; median
+    path, then pass k+1), so that a change in the machine's load hits every path alike; best
     seconds per case, and the peak of each when ``memory``."""
     built = [(case, *build_case(case)) for case in cases]
     results = [case | facts | ({"peak_bytes": peak_of(step, case["device"])} if memory else {}) for case, step, facts in built]
@@ -202,7 +201,7 @@ def time_group(cases: list[dict], iters: int, memory: bool) -> list[dict]:
             start = time.perf_counter()
             step()
             seconds[i].append(time.perf_counter() - start)
-    return [r | {"seconds": statistics.median(s)} for r, s in zip(results, seconds)]
+    return [r | {"seconds": min(s)} for r, s in zip(results, seconds)]
 
 
 def _subprocess(flag: str, payload, env: dict) -> object:
@@ -344,7 +343,7 @@ def main() -> int:
     parser.add_argument("--heads", type=int, help="default: 32 on GPU, 4 on CPU (head dim 64)")
     parser.add_argument("--batch", type=int, help="rows per pass; default: 4 on GPU, 1 on CPU")
     parser.add_argument("--lengths", default="512,2048,4096", help="row lengths L, comma-separated")
-    parser.add_argument("--iters", type=int, default=5, help="timed passes per case, interleaved across paths (median)")
+    parser.add_argument("--iters", type=int, default=5, help="timed passes per case, interleaved across paths (best)")
     parser.add_argument("--group", help=argparse.SUPPRESS)  # CPU: one group's timing, in a fresh process
     parser.add_argument("--peak", help=argparse.SUPPRESS)  # CPU: one case's peak, in a fresh process
     args = parser.parse_args()
