@@ -37,16 +37,19 @@ def summary(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-PACKING_KEYS = {"bench", "data", "max_seq_len", "tokenizer_vocab", "records", "examples", "tokens", "mean_length", "truncated",
+PACKING_KEYS = {"bench", "data", "max_seq_len", "tokenizer_vocab", "long_seq_len", "attention", "records", "examples", "tokens", "mean_length", "truncated",
                 "dropped", "dropped_share", "rows_padded", "rows_packed", "share_padded", "share_packed",
                 "tokens_per_s_padded", "tokens_per_s_packed", "speedup"}
 
 
 def test_packing_synthetic_trains_both_modes_and_packs_fewer_fuller_rows(capsys, monkeypatch):
-    code, out, _ = run_bench("packing", ["--examples", "24", "--max-seq-len", "128", "--batch", "8"], capsys, monkeypatch)
+    code, out, _ = run_bench("packing", ["--examples", "24", "--max-seq-len", "128", "--batch", "8", "--long-seq-len", "256"], capsys, monkeypatch)
     assert code == 0
     figures = summary(out)
-    assert set(figures) == PACKING_KEYS and figures["bench"] == "packing" and figures["data"] == "synthetic"
+    long_rows = {"tokens_per_s_packed_long", "long_rows_vs_short"}
+    assert set(figures) == PACKING_KEYS | long_rows and figures["bench"] == "packing" and figures["data"] == "synthetic"
+    assert figures["attention"] == "attention: sdpa (per example); loss: targets only, chunked"  # what a CPU job takes
+    assert figures["long_rows_vs_short"] == pytest.approx(figures["tokens_per_s_packed_long"] / figures["tokens_per_s_packed"])
     assert figures["records"] == 24 == figures["examples"] + figures["dropped"]
     assert figures["rows_padded"] == figures["examples"] and 0 < figures["rows_packed"] < figures["rows_padded"]
     for mode in ("padded", "packed"):
