@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="e.g. runs/demo/model, or a downloaded model")
     verify.add_argument("--sha256", type=_sha256, metavar="DIGEST", help="the registered manifest digest")
     verify.set_defaults(func=_verify)
+
+    from ftstack.aws_commands import add_commands  # start, status, list, logs, stop, approve, reject: the deployed stack
+
+    add_commands(commands)
     return parser
 
 

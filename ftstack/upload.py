@@ -1,0 +1,154 @@
+"""Putting a run's data under the bucket's ``incoming/`` prefix, the only place the workflow reads.
+
+A local file goes to ``incoming/<first 16 hex digits of its SHA-256>/<file name>``, with its whole
+SHA-256 in the object's metadata (``x-amz-meta-sha256``). The same file therefore always lands on
+the same key, and a second run with it finds the object there with the same digest and skips the
+upload. The digest lives in metadata rather than in S3's own ``ChecksumSHA256`` because a
+multipart upload's checksum is a checksum of the parts' checksums, which depends on the part size
+and cannot be compared with the file's. S3 still checks each part as it arrives
+(``ChecksumAlgorithm: SHA256``).
+
+No encryption header is sent: the bucket's default encryption is SSE-KMS with the stack's key
+(infra/storage.py) and its policy requires nothing else. Asking for ``aws:kms`` without a key id
+would use the account's ``aws/s3`` key instead, which the staging step cannot decrypt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from .aws import AwsError, aws_errors, error_code
+
+INCOMING = "incoming/"
+"""infra.layout.INCOMING (a test ties them): the CLI is installed without the CDK app."""
+BASE_MODELS = "base-models/"
+"""infra.layout.BASE_MODELS."""
+DIGEST_METADATA = "sha256"
+"""The object metadata key that holds an upload's SHA-256 (hex)."""
+_MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    """Where one data file is in S3, and whether this run had to upload it."""
+
+    uri: str
+    """``s3://<bucket>/incoming/...``."""
+    uploaded: bool
+    """False when the object was already there with the same SHA-256, or an s3:// URI was given."""
+
+
+def sha256_file(path: Path) -> str:
+    """The file's SHA-256, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(4 * _MB), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def incoming_key(path: Path, digest: str) -> str:
+    """``incoming/<digest[:16]>/<name>``: one key per content, keeping the file's name for people."""
+    return f"{INCOMING}{digest[:16]}/{path.name}"
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` as (bucket, key); ('', '') when ``uri`` is not one."""
+    bucket, _, key = uri[len("s3://"):].partition("/") if uri.startswith("s3://") else ("", "", "")
+    return bucket, key
+
+
+def check_data_uri(option: str, uri: str, bucket: str) -> None:
+    """An s3:// data URI must name one object under the stack's ``incoming/``, as the workflow requires."""
+    got, key = split_uri(uri)
+    if got != bucket or not key.startswith(INCOMING) or key.endswith("/") or key == INCOMING:
+        raise AwsError(f"{option} {uri}: the workflow reads data only from s3://{bucket}/{INCOMING}; give a local "
+                       f"file (ftstack uploads it there) or the URI of one JSONL object under that prefix")
+
+
+def check_base_model_uri(uri: str, bucket: str) -> None:
+    """An s3:// base model must be a folder under the stack's ``base-models/``."""
+    got, key = split_uri(uri)
+    if got != bucket or not key.startswith(BASE_MODELS) or not key[len(BASE_MODELS):].strip("/"):
+        raise AwsError(f"--base-model {uri}: training jobs read base models only from s3://{bucket}/{BASE_MODELS}<name>/; "
+                       "copy the model folder there (ftstack stage-model) or give a Hugging Face hub id")
+
+
+def object_exists(s3: Any, option: str, uri: str) -> None:
+    """AwsError naming ``option`` when the object ``uri`` is not there."""
+    bucket, key = split_uri(uri)
+    with aws_errors(f"{option} {uri}"):
+        try:
+            s3.head_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                raise AwsError(f"{option} {uri}: no such object; upload it or give a local file") from None
+            raise
+
+
+def stored_digest(s3: Any, bucket: str, key: str) -> str | None:
+    """The SHA-256 recorded on the object ``key``; None when there is no such object."""
+    try:
+        head = s3.head_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+    return head.get("Metadata", {}).get(DIGEST_METADATA)
+
+
+def upload_file(s3: Any, bucket: str, path: Path, *, out: TextIO = sys.stderr) -> Uploaded:
+    """Uploads ``path`` under ``incoming/`` unless the same content is there already.
+
+    boto3's managed transfer splits files over its threshold (8 MB) into parts sent in parallel
+    and retried one by one; a progress line goes to ``out`` when it is a terminal.
+    """
+    from boto3.s3.transfer import TransferConfig
+
+    digest = sha256_file(path)
+    key = incoming_key(path, digest)
+    uri = f"s3://{bucket}/{key}"
+    with aws_errors(f"uploading {path} to {uri}"):
+        if stored_digest(s3, bucket, key) == digest:
+            return Uploaded(uri=uri, uploaded=False)
+        progress = Progress(path.name, path.stat().st_size, out) if out.isatty() else None
+        s3.upload_file(
+            os.fspath(path), bucket, key, Config=TransferConfig(multipart_chunksize=16 * _MB),
+            ExtraArgs={"Metadata": {DIGEST_METADATA: digest}, "ChecksumAlgorithm": "SHA256"},
+            Callback=progress,
+        )
+        if progress:
+            progress.done()
+    return Uploaded(uri=uri, uploaded=True)
+
+
+class Progress:
+    """A one-line progress bar, rewritten in place: ``train.jsonl [#####     ] 52% 10.4/20.0 MB``."""
+
+    WIDTH = 30
+
+    def __init__(self, name: str, total: int, out: TextIO) -> None:
+        """``total``: the file's size in bytes."""
+        self.name, self.total, self.out, self.sent = name, max(total, 1), out, 0
+        self._lock = threading.Lock()  # boto3 sends the parts of a multipart upload from several threads
+
+    def __call__(self, sent: int) -> None:
+        """boto3's transfer callback: ``sent`` more bytes went out."""
+        with self._lock:
+            self.sent += sent
+            share = min(self.sent / self.total, 1.0)
+            bar = "#" * int(share * self.WIDTH)
+            self.out.write(f"\r{self.name} [{bar:<{self.WIDTH}}] {share:4.0%} "
+                           f"{self.sent / _MB:.1f}/{self.total / _MB:.1f} MB")
+            self.out.flush()
+
+    def done(self) -> None:
+        """Ends the progress line."""
+        self.out.write("\n")
+        self.out.flush()
