@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ftstack.aws_commands import add_commands  # start, status, list, logs, stop, approve, reject: the deployed stack
 
     add_commands(commands)
+
+    from ftstack.estimate_cli import add_parser as add_estimate  # pure Python: no torch at start-up
+
+    add_estimate(commands)
     return parser
 
 

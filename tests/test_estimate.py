@@ -1,0 +1,185 @@
+"""The pre-flight memory estimate (``ftstack.estimate``) and ``ftstack estimate``.
+
+Hand-checked figures for MPT-7B (6,649,286,656 parameters: 32 x (12 x 4096^2 + 2 x 4096) +
+50432 x 4096 + 4096) at max_seq_len 512, micro batch 4 (2048 tokens), on 8 A10Gs (22.49 GiB each,
+80% = 17.99 GiB allowed):
+  states 16 bytes x 6.649e9 / 8 = 12.39 GiB; gathered blocks 2 x 201.3M x 2 B = 0.75 GiB; one
+  block's reduce-scatter buffers 201.3M x 6 B = 1.13 GiB; root 206.6M x 4 B = 0.77 GiB;
+  with checkpointing: block inputs 32 x 2048 x 4096 x 2 B = 0.50 GiB, and the larger of the loss
+  (1024 x 50432 x 14 B + 2 x 2048 x 4096 x 2 B = 0.70 GiB) and one block's recompute (0.39 GiB):
+  peak 16.23 GiB -> fits; without: 32 x 34 x 2048 x 4096 x 2 B = 8.50 GiB of activations, peak
+  24.23 GiB -> does not fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from ftstack.cli import main
+from ftstack.estimate import CHUNK_TOKENS, Setup, estimate_memory, shard_size, smallest_changes
+from ftstack.instances import INSTANCE_TYPES, instance_type
+from ftstack.model_shapes import VERIFIED, model_shape
+
+GIB = 2**30
+
+
+def _estimate(instance: str, ac: bool = True, seq: int = 512, batch: int = 4, nodes: int = 1, model: str = "mpt-7b"):
+    shape = model_shape(model)
+    return estimate_memory(Setup(shape, instance_type(instance), seq, batch, ac, "flex", nodes))
+
+
+def test_mpt_7b_parameter_count_is_the_published_6_7b():
+    assert model_shape("mpt-7b").n_params == 6_649_286_656
+
+
+def test_mpt_7b_on_g5_48xlarge_fits_only_with_sharding_and_activation_checkpointing():
+    on, off = _estimate("ml.g5.48xlarge", ac=True), _estimate("ml.g5.48xlarge", ac=False)
+    assert on.shard == 8
+    assert on.peak / GIB == pytest.approx(16.23, abs=0.01) and on.fits
+    assert off.peak / GIB == pytest.approx(24.23, abs=0.01) and not off.fits
+    assert on.items["activations kept for backward"] == 32 * 2048 * 4096 * 2
+    # Without sharding (every GPU holding all states, as DDP would) nothing else could save it.
+    assert 16 * model_shape("mpt-7b").n_params > instance_type("ml.g5.48xlarge").gpu_bytes
+    first, fixed = smallest_changes(off.setup, INSTANCE_TYPES)[0]
+    assert "activation checkpointing" in first and fixed.fits
+
+
+def test_mpt_7b_does_not_fit_on_g5_2xlarge():
+    est = _estimate("ml.g5.2xlarge")
+    assert est.shard == 1 and not est.fits
+    assert est.optimizer_peak == 20 * model_shape("mpt-7b").n_params  # 16 bytes of states + AdamW's temporary
+    changes = dict(smallest_changes(est.setup, INSTANCE_TYPES))
+    assert all(e.fits for e in changes.values()) and any(c.startswith("--instance-count") for c in changes)
+
+
+def test_mpt_7b_fits_on_p4d_24xlarge():
+    assert _estimate("ml.p4d.24xlarge").fits and _estimate("ml.p4d.24xlarge", ac=False).fits
+
+
+def test_hybrid_sharding_on_several_nodes_splits_states_within_a_node_only():
+    one, two = _estimate("ml.g5.48xlarge"), _estimate("ml.g5.48xlarge", nodes=2)
+    assert two.shard == 8 and two.items == one.items and two.notes
+    assert shard_size(instance_type("ml.g5.2xlarge"), 4) == 4  # one GPU a node: shard across nodes
+
+
+def test_model_from_config_json(tmp_path):
+    config = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shape = model_shape(str(tmp_path))
+    assert shape.n_params == 8_030_261_248  # Llama-3-8B's published count
+    assert dataclasses.replace(model_shape(str(tmp_path / "config.json")), name=shape.name) == shape
+    assert estimate_memory(Setup(shape, instance_type("ml.p4d.24xlarge"), 2048, 4)).fits
+
+
+def test_bad_config_json_names_the_key(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    assert main(["estimate", "--model", str(tmp_path), "--instance-type", "ml.g5.48xlarge"]) == 2
+    err = capsys.readouterr().err
+    assert "num_attention_heads" in err and "config.json" in err and "Traceback" not in err
+
+
+def test_cli_json(capsys):
+    assert main(["estimate", "--instance-type", "ml.g5.48xlarge", "--no-activation-checkpointing", "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] is False and out["settings"]["attn_path"] == "flex"
+    assert out["peak_bytes"] == sum(list(out["per_gpu_bytes"].values())[:8]) + out["per_gpu_bytes"]["loss (targets only, 1024-token chunks)"]
+    assert "activation checkpointing" in out["changes_that_fit"][0]["change"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--instance-type", "ml.g9.huge"], "not a GPU training instance type"),
+    (["--instance-type", "ml.g5.48xlarge", "--model", "someone/some-model"], "config.json"),
+    (["--instance-type", "ml.g5.48xlarge", "--micro-batch", "0"], "--micro-batch"),
+    (["--instance-type", "ml.g5.48xlarge", "--mfu", "3"], "--mfu"),
+    (["--model", "mpt-7b"], "--instance-type is required"),
+])
+def test_cli_errors(args, needle, capsys):
+    assert main(["estimate", *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_cli_data_prints_epoch_with_assumptions(tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "q" * 400, "response": "r" * 1600}) + "\n" for _ in range(1000)))
+    assert main(["estimate", "--instance-type", "ml.g5.48xlarge", "--data", str(data), "--json"]) == 0
+    epoch = json.loads(capsys.readouterr().out)["epoch"]
+    # (400 + 94 template chars) / 4 -> 124 prompt tokens, + 400 response + 1 EOS = 512: one row each
+    assert epoch["records"] == 1000 and epoch["tokens"] == 512_000 and epoch["rows"] == 1000 and epoch["steps"] == 8
+    assert epoch["cost"] > 0 and any("MFU" in a for a in epoch["assumptions"]) and any("price" in a for a in epoch["assumptions"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    assert main(["estimate", "--instance-type", "ml.g5.48xlarge", "--data", str(bad)]) == 2
+    assert "bad.jsonl" in capsys.readouterr().err
+
+
+def test_copied_constants_match_the_training_code():
+    from ftstack_train.attention import VERIFIED as JOB_VERIFIED
+    from ftstack_train.distributed import plan_sharding
+    from ftstack_train.loss import CHUNK_TOKENS as JOB_CHUNK
+
+    assert VERIFIED == JOB_VERIFIED and CHUNK_TOKENS == JOB_CHUNK
+    for name in ("ml.g5.2xlarge", "ml.g5.12xlarge", "ml.p4d.24xlarge"):
+        t = instance_type(name)
+        for nodes in (1, 2, 4):
+            for strategy in ("auto", "FULL_SHARD", "HYBRID_SHARD"):
+                plan = plan_sharding(strategy, t.gpus * nodes, (t.gpus, t.gpus))
+                assert shard_size(t, nodes, strategy) == plan.shape[-1], (name, nodes, strategy)
+
+
+@pytest.mark.parametrize("path", ["eager", "sdpa"])
+def test_estimate_matches_what_a_cpu_run_of_a_tiny_mpt_allocates(tmp_path, path):
+    """The model checked, not only its arithmetic: a tiny MPT (ftstack_train's own, from its
+    config.json) takes one fp32 training step on CPU in one process (shard group of 1) with the
+    job's attention path and targets-only loss, activation checkpointing off. Parameters,
+    gradients and AdamW state must equal the estimate exactly; the tensors autograd keeps for
+    the backward pass (the saved-tensor hooks see each one; unique storages, parameters left
+    out), plus the step's attention inputs, within 3% of the estimate's activations and inputs."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from ftstack_train.attention import use_packed_attention
+    from ftstack_train.data import attention_bias
+    from ftstack_train.loss import use_targets_only_loss
+    from ftstack_train.model import make_tiny_model
+
+    model_dir = make_tiny_model("tiny-mpt", ["the quick brown fox jumps over the lazy dog"] * 20, tmp_path / "m", seed=0)
+    batch, seq = 2, 256
+    est = estimate_memory(Setup(model_shape(str(model_dir)), instance_type("ml.g5.2xlarge"), seq, batch, False, path, compute_bytes=4))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model.train()
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    segments = torch.ones(batch, seq, dtype=torch.long)  # one example filling each row: the estimate's worst case
+    kwargs, held = {"input_ids": ids}, 0
+    if path == "eager":
+        kwargs["attention_mask"] = attention_bias(segments, torch.float32)
+        held = kwargs["attention_mask"].nbytes  # the trainer's dense bias lives through the step
+    else:
+        kwargs.update(use_packed_attention(model, path).prepare(segments, torch.device("cpu")))
+    use_targets_only_loss(model).targets = ids
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**kwargs).logits
+    optimizer = torch.optim.AdamW(model.parameters())
+    loss.backward()
+    optimizer.step()
+    item = est.items
+    assert item["parameters (fp32, sharded)"] == sum(p.nbytes for p in model.parameters())
+    assert item["gradients (fp32, sharded)"] == sum(p.grad.nbytes for p in model.parameters())
+    moments = sum(s["exp_avg"].nbytes + s["exp_avg_sq"].nbytes for s in optimizer.state.values())
+    assert item["optimizer state (AdamW, 2 x fp32, sharded)"] == moments
+    estimated = item["activations kept for backward"] + item[f"per-step attention inputs ({path})"]
+    measured = sum(saved.values()) + held
+    assert measured == pytest.approx(estimated, rel=0.03), (measured, estimated)
