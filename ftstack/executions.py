@@ -103,7 +103,8 @@ def _when(value: Any) -> str | None:
 def _job_status(boto: Any, job: str) -> tuple[str, str | None]:
     with aws_errors(f"reading training job {job}"):
         found = boto.client("sagemaker").describe_training_job(TrainingJobName=job)
-    status = found["TrainingJobStatus"] + (f" ({found['SecondaryStatus']})" if found.get("SecondaryStatus") else "")
+    status, secondary = found["TrainingJobStatus"], found.get("SecondaryStatus")
+    status += f" ({secondary})" if secondary and secondary != status else ""
     return status, found.get("FailureReason")
 
 
@@ -138,7 +139,7 @@ def show_status(args: argparse.Namespace) -> int:
             ("stopped", run.stopped), ("training job", ", ".join(run.training_jobs) or None),
             ("job status", run.training_job_status), ("model package", run.model_package_arn),
             ("error", run.error), ("cause", run.cause), ("console", run.console), ("logs", run.logs)]
-    print("\n".join(f"{label + ':':<15}{value}" for label, value in rows if value))
+    print("\n".join(f"{label + ':':<16}{value}" for label, value in rows if value))
     return 0
 
 
@@ -224,15 +225,22 @@ def print_logs(args: argparse.Namespace) -> int:
 
 def _print_events(logs: Any, job: str, start: int, seen: set) -> int:
     """Prints the job's log events from ``start`` (ms) not printed yet; returns where to go on from."""
-    request = {"logGroupName": TRAINING_LOG_GROUP, "logStreamNamePrefix": f"{job}/", "startTime": start}
     with aws_errors(f"reading the logs of training job {job}"):
         try:
-            pages = list(logs.get_paginator("filter_log_events").paginate(**request))
+            # Its streams first (``<job>/algo-N-...``): the trailing slash keeps attempt a1 from matching a10.
+            pages = logs.get_paginator("describe_log_streams").paginate(
+                logGroupName=TRAINING_LOG_GROUP, logStreamNamePrefix=f"{job}/")
+            streams = [s["logStreamName"] for page in pages for s in page["logStreams"]]
+            events = []
+            for i in range(0, len(streams), 100):  # FilterLogEvents takes at most 100 stream names
+                pages = logs.get_paginator("filter_log_events").paginate(
+                    logGroupName=TRAINING_LOG_GROUP, logStreamNames=streams[i:i + 100], startTime=start)
+                events += [e for page in pages for e in page["events"]]
         except Exception as exc:
             if error_code(exc) == "ResourceNotFoundException":
                 return start  # no job of this account and region has logged yet
             raise
-    for event in sorted((e for page in pages for e in page["events"]), key=lambda e: e["timestamp"]):
+    for event in sorted(events, key=lambda e: e["timestamp"]):
         if event["eventId"] in seen:
             continue  # events at the last timestamp come again on the next poll
         seen.add(event["eventId"])

@@ -1,0 +1,375 @@
+"""The operator's AWS commands (start, status, list, logs, stop, approve, reject) against moto.
+
+moto stands in for a deployed stack: a CloudFormation stack with the outputs infra/stack.py
+declares, the SSE-KMS, versioned data bucket, a state machine named like the workflow
+(``<stack>-workflow``) that moto really runs, a model package group and the training jobs' log group.
+The workflow's stand-in starts a training job the way the real one does (``aws-sdk:sagemaker:
+createTrainingJob``), so the CLI finds it in the execution's history; with ``spot`` in the input
+it then waits (a run in progress), else it ends with a registered model package as the real one does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import boto3
+import jsonschema
+import pytest
+from moto import mock_aws
+
+from ftstack import aws as aws_module
+from ftstack import executions, runs
+from ftstack.aws import OUTPUTS
+from ftstack.cli import main
+from ftstack.upload import BASE_MODELS, INCOMING
+
+REGION = "us-east-1"
+BUCKET = "ftstack-data"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_ARN = f"arn:aws:sagemaker:{REGION}:123456789012:model-package/ftstack-models/1"
+RECORDS = "".join(json.dumps({"prompt": f"What is {i} + 1?", "response": str(i + 1)}) + "\n" for i in range(30))
+
+
+def _definition(role: str) -> dict:
+    train = {
+        "Type": "Task", "Resource": "arn:aws:states:::aws-sdk:sagemaker:createTrainingJob", "ResultPath": "$.job",
+        "Parameters": {
+            "TrainingJobName.$": "States.Format('ftstack--{}-a0', $$.Execution.Name)", "RoleArn": role,
+            "AlgorithmSpecification": {"TrainingImage": "123456789012.dkr.ecr.us-east-1.amazonaws.com/t:1",
+                                       "TrainingInputMode": "File"},
+            "OutputDataConfig": {"S3OutputPath": f"s3://{BUCKET}/executions/"},
+            "ResourceConfig": {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30},
+            "StoppingCondition": {"MaxRuntimeInSeconds": 3600},
+        },
+        "Next": "Hold",
+    }
+    return {"StartAt": "Train", "States": {
+        "Train": train,
+        "Hold": {"Type": "Choice", "Choices": [{"Variable": "$.spot", "IsPresent": True, "Next": "WaitForJob"}],
+                 "Default": "Register"},
+        "WaitForJob": {"Type": "Wait", "Seconds": 600, "End": True},
+        "Register": {"Type": "Pass", "Result": {"arn": PACKAGE_ARN}, "ResultPath": "$.registered", "End": True},
+    }}
+
+
+def _template(state_machine: str, outputs: tuple[str, ...]) -> str:
+    values = {"BucketName": BUCKET, "StateMachineArn": state_machine, "ModelPackageGroupName": "ftstack-models",
+              "TrainingImageUri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/t:1", "TopicArn": {"Ref": "Topic"}}
+    return json.dumps({"Resources": {"Topic": {"Type": "AWS::SNS::Topic"}},
+                       "Outputs": {key: {"Value": values[key]} for key in outputs}})
+
+
+@pytest.fixture
+def stack(monkeypatch, tmp_path):
+    """A deployed stack in moto; yields the boto3 session the CLI gets and the state machine ARN."""
+    monkeypatch.chdir(tmp_path)  # no cdk.json here: the default stack name applies
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
+        boto = boto3.Session(region_name=REGION)
+        key = boto.client("kms").create_key()["KeyMetadata"]["Arn"]
+        s3 = boto.client("s3")
+        s3.create_bucket(Bucket=BUCKET)
+        s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+        s3.put_bucket_encryption(Bucket=BUCKET, ServerSideEncryptionConfiguration={"Rules": [{
+            "ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": key},
+            "BucketKeyEnabled": True}]})
+        role = boto.client("iam").create_role(RoleName="workflow", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+        machine = boto.client("stepfunctions").create_state_machine(
+            name="ftstack-workflow", definition=json.dumps(_definition(role)), roleArn=role)["stateMachineArn"]
+        cloudformation = boto.client("cloudformation")
+        cloudformation.create_stack(StackName="ftstack", TemplateBody=_template(machine, tuple(OUTPUTS.values()) + (
+            "TrainingImageUri",)))
+        cloudformation.create_stack(StackName="old", TemplateBody=_template(machine, ("BucketName",)))
+        yield boto, machine, key
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def _files(tmp_path: Path, bad_line: int | None = None) -> tuple[Path, Path]:
+    lines = RECORDS.splitlines(keepends=True)
+    if bad_line:
+        lines[bad_line - 1] = '{"prompt": "no response here"}\n'
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("".join(lines))
+    test.write_text("".join(RECORDS.splitlines(keepends=True)[:10]))
+    return train, test
+
+
+def _objects(boto) -> list[dict]:
+    return boto.client("s3").list_object_versions(Bucket=BUCKET).get("Versions", [])
+
+
+def _wait_for(predicate, what: str) -> None:
+    import time
+
+    for _ in range(100):  # moto runs the execution in a thread of its own
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _executions(boto, machine: str) -> list[dict]:
+    return boto.client("stepfunctions").list_executions(stateMachineArn=machine)["executions"]
+
+
+# --- the contract with infra ------------------------------------------------------------------------
+
+def test_the_outputs_and_prefixes_are_the_stacks():
+    from infra import layout
+    from infra.stage_data.request import is_execution_name
+
+    source = (ROOT / "infra" / "stack.py").read_text()
+    for key in OUTPUTS.values():
+        assert f'("{key}", ' in source, f"infra/stack.py declares no output {key}"
+    assert (INCOMING, BASE_MODELS) == (layout.INCOMING, layout.BASE_MODELS)
+    for name in ("run1", "a" * 80, "mpt_7b-lr-5e6"):
+        runs.check_execution_name(name)
+        assert is_execution_name(name)
+    for name in ("a" * 81, "", "has space", "a/b", "x:y", "é"):
+        with pytest.raises(aws_module.AwsError):
+            runs.check_execution_name(name)
+
+
+# --- start ------------------------------------------------------------------------------------------
+
+def test_start_uploads_each_file_once_and_starts_the_workflow(stack, tmp_path, capsys):
+    boto, machine, key = stack
+    train, test = _files(tmp_path)
+    code, out, err = run_cli(capsys, "start", "--train", str(train), "--test", str(test), "--name", "run1",
+                             "--instance-type", "ml.g5.48xlarge", "--instance-count", "2", "--no-spot",
+                             "--base-model", "mosaicml/mpt-7b", "max_duration=2ep", "optimizer.lr=5e-6")
+    assert code == 0, err
+    arn = f"{machine.replace(':stateMachine:', ':execution:')}:run1"
+    assert f"arn:     {arn}" in out
+    assert f"https://{REGION}.console.aws.amazon.com/states/home?region={REGION}#/v2/executions/details/{arn}" in out
+    assert err.count("uploaded: ") == 2
+    found = boto.client("stepfunctions").describe_execution(executionArn=arn)
+    execution_input = json.loads(found["input"])
+    train_uri = execution_input["train_data"]
+    assert re.fullmatch(f"s3://{BUCKET}/incoming/[0-9a-f]{{16}}/train.jsonl", train_uri)
+    assert execution_input == {
+        "train_data": train_uri, "test_data": execution_input["test_data"], "base_model": "mosaicml/mpt-7b",
+        "instance_type": "ml.g5.48xlarge", "instance_count": 2, "spot": False,
+        "hyperparameters": {"max_duration": "2ep", "optimizer.lr": "5e-6"},
+    }
+    schema = json.loads((ROOT / "infra" / "execution_input.schema.json").read_text())
+    jsonschema.validate(execution_input, schema)
+    head = boto.client("s3").head_object(Bucket=BUCKET, Key=train_uri.split("/", 3)[3])
+    import hashlib
+
+    assert head["Metadata"]["sha256"] == hashlib.sha256(train.read_bytes()).hexdigest()
+    assert head["ServerSideEncryption"] == "aws:kms" and head["SSEKMSKeyId"] == key  # the bucket's key, not aws/s3
+
+    # The same files again: nothing is uploaded (the versioned bucket keeps one version of each).
+    code, out, err = run_cli(capsys, "start", "--train", str(train), "--test", str(test), "--name", "run2")
+    assert code == 0, err
+    assert err.count("already in S3 (same SHA-256)") == 2 and "uploaded: " not in err
+    assert len(_objects(boto)) == 2
+    second = json.loads(boto.client("stepfunctions").describe_execution(executionArn=arn[:-1] + "2")["input"])
+    assert second == {"train_data": train_uri, "test_data": execution_input["test_data"]}
+
+
+def test_start_with_uris_checks_them_and_uploads_nothing(stack, tmp_path, capsys):
+    boto, machine, _ = stack
+    boto.client("s3").put_object(Bucket=BUCKET, Key="incoming/mine/train.jsonl", Body=RECORDS.encode())
+    code, _, err = run_cli(capsys, "start", "--train", f"s3://{BUCKET}/incoming/mine/train.jsonl", "--name", "u1",
+                           "--base-model", f"s3://{BUCKET}/base-models/mpt-7b/")
+    assert code == 0, err
+    (execution,) = _executions(boto, machine)
+    assert json.loads(boto.client("stepfunctions").describe_execution(executionArn=execution["executionArn"])["input"]) \
+        == {"train_data": f"s3://{BUCKET}/incoming/mine/train.jsonl", "base_model": f"s3://{BUCKET}/base-models/mpt-7b/"}
+
+    for argv, message in (
+        (("--train", f"s3://{BUCKET}/incoming/missing.jsonl"), "no such object"),
+        (("--train", "s3://elsewhere/incoming/train.jsonl"), f"only from s3://{BUCKET}/incoming/"),
+        (("--train", f"s3://{BUCKET}/incoming/mine/train.jsonl", "--base-model", "s3://elsewhere/m/"), "base-models/"),
+    ):
+        code, _, err = run_cli(capsys, "start", *argv)
+        assert code == 2 and message in err, err
+    assert len(_executions(boto, machine)) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--name", "bad name!"), "--name 'bad name!': use 1-80 letters"),
+    (("--name", "x" * 81), "use 1-80"),
+    (("optimzer.lr=1e-4",), "did you mean 'optimizer.lr'"),
+    (("--instance-type", "p4d.24xlarge"), "is not a SageMaker training instance type"),
+])
+def test_start_refuses_bad_arguments_before_uploading(stack, tmp_path, capsys, argv, message):
+    boto, machine, _ = stack
+    train, _ = _files(tmp_path)
+    code, _, err = run_cli(capsys, "start", "--train", str(train), *argv)
+    assert code == 2 and message in err, err
+    assert _objects(boto) == [] and _executions(boto, machine) == []
+
+
+def test_a_bad_file_names_its_line_and_nothing_is_uploaded(stack, tmp_path, capsys):
+    boto, machine, _ = stack
+    train, test = _files(tmp_path, bad_line=7)
+    code, _, err = run_cli(capsys, "start", "--train", str(train), "--test", str(test))
+    assert code == 2
+    assert re.search(r"train\.jsonl:7: .*response", err), err
+    assert _objects(boto) == [] and _executions(boto, machine) == []
+    code, _, err = run_cli(capsys, "start", "--train", str(tmp_path / "nope.jsonl"))
+    assert code == 2 and "nope.jsonl" in err and _objects(boto) == []
+
+
+# --- stack discovery errors -------------------------------------------------------------------------
+
+def test_stack_errors_say_what_to_do(stack, tmp_path, capsys):
+    train, _ = _files(tmp_path)
+    code, _, err = run_cli(capsys, "start", "--train", str(train), "--stack", "nosuch")
+    assert code == 2 and "stack 'nosuch' not found in region us-east-1" in err and "--region" in err
+    code, _, err = run_cli(capsys, "list", "--region", "eu-west-1")  # deployed in us-east-1 only
+    assert code == 2 and "not found in region eu-west-1" in err
+    code, _, err = run_cli(capsys, "status", "--stack", "old")
+    assert code == 2 and "has no output StateMachineArn, ModelPackageGroupName, TopicArn" in err and "redeploy" in err
+
+
+def test_no_credentials(monkeypatch, tmp_path, capsys):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance metadata lookup (no network here)
+    monkeypatch.delenv("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", raising=False)
+    monkeypatch.delenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", raising=False)
+    code, _, err = run_cli(capsys, "list", "--region", REGION)
+    assert code == 2 and "no AWS credentials found; run `aws configure`" in err
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    code, _, err = run_cli(capsys, "list")
+    assert code == 2 and "no AWS region: give --region" in err
+
+
+# --- status, list, stop, logs -----------------------------------------------------------------------
+
+def _start(capsys, train: Path, name: str, *more: str) -> None:
+    code, _, err = run_cli(capsys, "start", "--train", str(train), "--name", name, *more)
+    assert code == 0, err
+
+
+def test_status_and_list(stack, tmp_path, capsys):
+    boto, machine, _ = stack
+    train, _ = _files(tmp_path)
+    code, _, err = run_cli(capsys, "status")
+    assert code == 2 and "has no executions yet" in err
+    _start(capsys, train, "done1")
+    arn = f"{machine.replace(':stateMachine:', ':execution:')}:done1"
+    sfn = boto.client("stepfunctions")
+    _wait_for(lambda: sfn.describe_execution(executionArn=arn)["status"] == "SUCCEEDED", "the run to end")
+    code, out, _ = run_cli(capsys, "status", "--json")  # the latest
+    status = json.loads(out)
+    assert (status["name"], status["status"], status["state"]) == ("done1", "SUCCEEDED", "Register")
+    assert status["training_jobs"] == ["ftstack--done1-a0"] and status["training_job_status"] == "Completed"
+    assert status["model_package_arn"] == PACKAGE_ARN
+    code, out, _ = run_cli(capsys, "status", arn)
+    assert code == 0 and f"model package:  {PACKAGE_ARN}\n" in out and "training job:   ftstack--done1-a0\n" in out
+    assert f"model package:  {PACKAGE_ARN}" in out and "logStreamNameFilter$3Dftstack--done1-a0" in out
+
+    _start(capsys, train, "going2", "--spot")
+    code, out, _ = run_cli(capsys, "list", "--json")
+    assert [(r["name"], r["status"]) for r in json.loads(out)] == [("going2", "RUNNING"), ("done1", "SUCCEEDED")]
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0 and re.search(r"going2\s+RUNNING", out.splitlines()[1])
+    code, _, err = run_cli(capsys, "status", "nosuch")
+    assert code == 2 and "execution 'nosuch' not found" in err and "ftstack list" in err
+
+
+def test_stop_stops_the_execution_and_its_job(stack, tmp_path, capsys, monkeypatch):
+    boto, machine, _ = stack
+    train, _ = _files(tmp_path)
+    _start(capsys, train, "run3", "--spot")
+    arn = f"{machine.replace(':stateMachine:', ':execution:')}:run3"
+    sfn = boto.client("stepfunctions")
+    _wait_for(lambda: boto.client("sagemaker").list_training_jobs()["TrainingJobSummaries"], "the job to start")
+    from moto.sagemaker.models import sagemaker_backends
+
+    # moto finishes jobs at once and has no StopTrainingJob: the job is made InProgress, and the
+    # stop request is answered here after checking it against the API's model.
+    (job,) = [j for j in sagemaker_backends["123456789012"][REGION].training_jobs.values()
+              if j.training_job_name == "ftstack--run3-a0"]
+    job.training_job_status = "InProgress"
+    stopped = []
+
+    def answer(model, params, **_):
+        from botocore.awsrequest import AWSResponse
+
+        body = json.loads(params["body"])  # botocore has already validated it against the API's model
+        assert model.name == "StopTrainingJob" and set(body) == {"TrainingJobName"}
+        stopped.append(body["TrainingJobName"])
+        return AWSResponse("", 200, {}, None), {}
+
+    def recording_session(region):
+        made = aws_module.session(region)
+        made.events.register("before-call.sagemaker.StopTrainingJob", answer)
+        return made
+
+    monkeypatch.setattr(executions, "session", recording_session)
+    code, out, err = run_cli(capsys, "stop", "run3")
+    assert code == 0, err
+    assert "stopped execution run3" in out and "stopping training job ftstack--run3-a0" in out
+    assert stopped == ["ftstack--run3-a0"]
+    assert sfn.describe_execution(executionArn=arn)["status"] in ("ABORTED", "RUNNING")  # moto aborts asynchronously
+    code, _, err = run_cli(capsys, "stop", "nosuch")
+    assert code == 2 and "not found" in err
+
+
+def test_logs_prints_the_jobs_streams(stack, tmp_path, capsys):
+    boto, machine, _ = stack
+    train, _ = _files(tmp_path)
+    _start(capsys, train, "run4", "--spot")
+    sfn = boto.client("stepfunctions")
+    arn = f"{machine.replace(':stateMachine:', ':execution:')}:run4"
+    _wait_for(lambda: executions.training_jobs(executions.history(sfn, arn)), "the job to start")
+    logs = boto.client("logs")
+    logs.create_log_group(logGroupName="/aws/sagemaker/TrainingJobs")
+    import time
+
+    now = int(time.time() * 1000)
+    for stream, lines in (("ftstack--run4-a0/algo-1-1700000000", ["step 1 loss 2.5", "step 2 loss 2.1"]),
+                          ("ftstack--run4-a0/algo-2-1700000000", ["rank 8 ready"]),
+                          ("ftstack--run4-a01/algo-1-1700000000", ["another job's line"])):
+        logs.create_log_stream(logGroupName="/aws/sagemaker/TrainingJobs", logStreamName=stream)
+        logs.put_log_events(logGroupName="/aws/sagemaker/TrainingJobs", logStreamName=stream,
+                            logEvents=[{"timestamp": now + i, "message": m} for i, m in enumerate(lines)])
+    code, out, err = run_cli(capsys, "logs", "run4")
+    assert code == 0, err
+    assert out.splitlines() == ["[algo-1-1700000000] step 1 loss 2.5", "[algo-2-1700000000] rank 8 ready",
+                                "[algo-1-1700000000] step 2 loss 2.1"]
+    assert "== training job ftstack--run4-a0" in err
+    code, _, err = run_cli(capsys, "logs", "nosuch")
+    assert code == 2 and "execution 'nosuch' not found" in err
+
+
+# --- approve, reject --------------------------------------------------------------------------------
+
+def test_approve_and_reject(stack, capsys):
+    boto, _, _ = stack
+    sagemaker = boto.client("sagemaker")
+    sagemaker.create_model_package_group(ModelPackageGroupName="ftstack-models")
+    arn = sagemaker.create_model_package(ModelPackageGroupName="ftstack-models",
+                                         ModelApprovalStatus="PendingManualApproval")["ModelPackageArn"]
+    code, out, err = run_cli(capsys, "approve", arn, "--reason", "eval CE 1.9 < 2.0")
+    assert code == 0, err
+    assert sagemaker.describe_model_package(ModelPackageName=arn)["ModelApprovalStatus"] == "Approved"
+    code, out, err = run_cli(capsys, "reject", arn, "--reason", "regressed on the holdout")
+    found = sagemaker.describe_model_package(ModelPackageName=arn)
+    assert code == 0 and (found["ModelApprovalStatus"], found["ApprovalDescription"]) == ("Rejected", "regressed on the holdout")
+    assert out.strip() == f"{arn}: Rejected (regressed on the holdout)"
+
+    with pytest.raises(SystemExit) as exited:
+        main(["reject", arn])  # the reason is required
+    assert exited.value.code == 2 and "--reason" in capsys.readouterr().err
+    code, _, err = run_cli(capsys, "approve", "ftstack-models/1")
+    assert code == 2 and "is not a model package ARN" in err
+    code, _, err = run_cli(capsys, "approve", arn.replace("/1", "/99"))
+    assert code == 2 and "not found" in err, err
