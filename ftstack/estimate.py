@@ -224,6 +224,7 @@ def smallest_changes(setup: Setup, instance_types: dict[str, InstanceType], max_
         wider = estimate_memory(replace(base, nodes=nodes, sharding="FULL_SHARD"))
         if wider.fits:
             flag = "" if base.instance.gpus == 1 else " with fsdp_config.sharding_strategy=FULL_SHARD"
+            flag += "" if base.instance.efa else " (no EFA on this type: collectives across instances are slow)"
             found.append((f"--instance-count {nodes}{flag}", wider))
             break
     others = sorted((t for t in instance_types.values() if t is not setup.instance), key=lambda t: t.price)
