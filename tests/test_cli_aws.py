@@ -373,3 +373,29 @@ def test_approve_and_reject(stack, capsys):
     assert code == 2 and "is not a model package ARN" in err
     code, _, err = run_cli(capsys, "approve", arn.replace("/1", "/99"))
     assert code == 2 and "not found" in err, err
+
+
+def test_a_big_file_goes_in_parts_with_a_progress_line(stack, tmp_path):
+    import hashlib
+    import io
+
+    from ftstack.upload import upload_file
+
+    boto, _, _ = stack
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(b"x" * (17 * 1024 * 1024))  # two parts of at most 16 MB (upload_file checks no content)
+    out = Terminal()
+    done = upload_file(boto.client("s3"), BUCKET, big, out=out)
+    assert done.uploaded
+    head = boto.client("s3").head_object(Bucket=BUCKET, Key=done.uri.split("/", 3)[3])
+    assert head["ETag"].endswith('-2"')  # a multipart upload of two parts
+    assert head["Metadata"]["sha256"] == hashlib.sha256(big.read_bytes()).hexdigest()
+    assert head["ContentLength"] == big.stat().st_size
+    lines = out.getvalue()
+    assert lines.startswith("\rbig.jsonl [") and "100% " in lines.split("\r")[-1] and lines.endswith("\n")
+    assert upload_file(boto.client("s3"), BUCKET, big, out=Terminal()).uploaded is False
