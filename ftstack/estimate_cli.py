@@ -52,6 +52,7 @@ def add_parser(commands) -> None:
     p.add_argument("--sharding", default="auto", choices=("auto", "FULL_SHARD", "HYBRID_SHARD"),
                    help="as the job's fsdp_config.sharding_strategy (default auto)")
     p.add_argument("--data", type=Path, nargs="+", metavar="FILE", help="training JSONL: adds steps, tokens, time and cost per epoch")
+    p.add_argument("--tokenizer", type=Path, metavar="DIR", help="with --data: count tokens with this tokenizer (the job's code; needs torch)")
     p.add_argument("--global-batch", type=int, default=128, metavar="ROWS", help="global_train_batch_size (default 128)")
     p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=f"assumed model FLOPs utilization (default {DEFAULT_MFU})")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -70,6 +71,8 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
         raise EstimateInputError("--instance-type is required, e.g. --instance-type ml.g5.48xlarge (see --list-instance-types)")
     for name in ("instance_count", "max_seq_len", "micro_batch", "global_batch"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.tokenizer and not args.data:
+        raise EstimateInputError("--tokenizer counts the tokens of --data; give --data FILE as well")
     if not 0 < args.mfu <= 1:
         raise EstimateInputError(f"--mfu: {args.mfu} must be a share between 0 and 1, e.g. 0.3")
     try:
@@ -96,42 +99,66 @@ class Epoch:
     assumptions: list[str]
 
 
-def epoch_of(files: list[Path], est: Estimate, global_batch: int, mfu: float) -> Epoch:
-    """Steps, tokens, time and cost of one epoch of ``files`` (checked with the job's own
-    validation first; tokens are estimated from characters, as the assumptions say)."""
+def lengths_by_characters(files: list[Path], max_seq_len: int) -> tuple[int, list[int]]:
+    """(records, token counts of the kept examples), each estimated from its characters with the
+    default prompt template, truncated and dropped as the job does."""
     from ftstack_train.config import DEFAULT_PROMPT_TEMPLATE, TEMPLATE_FIELD
-    from ftstack_train.validation import check_files, read_records
+    from ftstack_train.validation import read_records
 
-    check_files(files)  # raises DataError naming file and line, before any number is made
-    s, L = est.setup, est.setup.max_seq_len
     template = len(DEFAULT_PROMPT_TEMPLATE) - len(TEMPLATE_FIELD)
-    records = dropped = tokens = attn_pairs = 0
+    records, lengths = 0, []
     for path in files:
         for record in read_records(path):
             records += 1
             prompt = math.ceil((template + len(record.prompt)) / CHARS_PER_TOKEN)
-            if prompt >= L:  # the job drops an example whose prompt leaves no room for a response
-                dropped += 1
-                continue
-            n = min(L, prompt + math.ceil(len(record.response) / CHARS_PER_TOKEN) + 1)
-            tokens, attn_pairs = tokens + n, attn_pairs + (n * n if s.attn_path != "eager" else 0)
-    rows = math.ceil(tokens / L)
+            if prompt < max_seq_len:  # the job drops an example whose prompt leaves no room for a response
+                lengths.append(min(max_seq_len, prompt + math.ceil(len(record.response) / CHARS_PER_TOKEN) + 1))
+    return records, lengths
+
+
+def lengths_by_tokenizer(files: list[Path], tokenizer_dir: Path, max_seq_len: int) -> tuple[int, list[int]]:
+    """(records, token counts of the kept examples) through the job's own tokenize path (needs
+    torch and transformers)."""
+    from ftstack_train.config import DEFAULT_PROMPT_TEMPLATE
+    from ftstack_train.data import tokenize_files
+    from ftstack_train.model import load_tokenizer
+
+    split = tokenize_files("train", files, load_tokenizer(str(tokenizer_dir)), DEFAULT_PROMPT_TEMPLATE, max_seq_len, 1.0)
+    return split.records, [len(ids) for ids in split.ids]
+
+
+def epoch_of(files: list[Path], est: Estimate, global_batch: int, mfu: float, tokenizer: Path | None = None) -> Epoch:
+    """Steps, tokens, time and cost of one epoch of ``files``, checked with the job's own
+    validation first; tokens from ``tokenizer`` (the job's tokenize and packing code) or, without
+    one, estimated from characters, as the assumptions say."""
+    from ftstack_train.validation import check_files
+
+    check_files(files)  # raises DataError naming file and line, before any number is made
+    s, L = est.setup, est.setup.max_seq_len
+    if tokenizer is None:
+        records, lengths = lengths_by_characters(files, L)
+        rows = math.ceil(sum(lengths) / L)
+        how = [f"tokens estimated as characters / {CHARS_PER_TOKEN:g} with the default prompt template (give --tokenizer to count)",
+               "rows = tokens / max_seq_len (perfect packing; the job's best-fit packing comes close for short examples)"]
+    else:
+        from ftstack_train.data import pack_rows
+
+        records, lengths = lengths_by_tokenizer(files, tokenizer, L)
+        rows = len(pack_rows(lengths, L, packing=True))
+        how = [f"tokens counted with the tokenizer in {tokenizer} and the default prompt template; rows packed as the job packs them"]
     steps = math.ceil(rows / global_batch) if rows else 0
-    slots = steps * global_batch * L  # padding rows and slots still go through every matmul
-    if s.attn_path == "eager":
-        attn_pairs = 2 * slots * L  # the whole L x L row, not its causal half, and padding too
-    flops = 6 * s.shape.n_params * slots + 6 * s.shape.n_layers * s.shape.d_model * attn_pairs
-    gpus = s.instance.gpus * s.nodes
-    hours = flops / (gpus * s.instance.gpu.bf16_tflops * 1e12 * mfu) / 3600
-    cost = hours * s.nodes * s.instance.price
-    assumptions = [
-        f"tokens estimated as characters / {CHARS_PER_TOKEN:g} with the default prompt template (no tokenizer read)",
-        f"rows = tokens / max_seq_len (perfect packing; the job's best-fit packing comes close for short examples)",
-        f"steps = rows / global_train_batch_size {global_batch}; time = 6 x parameters x token slots + causal attention FLOPs",
+    slots = rows * L  # padding still goes through every matmul; the last step may be short
+    # causal attention within each example (flex/sdpa): 6 x layers x d x l^2 FLOPs per example;
+    # eager computes the whole L x L row, padding included: twice that per row of L
+    pairs = 2 * slots * L if s.attn_path == "eager" else sum(n * n for n in lengths)
+    flops = 6 * s.shape.n_params * slots + 6 * s.shape.n_layers * s.shape.d_model * pairs
+    hours = flops / (s.instance.gpus * s.nodes * s.instance.gpu.bf16_tflops * 1e12 * mfu) / 3600
+    assumptions = how + [
+        f"steps = rows / global_train_batch_size {global_batch}; FLOPs = 6 x parameters x token slots + attention",
         f"MFU {mfu:.0%} (assumed) of {s.instance.gpu.bf16_tflops:g} TFLOP/s dense bf16 per {s.instance.gpu.name} (datasheet, from memory)",
         f"price ${s.instance.price:.2f}/h per instance ({s.instance.price_source}); {PRICE_CAVEAT}",
     ]
-    return Epoch(records, dropped, tokens, rows, steps, hours, cost, assumptions)
+    return Epoch(records, records - len(lengths), sum(lengths), rows, steps, hours, hours * s.nodes * s.instance.price, assumptions)
 
 
 def _gib(value: int) -> str:
@@ -208,7 +235,7 @@ def run_estimate(args: argparse.Namespace) -> int:
         return 2
     est = estimate_memory(setup)
     changes = [] if est.fits else smallest_changes(setup, INSTANCE_TYPES)
-    epoch = epoch_of(list(args.data), est, args.global_batch, args.mfu) if args.data else None
+    epoch = epoch_of(list(args.data), est, args.global_batch, args.mfu, args.tokenizer) if args.data else None
     if args.json:
         print(json.dumps(to_json(est, changes, epoch), indent=2))
     else:
