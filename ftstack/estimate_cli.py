@@ -157,8 +157,13 @@ def epoch_of(files: list[Path], est: Estimate, global_batch: int, mfu: float, to
         f"steps = rows / global_train_batch_size {global_batch}; FLOPs = 6 x parameters x token slots + attention",
         f"MFU {mfu:.0%} (assumed) of {s.instance.gpu.bf16_tflops:g} TFLOP/s dense bf16 per {s.instance.gpu.name} (datasheet, from memory)",
         f"price ${s.instance.price:.2f}/h per instance ({s.instance.price_source}); {PRICE_CAVEAT}",
+        "training steps only: instance start-up, model loading, evaluation, checkpoints and export are not included",
     ]
     return Epoch(records, records - len(lengths), sum(lengths), rows, steps, hours, hours * s.nodes * s.instance.price, assumptions)
+
+
+def _duration(hours: float) -> str:
+    return f"{hours:.2f} h" if hours >= 1 else f"{hours * 60:.1f} min"
 
 
 def _gib(value: int) -> str:
@@ -210,7 +215,7 @@ def print_report(est: Estimate, changes: list[tuple[str, Estimate]], epoch: Epoc
     if epoch is not None:
         print(f"one epoch: {epoch.records} records ({epoch.dropped} dropped: prompt longer than max_seq_len), "
               f"~{epoch.tokens:,} tokens, {epoch.rows:,} rows, {epoch.steps:,} optimizer steps, "
-              f"~{epoch.hours:.2f} h, ~${epoch.cost:,.2f}")
+              f"~{_duration(epoch.hours)}, ~${epoch.cost:,.2f}")
         for line in epoch.assumptions:
             print(f"  assumes: {line}")
 
