@@ -20,6 +20,7 @@ _STATUSES = ("RUNNING", "SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED")
 
 START_EXAMPLES = """examples:
   ftstack start --train train.jsonl
+  ftstack start --train train.jsonl --wait      # follow it to the model package ARN
   ftstack start --train train.jsonl --test test.jsonl --name mpt7b-lr5e6-001 \\
       --instance-type ml.g5.48xlarge --spot max_duration=2ep optimizer.lr=5e-6
   ftstack start --train s3://BUCKET/incoming/abc/train.jsonl --base-model s3://BUCKET/base-models/mpt-7b/
@@ -81,6 +82,9 @@ def _add_start(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
     start.add_argument("--spot", action=argparse.BooleanOptionalAction, default=None, help="managed spot training")
     start.add_argument("--name", metavar="NAME", help="execution name, 1-80 of A-Z a-z 0-9 - _ (default: FILE-TIME-XXXX)")
     start.add_argument("--resume-from", metavar="EXECUTION", help="continue from that execution's checkpoints")
+    start.add_argument("--wait", action="store_true", help=(
+        "follow the run state by state with its training metrics; exit 0 with the model package ARN, 1 if it fails"))
+    start.add_argument("--poll", type=float, default=15.0, metavar="SECONDS", help=argparse.SUPPRESS)
     start.add_argument("overrides", nargs="*", metavar="key=value", help="hyperparameters, e.g. optimizer.lr=5e-6")
 
 

@@ -95,8 +95,8 @@ def current_state(events: list[dict]) -> str | None:
     return None
 
 
-def _when(value: Any) -> str | None:
-    # UTC, so that times read the same wherever the CLI runs.
+def utc_time(value: Any) -> str | None:
+    """A time from an AWS response in UTC, so that it reads the same wherever the CLI runs."""
     return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if value else None
 
 
@@ -114,8 +114,8 @@ def inspect(boto: Any, outputs: StackOutputs, ref: str | None) -> Execution:
     arn = execution_arn(sfn, outputs, ref)
     found = describe(sfn, arn, ref)
     events = history(sfn, arn)
-    run = Execution(name=found["name"], arn=arn, status=found["status"], started=_when(found["startDate"]),
-                    stopped=_when(found.get("stopDate")), state=current_state(events), training_jobs=training_jobs(events),
+    run = Execution(name=found["name"], arn=arn, status=found["status"], started=utc_time(found["startDate"]),
+                    stopped=utc_time(found.get("stopDate")), state=current_state(events), training_jobs=training_jobs(events),
                     error=found.get("error"), cause=found.get("cause"), console=execution_console_link(outputs.region, arn))
     if run.training_jobs:
         run.training_job_status, reason = _job_status(boto, run.training_jobs[-1])
@@ -153,8 +153,8 @@ def list_runs(args: argparse.Namespace) -> int:
         request["statusFilter"] = args.status
     with aws_errors(f"listing executions of {outputs.state_machine_arn}"):
         found = sfn.list_executions(**request)["executions"]
-    runs = [{"name": e["name"], "status": e["status"], "started": _when(e["startDate"]),
-             "stopped": _when(e.get("stopDate")), "arn": e["executionArn"]} for e in found]
+    runs = [{"name": e["name"], "status": e["status"], "started": utc_time(e["startDate"]),
+             "stopped": utc_time(e.get("stopDate")), "arn": e["executionArn"]} for e in found]
     if args.json:
         print(json.dumps(runs, indent=2))
     elif not runs:
@@ -211,7 +211,7 @@ def print_logs(args: argparse.Namespace) -> int:
             job, start, seen = jobs[-1], 0, set()  # a new attempt: its streams start afresh
             print(f"== training job {job} ({training_log_link(outputs.region, job)})", file=sys.stderr)
         if job:
-            start = _print_events(logs, job, start, seen)
+            start = print_log_events(logs, job, start, seen)
         running = describe(sfn, arn, args.execution)["status"] == "RUNNING"
         if not args.follow or not running:
             break
@@ -223,8 +223,14 @@ def print_logs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_events(logs: Any, job: str, start: int, seen: set) -> int:
-    """Prints the job's log events from ``start`` (ms) not printed yet; returns where to go on from."""
+def _log_line(event: dict) -> str | None:
+    host = event["logStreamName"].split("/", 1)[-1]
+    return f"[{host}] {event['message'].rstrip()}"
+
+
+def print_log_events(logs: Any, job: str, start: int, seen: set, show: Any = _log_line) -> int:
+    """Prints ``show(event)`` (unless None) for the job's log events from ``start`` (ms) not seen
+    yet; returns where to go on from."""
     with aws_errors(f"reading the logs of training job {job}"):
         try:
             # Its streams first (``<job>/algo-N-...``): the trailing slash keeps attempt a1 from matching a10.
@@ -245,6 +251,7 @@ def _print_events(logs: Any, job: str, start: int, seen: set) -> int:
             continue  # events at the last timestamp come again on the next poll
         seen.add(event["eventId"])
         start = max(start, event["timestamp"])
-        host = event["logStreamName"].split("/", 1)[-1]
-        print(f"[{host}] {event['message'].rstrip()}")
+        line = show(event)
+        if line is not None:
+            print(line, flush=True)
     return start

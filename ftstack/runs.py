@@ -128,5 +128,9 @@ def start_run(args: argparse.Namespace) -> int:
             raise
     arn = started["executionArn"]
     print(f"started execution {name}\n  arn:     {arn}\n  console: {execution_console_link(outputs.region, arn)}\n"
-          f"  follow:  ftstack status {name}; ftstack logs {name} --follow")
+          f"  follow:  ftstack status {name}; ftstack logs {name} --follow", flush=True)
+    if args.wait:
+        from .follow import follow_execution
+
+        return follow_execution(boto, outputs, arn, poll=args.poll)
     return 0

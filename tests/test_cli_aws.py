@@ -5,7 +5,8 @@ declares, the SSE-KMS, versioned data bucket, a state machine named like the wor
 (``<stack>-workflow``) that moto really runs, a model package group and the training jobs' log group.
 The workflow's stand-in starts a training job the way the real one does (``aws-sdk:sagemaker:
 createTrainingJob``), so the CLI finds it in the execution's history; with ``spot`` in the input
-it then waits (a run in progress), else it ends with a registered model package as the real one does.
+it then waits (a run in progress), with ``instance_count`` it fails as a job out of memory would, else it
+ends with a registered model package as the real one does.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ def _definition(role: str) -> dict:
     }
     return {"StartAt": "Train", "States": {
         "Train": train,
-        "Hold": {"Type": "Choice", "Choices": [{"Variable": "$.spot", "IsPresent": True, "Next": "WaitForJob"}],
+        "Hold": {"Type": "Choice", "Choices": [{"Variable": "$.spot", "IsPresent": True, "Next": "WaitForJob"},
+                                                {"Variable": "$.instance_count", "IsPresent": True, "Next": "TrainingFailed"}],
                  "Default": "Register"},
+        "TrainingFailed": {"Type": "Fail", "Error": "TrainingFailed", "Cause": "CUDA out of memory"},
         "WaitForJob": {"Type": "Wait", "Seconds": 600, "End": True},
         "Register": {"Type": "Pass", "Result": {"arn": PACKAGE_ARN}, "ResultPath": "$.registered", "End": True},
     }}
@@ -399,3 +402,32 @@ def test_a_big_file_goes_in_parts_with_a_progress_line(stack, tmp_path):
     lines = out.getvalue()
     assert lines.startswith("\rbig.jsonl [") and "100% " in lines.split("\r")[-1] and lines.endswith("\n")
     assert upload_file(boto.client("s3"), BUCKET, big, out=Terminal()).uploaded is False
+
+
+def test_start_wait_follows_the_run_to_its_model_package(stack, tmp_path, capsys):
+    boto, _, _ = stack
+    train, _ = _files(tmp_path)
+    logs = boto.client("logs")  # the job's metrics, as the trainer prints them (the job name is the workflow's)
+    logs.create_log_group(logGroupName="/aws/sagemaker/TrainingJobs")
+    logs.create_log_stream(logGroupName="/aws/sagemaker/TrainingJobs", logStreamName="ftstack--w1-a0/algo-1-1")
+    import time
+
+    from ftstack_train.metrics import format_line
+
+    lines = ["loading model", format_line("train", step=10, loss=2.5, tokens_per_s=1234.5, lr=5e-6),
+             format_line("eval", step=10, cross_entropy=2.25, perplexity=9.49, tokens=4096)]
+    logs.put_log_events(logGroupName="/aws/sagemaker/TrainingJobs", logStreamName="ftstack--w1-a0/algo-1-1",
+                        logEvents=[{"timestamp": int(time.time() * 1000) + i, "message": m} for i, m in enumerate(lines)])
+    code, out, err = run_cli(capsys, "start", "--train", str(train), "--name", "w1", "--wait", "--poll", "0.05")
+    assert code == 0, err
+    assert re.search(r"UTC  Train\n.*UTC  Hold\n.*UTC  Register\n", out, re.S), out
+    assert "training job ftstack--w1-a0" in out
+    assert "  step 10  loss 2.5000  tokens/s 1,234  lr 5.00e-06\n  step 10  eval cross-entropy 2.2500\n" in out
+    assert "loading model" not in out
+    assert out.endswith(f"succeeded: model package {PACKAGE_ARN}\n  approve it with: ftstack approve {PACKAGE_ARN}\n")
+
+    code, out, err = run_cli(capsys, "start", "--train", str(train), "--name", "w2", "--instance-count", "3", "--wait",
+                             "--poll", "0.05")
+    assert code == 1
+    assert "ftstack: run w2 FAILED in state TrainingFailed: TrainingFailed: CUDA out of memory" in err
+    assert "logs: https://" in err and "logStreamNameFilter$3Dftstack--w2-a0" in err
