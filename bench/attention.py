@@ -1,8 +1,9 @@
 """Time and peak memory of one MPT block's forward and backward pass with each attention path
 (eager: transformers' own ``MptAttention`` with the dense packed mask the trainer passes; sdpa and
 flex: ``ftstack_train.attention``), at L = 512, 2048 and 4096, on packed rows of short examples and
-on one example filling the row (the worst case for the per-example paths). Then an analytic memory
-budget per GPU for MPT-7B at L=2048, micro batch 4, FULL_SHARD over 8 x A10G.
+on one example filling the row (the worst case for the per-example paths). Then the pre-flight
+memory estimator (``ftstack.estimate``, what ``ftstack estimate`` prints) against the measured
+peaks, and its per-GPU budget for MPT-7B at L=2048, micro batch 4, FULL_SHARD over 8 x A10G.
 
     .venv/bin/python bench/attention.py     # CPU: a small block (d_model 256, 4 heads, 1 row), fp32
     python bench/attention.py               # GPU: the MPT-7B block (4096, 32 heads, 4 rows), bf16
@@ -39,7 +40,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from ftstack_train.attention import use_packed_attention  # noqa: E402
 from ftstack_train.data import attention_bias, pack_rows  # noqa: E402
-from ftstack_train.loss import CHUNK_TOKENS  # noqa: E402
+from ftstack.estimate import (  # noqa: E402
+    EAGER_BACKWARD_BYTES, EAGER_SAVED_BYTES, Setup, block_activation_bytes, block_backward_bytes, estimate_memory,
+)
+from ftstack.instances import instance_type  # noqa: E402
+from ftstack.model_shapes import ModelShape, model_shape  # noqa: E402
 
 PATHS = ("eager", "sdpa", "flex")
 DATA = ("packed", "long")
@@ -47,10 +52,6 @@ GIB = 2**30
 MIB = 2**20
 MPT_7B = {"d_model": 4096, "n_heads": 32, "n_layers": 32, "vocab_size": 50432}
 """mosaicml/mpt-7b's shape (expansion ratio 4, no biases, tied embeddings)."""
-A10G_BYTES = 23028 * MIB
-"""An A10G's memory as nvidia-smi reports it (24 GB nominal)."""
-HEADROOM = int(1.5 * GIB)
-"""Left for the CUDA context, NCCL's buffers and allocator fragmentation (assumed, not measured)."""
 
 
 def synthetic_examples(n: int, max_len: int, seed: int) -> list[tuple[int, int]]:
@@ -250,79 +251,47 @@ def _print_case(r: dict, results: list[dict]) -> None:
           f"  (+{r['step_input_bytes'] / MIB:6.1f} MiB per step)  {r['examples']:3d} examples in {r['batch']} rows{ratio}", flush=True)
 
 
-def block_params(d_model: int) -> int:
-    """Parameters of one MPT block: Wqkv, out_proj, the 4x MLP (no biases) and two norms."""
-    return 12 * d_model * d_model + 2 * d_model
-
-
-def recompute_peaks(results: list[dict], seq: int, batch: int) -> tuple[dict[str, int], str]:
-    """One MPT-7B block's forward+backward peak at ``seq`` x ``batch`` in bf16, per path: the
-    measured figure where this run measured that very shape, otherwise scaled from it. Scaled: the
-    packed sdpa peak (no term in L^2 left) by tokens x d_model x bytes per element, plus for eager
-    the score tensors, B x H x L^2 elements x 14 bytes (fp32 softmax output and bf16 probabilities
-    saved for backward, and the fp32 gradient in and out of the softmax in the backward pass; MPT
-    upcasts the scores to fp32 for the softmax)."""
-    d, heads = MPT_7B["d_model"], MPT_7B["n_heads"]
-    same = {r["path"]: r for r in results if r["seconds"] is not None and r["seq"] == seq and r["data"] == "packed"}
-    any_r = next(iter(same.values()), None)
-    if any_r and (any_r["d_model"], any_r["heads"], any_r["batch"], any_r["device"].startswith("cuda")) == (d, heads, batch, True):
-        return {path: r["peak_bytes"] for path, r in same.items()}, "measured at this shape"
-    if "sdpa" not in same or "eager" not in same:
-        raise RuntimeError(f"the estimate needs the packed eager and sdpa cases at L={seq}; add {seq} to --lengths")
-    m = same["sdpa"]
-    bytes_m = 2 if m["device"].startswith("cuda") else 4
-    linear = m["peak_bytes"] * (batch * seq * d * 2) / (m["batch"] * m["seq"] * m["d_model"] * bytes_m)
-    quadratic = batch * heads * seq * seq * 14
-    peaks = {"sdpa": int(linear), "flex": int(linear), "eager": int(linear + quadratic)}
-    return peaks, f"scaled from the L={seq} packed sdpa case (d_model {m['d_model']}, batch {m['batch']}), eager's scores computed"
-
-
-def a10g_estimate(results: list[dict], seq: int = 2048, batch: int = 4, world: int = 8) -> dict:
-    """Analytic peak memory per GPU of MPT-7B fine-tuning at ``seq`` x ``batch`` with FULL_SHARD
-    over ``world`` A10Gs: bf16 compute, fp32 master weights, gradients (fp32 reduce) and AdamW
-    states, activation checkpointing on every block. The peak is the steady part plus the larger
-    of one block's recompute (backward) and the loss (end of the forward pass): they never
-    coexist."""
-    d, layers, vocab, heads = MPT_7B["d_model"], MPT_7B["n_layers"], MPT_7B["vocab_size"], MPT_7B["n_heads"]
-    tokens, p_block, p_embed = batch * seq, block_params(d), vocab * d
-    n_params = layers * p_block + p_embed + d
-    parts = {
-        # fp32 parameters, fp32 gradients, AdamW exp_avg and exp_avg_sq, each split over the ranks
-        "sharded_states": n_params * 16 // world,
-        # the block in use and the prefetched one (bf16), one block's bf16 gradients and their fp32
-        # copy for the reduce-scatter; the root's tied embedding (bf16) and its gradient stay whole
-        "gathered_in_flight": 2 * p_block * 2 + p_block * 6 + p_embed * 4,
-        # activation checkpointing keeps each block's input (bf16)
-        "saved_block_inputs": layers * tokens * d * 2,
-    }
-    # held once per step (see step_input_bytes): eager's bf16 bias and bool mask; sdpa's ALiBi
-    # biases, at worst one example filling the row (bf16); flex none
-    mask = {"eager": batch * seq * seq * 3, "sdpa": heads * seq * seq * 2, "flex": 0}
-    loss = {"full_logits": tokens * vocab * 14, "targets_only": min(CHUNK_TOKENS, tokens) * vocab * 14}
-    peaks, source = recompute_peaks(results, seq, batch)
+def estimator_check(results: list[dict]) -> list[dict]:
+    """The pre-flight estimator's one-block figure (``ftstack.estimate``: what a block keeps for
+    its backward pass plus what the pass adds, with the eager path's score tensors) at each
+    measured case's own shape and dtype, next to the measured peak: the memory model checked
+    against this run, not only its arithmetic."""
     rows = []
-    for path, loss_kind in (("eager", "full_logits"), ("eager", "targets_only"), ("sdpa", "targets_only"), ("flex", "targets_only")):
-        if path not in peaks:
+    for r in results:
+        if r["seconds"] is None:
             continue
-        total = sum(parts.values()) + mask[path] + max(peaks[path], loss[loss_kind])
-        rows.append({"attention": path, "loss": loss_kind, "block_recompute": peaks[path], "loss_bytes": loss[loss_kind],
-                     "total": total, "fits": total + HEADROOM <= A10G_BYTES})
-    step_peak = parts["sharded_states"] + 2 * n_params * 4 // world  # AdamW's foreach temporaries, activations gone
-    return {"params": n_params, "parts": parts, "recompute_source": source, "rows": rows, "optimizer_step_peak": step_peak}
+        shape = ModelShape("bench block", "mpt", r["d_model"], 1, r["heads"], r["heads"], 4 * r["d_model"], 1, True, False)
+        b = 2 if r["device"].startswith("cuda") else 4
+        tokens, scores = r["batch"] * r["seq"], r["batch"] * r["heads"] * r["seq"] ** 2
+        estimate = block_activation_bytes(shape, tokens, b, r["path"]) + block_backward_bytes(shape, tokens, b)
+        if r["path"] == "eager":
+            estimate += scores * ((EAGER_SAVED_BYTES + EAGER_BACKWARD_BYTES) if b == 2 else 12)
+        rows.append({"seq": r["seq"], "data": r["data"], "path": r["path"], "measured": r["peak_bytes"], "estimated": estimate})
+    return rows
 
 
-def print_estimate(est: dict) -> None:
-    """The budget as a table, in GiB."""
-    g = lambda b: f"{b / GIB:6.2f}"  # noqa: E731
-    print(f"\nMPT-7B ({est['params'] / 1e9:.2f}B parameters), L=2048, micro batch 4, FULL_SHARD over 8 x A10G "
-          f"({A10G_BYTES / GIB:.2f} GiB, {HEADROOM / GIB:.1f} GiB kept for context, NCCL and fragmentation):")
-    for name, value in est["parts"].items():
-        print(f"  {name:20s} {g(value)} GiB")
-    print(f"  one block's recompute: {est['recompute_source']}")
-    for r in est["rows"]:
-        print(f"  {r['attention']:5s} + {r['loss']:12s}: block {g(r['block_recompute'])}, loss {g(r['loss_bytes'])}, "
-              f"peak {g(r['total'])} GiB -> {'fits' if r['fits'] else 'does NOT fit'}")
-    print(f"  optimizer step (AdamW foreach temporaries, no activations): {g(est['optimizer_step_peak'])} GiB")
+def a10g_estimate() -> dict:
+    """The estimator's per-GPU budget for MPT-7B at L=2048, micro batch 4 on ml.g5.48xlarge (8 x
+    A10G, FULL_SHARD, activation checkpointing), per attention path."""
+    out = {}
+    for path in ("eager", "sdpa", "flex"):
+        est = estimate_memory(Setup(model_shape("mpt-7b"), instance_type("ml.g5.48xlarge"), 2048, 4, True, path))
+        out[path] = {"items": est.items, "step_peak": est.step_peak, "optimizer_peak": est.optimizer_peak,
+                     "gpu_bytes": est.setup.instance.gpu_bytes, "budget": est.budget, "fits": est.fits}
+    return out
+
+
+def print_estimates(check: list[dict], a10g: dict) -> None:
+    """Both checks as tables, in MiB and GiB."""
+    print("\nthe pre-flight estimator's one-block figure against the measured peak:")
+    for r in check:
+        print(f"  L={r['seq']:5d} {r['data']:6s} {r['path']:5s} measured {r['measured'] / MIB:8.1f} MiB, "
+              f"estimated {r['estimated'] / MIB:8.1f} MiB ({r['estimated'] / r['measured']:.2f}x)")
+    print("\nMPT-7B, L=2048, micro batch 4, ml.g5.48xlarge (8 x A10G, FULL_SHARD, activation checkpointing), per GPU:")
+    for path, est in a10g.items():
+        print(f"  {path:5s}: step peak {est['step_peak'] / GIB:6.2f} GiB, optimizer step {est['optimizer_peak'] / GIB:6.2f} GiB "
+              f"of {est['gpu_bytes'] / GIB:.2f} GiB; pre-flight budget (80%) {est['budget'] / GIB:.2f} GiB -> "
+              f"{'fits' if est['fits'] else 'over the budget'}")
 
 
 def quadratic_check(results: list[dict], seq: int) -> float | None:
@@ -371,13 +340,14 @@ def main() -> int:
     results = run_cases(cases, args.iters, cuda)
     summary = {"bench": "attention", "device": torch.cuda.get_device_name() if cuda else "cpu", "d_model": d_model,
                "heads": heads, "batch": batch, "cases": results}
+    check, a10g = estimator_check(results), a10g_estimate()
+    print_estimates(check, a10g)
+    summary |= {"estimator_check": check, "a10g_estimate": a10g}
     if 2048 in lengths:
-        est = a10g_estimate(results)
-        print_estimate(est)
         per_element = quadratic_check(results, 2048)
         print(f"  check: eager's measured extra at L=2048 is {per_element:.1f} bytes per score element here "
               f"({'bf16' if cuda else 'fp32: the fp32 casts are no-ops'}; the 7B figure uses 14 for bf16)")
-        summary |= {"a10g_estimate": est, "eager_bytes_per_score_element": per_element}
+        summary |= {"eager_bytes_per_score_element": per_element}
     print(json.dumps(summary))
     return 0
 

@@ -159,25 +159,6 @@ def test_cli_data_with_a_tokenizer_counts_and_packs_as_the_job(tiny_mpt, tmp_pat
     assert epoch["steps"] == -(-epoch["rows"] // 128) and "tokenizer" in epoch["assumptions"][0]
 
 
-def test_bench_attention_budget_parts_equal_the_estimate():
-    """bench/attention.py still carries its own copy of these formulas (the lead will make it
-    import this module): until then, its parts for MPT-7B at L=2048, micro batch 4 on 8 A10Gs
-    must be the estimate's."""
-    import importlib.util
-    from pathlib import Path
-
-    pytest.importorskip("torch")
-    spec = importlib.util.spec_from_file_location("bench_attention", Path(__file__).parents[1] / "bench" / "attention.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    items = list(_estimate("ml.g5.48xlarge", seq=2048).items.values())
-    n = model_shape("mpt-7b").n_params
-    assert bench.block_params(4096) == model_shape("mpt-7b").block_params
-    assert abs(sum(items[:3]) - n * 16 // 8) <= 2  # bench rounds once, the estimate per item
-    assert sum(items[3:6]) == 2 * bench.block_params(4096) * 2 + bench.block_params(4096) * 6 + 50432 * 4096 * 4 + 4096 * 4
-    assert items[6] == 32 * 4 * 2048 * 4096 * 2
-
-
 @pytest.mark.parametrize("path", ["eager", "sdpa"])
 def test_estimate_matches_what_a_cpu_run_of_a_tiny_mpt_allocates(tiny_mpt, path):
     """The model checked, not only its arithmetic: a tiny MPT (ftstack_train's own, from its
