@@ -1,5 +1,6 @@
 """Regenerates the README's reference sections from their sources: the training config's field
-docs, the deployment config's field docs and the execution input's JSON schema."""
+docs, the deployment config's field docs, the execution input's JSON schema and the workflow diagram
+(drawn from the synthesized state machine by scripts/workflow_diagram.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,12 @@ def sections() -> dict[str, str]:
     from ftstack_train.config import reference_table as training_table
     from infra.config import reference_table as infra_table
 
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from workflow_diagram import readme_section as workflow_diagram
+
     schema = (ROOT / "infra" / "execution_input.schema.json").read_text().strip()
-    return {"config-reference": training_table(), "infra-config-reference": infra_table(), "execution-input-schema": f"```json\n{schema}\n```"}
+    return {"config-reference": training_table(), "infra-config-reference": infra_table(), "execution-input-schema": f"```json\n{schema}\n```",
+            "workflow-diagram": workflow_diagram()}
 
 
 def render(text: str) -> str:
