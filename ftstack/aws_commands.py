@@ -26,6 +26,14 @@ START_EXAMPLES = """examples:
   ftstack start --train s3://BUCKET/incoming/abc/train.jsonl --base-model s3://BUCKET/base-models/mpt-7b/
 """
 
+STAGE_MODEL_EXAMPLES = """examples:
+  huggingface-cli download mosaicml/mpt-7b --local-dir mpt-7b    # where there is network
+  ftstack stage-model mpt-7b                  # -> s3://BUCKET/base-models/mpt-7b/
+  ftstack stage-model ./checkpoints/merged --name mpt-7b-merged
+  ftstack stage-model mosaicml/mpt-7b         # downloads it to ./base-models/mpt-7b first (needs network)
+  ftstack start --train train.jsonl --base-model s3://BUCKET/base-models/mpt-7b/
+"""
+
 
 def _reported(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     @functools.wraps(command)
@@ -132,9 +140,24 @@ def _add_approval(commands: argparse._SubParsersAction) -> None:
     reject.add_argument("--reason", required=True, metavar="TEXT", help="why (recorded as the approval description)")
 
 
+def _add_stage_model(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    stage = _add(commands, "stage-model", ("stage_model", "stage_model"), "copy a base model into the stack's bucket", (
+        "Copies a Hugging Face model directory (config.json, weights, tokenizer files) to base-models/NAME/ in the "
+        "stack's bucket, where training jobs read it without network access, and prints the URI to pass to "
+        "ftstack start --base-model. Each file carries its SHA-256; files already there with the same digest are "
+        "skipped, so running it again after an interruption sends only what is missing. Every object is checked "
+        "(digest and size) before base-models/NAME/.ftstack-staged.json, the list of files, is written last. "
+        "A hub id is downloaded first with huggingface_hub, which needs network access."), STAGE_MODEL_EXAMPLES, [common])
+    stage.add_argument("source", metavar="DIR|HUB_ID", help="a model directory, or a Hugging Face hub id such as mosaicml/mpt-7b")
+    stage.add_argument("--name", metavar="NAME", help="folder under base-models/ (default: the directory's name or the "
+                       "hub id's last part); 1-128 of A-Z a-z 0-9 . _ -")
+    stage.add_argument("--json", action="store_true", help="print a JSON object: uri, uploaded, skipped, bytes")
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    """Registers start, status, list, logs, stop, approve and reject on ``ftstack``'s subparsers."""
+    """Registers start, status, list, logs, stop, approve, reject and stage-model on ``ftstack``'s subparsers."""
     common = _stack_options()
     _add_start(commands, common)
     _add_watching(commands, common)
     _add_approval(commands)
+    _add_stage_model(commands, common)

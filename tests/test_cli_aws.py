@@ -15,10 +15,8 @@ import json
 import re
 from pathlib import Path
 
-import boto3
 import jsonschema
 import pytest
-from moto import mock_aws
 
 from ftstack import aws as aws_module
 from ftstack import executions, runs
@@ -26,73 +24,10 @@ from ftstack.aws import OUTPUTS
 from ftstack.cli import main
 from ftstack.upload import BASE_MODELS, INCOMING
 
-REGION = "us-east-1"
-BUCKET = "ftstack-data"
+from aws_fixtures import BUCKET, PACKAGE_ARN, REGION, run_cli, stack  # noqa: F401 (stack: a fixture)
+
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_ARN = f"arn:aws:sagemaker:{REGION}:123456789012:model-package/ftstack-models/1"
 RECORDS = "".join(json.dumps({"prompt": f"What is {i} + 1?", "response": str(i + 1)}) + "\n" for i in range(30))
-
-
-def _definition(role: str) -> dict:
-    train = {
-        "Type": "Task", "Resource": "arn:aws:states:::aws-sdk:sagemaker:createTrainingJob", "ResultPath": "$.job",
-        "Parameters": {
-            "TrainingJobName.$": "States.Format('ftstack--{}-a0', $$.Execution.Name)", "RoleArn": role,
-            "AlgorithmSpecification": {"TrainingImage": "123456789012.dkr.ecr.us-east-1.amazonaws.com/t:1",
-                                       "TrainingInputMode": "File"},
-            "OutputDataConfig": {"S3OutputPath": f"s3://{BUCKET}/executions/"},
-            "ResourceConfig": {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30},
-            "StoppingCondition": {"MaxRuntimeInSeconds": 3600},
-        },
-        "Next": "Hold",
-    }
-    return {"StartAt": "Train", "States": {
-        "Train": train,
-        "Hold": {"Type": "Choice", "Choices": [{"Variable": "$.spot", "IsPresent": True, "Next": "WaitForJob"},
-                                                {"Variable": "$.instance_count", "IsPresent": True, "Next": "TrainingFailed"}],
-                 "Default": "Register"},
-        "TrainingFailed": {"Type": "Fail", "Error": "TrainingFailed", "Cause": "CUDA out of memory"},
-        "WaitForJob": {"Type": "Wait", "Seconds": 600, "End": True},
-        "Register": {"Type": "Pass", "Result": {"arn": PACKAGE_ARN}, "ResultPath": "$.registered", "End": True},
-    }}
-
-
-def _template(state_machine: str, outputs: tuple[str, ...]) -> str:
-    values = {"BucketName": BUCKET, "StateMachineArn": state_machine, "ModelPackageGroupName": "ftstack-models",
-              "TrainingImageUri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/t:1", "TopicArn": {"Ref": "Topic"}}
-    return json.dumps({"Resources": {"Topic": {"Type": "AWS::SNS::Topic"}},
-                       "Outputs": {key: {"Value": values[key]} for key in outputs}})
-
-
-@pytest.fixture
-def stack(monkeypatch, tmp_path):
-    """A deployed stack in moto; yields the boto3 session the CLI gets and the state machine ARN."""
-    monkeypatch.chdir(tmp_path)  # no cdk.json here: the default stack name applies
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
-        boto = boto3.Session(region_name=REGION)
-        key = boto.client("kms").create_key()["KeyMetadata"]["Arn"]
-        s3 = boto.client("s3")
-        s3.create_bucket(Bucket=BUCKET)
-        s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
-        s3.put_bucket_encryption(Bucket=BUCKET, ServerSideEncryptionConfiguration={"Rules": [{
-            "ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": key},
-            "BucketKeyEnabled": True}]})
-        role = boto.client("iam").create_role(RoleName="workflow", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
-        machine = boto.client("stepfunctions").create_state_machine(
-            name="ftstack-workflow", definition=json.dumps(_definition(role)), roleArn=role)["stateMachineArn"]
-        cloudformation = boto.client("cloudformation")
-        cloudformation.create_stack(StackName="ftstack", TemplateBody=_template(machine, tuple(OUTPUTS.values()) + (
-            "TrainingImageUri",)))
-        cloudformation.create_stack(StackName="old", TemplateBody=_template(machine, ("BucketName",)))
-        yield boto, machine, key
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
 
 
 def _files(tmp_path: Path, bad_line: int | None = None) -> tuple[Path, Path]:
