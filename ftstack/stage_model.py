@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .aws import AwsError, aws_errors, find_stack, session
-from .upload import BASE_MODELS, DIGEST_METADATA, Progress, sha256_file, stored_digest
+from .upload import BASE_MODELS, DIGEST_METADATA, sha256_file, stored_digest, transfer
 
 MANIFEST = ".ftstack-staged.json"
 """Written last under ``base-models/<name>/``: the staged files, their SHA-256 and sizes."""
@@ -138,14 +138,7 @@ class Staged:
 
 
 def _upload(s3: Any, bucket: str, key: str, file: ModelFile, digest: str, out: TextIO) -> None:
-    from boto3.s3.transfer import TransferConfig
-
-    # The same transfer as ftstack.upload.upload_file (digest in metadata, S3 checking each part), to a key of our own.
-    progress = Progress(file.relative, file.size, out) if out.isatty() else None
-    s3.upload_file(os.fspath(file.path), bucket, key, Config=TransferConfig(multipart_chunksize=64 * _MB),
-                   ExtraArgs={"Metadata": {DIGEST_METADATA: digest}, "ChecksumAlgorithm": "SHA256"}, Callback=progress)
-    if progress:
-        progress.done()
+    transfer(s3, bucket, key, file.path, digest, file.relative, out, part_mb=64)
 
 
 def _verify(s3: Any, bucket: str, key: str, file: ModelFile, digest: str) -> None:

@@ -109,23 +109,30 @@ def upload_file(s3: Any, bucket: str, path: Path, *, out: TextIO = sys.stderr) -
     boto3's managed transfer splits files over its threshold (8 MB) into parts sent in parallel
     and retried one by one; a progress line goes to ``out`` when it is a terminal.
     """
-    from boto3.s3.transfer import TransferConfig
-
     digest = sha256_file(path)
     key = incoming_key(path, digest)
     uri = f"s3://{bucket}/{key}"
     with aws_errors(f"uploading {path} to {uri}"):
         if stored_digest(s3, bucket, key) == digest:
             return Uploaded(uri=uri, uploaded=False)
-        progress = Progress(path.name, path.stat().st_size, out) if out.isatty() else None
-        s3.upload_file(
-            os.fspath(path), bucket, key, Config=TransferConfig(multipart_chunksize=16 * _MB),
-            ExtraArgs={"Metadata": {DIGEST_METADATA: digest}, "ChecksumAlgorithm": "SHA256"},
-            Callback=progress,
-        )
-        if progress:
-            progress.done()
+        transfer(s3, bucket, key, path, digest, path.name, out)
     return Uploaded(uri=uri, uploaded=True)
+
+
+def transfer(s3: Any, bucket: str, key: str, path: Path, digest: str, label: str, out: TextIO, part_mb: int = 16) -> None:
+    """Uploads ``path`` to ``key`` with its SHA-256 (``digest``) in the object's metadata, S3
+    checking each part's own SHA-256 on the way; a progress line named ``label`` goes to ``out``
+    when it is a terminal."""
+    from boto3.s3.transfer import TransferConfig
+
+    progress = Progress(label, path.stat().st_size, out) if out.isatty() else None
+    s3.upload_file(
+        os.fspath(path), bucket, key, Config=TransferConfig(multipart_chunksize=part_mb * _MB),
+        ExtraArgs={"Metadata": {DIGEST_METADATA: digest}, "ChecksumAlgorithm": "SHA256"},
+        Callback=progress,
+    )
+    if progress:
+        progress.done()
 
 
 class Progress:
