@@ -110,9 +110,9 @@ def start_run(args: argparse.Namespace) -> int:
     name, hyperparameters = check_local(args)
     boto = session(args.region)
     outputs = find_stack(boto, args.stack)
-    if args.base_model and _is_uri(args.base_model):
-        check_base_model_uri(args.base_model, outputs.bucket)
     s3 = boto.client("s3")
+    if args.base_model and _is_uri(args.base_model):
+        check_base_model_uri(args.base_model, outputs.bucket, s3)
     train = _data_uri(s3, outputs, "--train", args.train)
     test = _data_uri(s3, outputs, "--test", args.test) if args.test else None
     execution_input = build_input(args, train, test, hyperparameters)

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .aws import AwsError, aws_errors, find_stack, session
-from .upload import BASE_MODELS, DIGEST_METADATA, sha256_file, stored_digest, transfer
+from .upload import BASE_MODELS, DIGEST_METADATA, STAGED_MANIFEST, sha256_file, stored_digest, transfer
 
-MANIFEST = ".ftstack-staged.json"
+MANIFEST = STAGED_MANIFEST
 """Written last under ``base-models/<name>/``: the staged files, their SHA-256 and sizes."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 """What transformers loads weights from (model*.safetensors, pytorch_model*.bin and their shards)."""

@@ -72,12 +72,24 @@ def check_data_uri(option: str, uri: str, bucket: str) -> None:
                        f"file (ftstack uploads it there) or the URI of one JSONL object under that prefix")
 
 
-def check_base_model_uri(uri: str, bucket: str) -> None:
-    """An s3:// base model must be a folder under the stack's ``base-models/``."""
+STAGED_MANIFEST = ".ftstack-staged.json"
+"""Written last by ``ftstack stage-model`` into a base model's folder: without it the folder is
+partly staged (an interrupted or changing copy)."""
+
+
+def check_base_model_uri(uri: str, bucket: str, s3: Any | None = None) -> None:
+    """An s3:// base model must be a folder under the stack's ``base-models/``; with ``s3``, one
+    that ``ftstack stage-model`` finished staging."""
     got, key = split_uri(uri)
     if got != bucket or not key.startswith(BASE_MODELS) or not key[len(BASE_MODELS):].strip("/"):
         raise AwsError(f"--base-model {uri}: training jobs read base models only from s3://{bucket}/{BASE_MODELS}<name>/; "
                        "copy the model folder there (ftstack stage-model) or give a Hugging Face hub id")
+    if s3 is not None:
+        name = key[len(BASE_MODELS):].strip("/")
+        with aws_errors(f"--base-model {uri}"):
+            if not s3.list_objects_v2(Bucket=bucket, Prefix=f"{BASE_MODELS}{name}/{STAGED_MANIFEST}", MaxKeys=1).get("KeyCount"):
+                raise AwsError(f"--base-model {uri}: not completely staged (no {STAGED_MANIFEST}: the copy was interrupted, "
+                               f"is changing, or was not made by ftstack); run ftstack stage-model DIR --name {name}")
 
 
 def object_exists(s3: Any, option: str, uri: str) -> None:

@@ -118,6 +118,12 @@ def test_start_uploads_each_file_once_and_starts_the_workflow(stack, tmp_path, c
 def test_start_with_uris_checks_them_and_uploads_nothing(stack, tmp_path, capsys):
     boto, machine, _ = stack
     boto.client("s3").put_object(Bucket=BUCKET, Key="incoming/mine/train.jsonl", Body=RECORDS.encode())
+    # A base model that stage-model began to copy but did not finish: no manifest yet.
+    boto.client("s3").put_object(Bucket=BUCKET, Key="base-models/mpt-7b/config.json", Body=b"{}")
+    code, _, err = run_cli(capsys, "start", "--train", f"s3://{BUCKET}/incoming/mine/train.jsonl", "--name", "u0",
+                           "--base-model", f"s3://{BUCKET}/base-models/mpt-7b/")
+    assert code == 2 and "not completely staged" in err and "ftstack stage-model DIR --name mpt-7b" in err, err
+    boto.client("s3").put_object(Bucket=BUCKET, Key="base-models/mpt-7b/.ftstack-staged.json", Body=b"{}")
     code, _, err = run_cli(capsys, "start", "--train", f"s3://{BUCKET}/incoming/mine/train.jsonl", "--name", "u1",
                            "--base-model", f"s3://{BUCKET}/base-models/mpt-7b/")
     assert code == 0, err
