@@ -1,7 +1,7 @@
 """The SageMaker GPU instance types ftstack knows: GPUs, their memory, EFA, and an hourly price.
 
-One table, read by ``ftstack estimate`` and (later) the staging step's pre-flight check. Pure
-Python, so it loads anywhere, the staging Lambda included.
+One table, read by ``ftstack estimate``, the stack's configuration and the staging step's batch
+check (``infra.instances``). Pure Python, so it loads anywhere, the staging Lambda included.
 
 Where the figures come from, so that nobody mistakes them for more than they are:
 
@@ -40,7 +40,8 @@ class Gpu:
     mib: int
     """Memory as nvidia-smi reports it (MiB): what the CUDA context and PyTorch share."""
     bf16_tflops: float
-    """Dense bf16 tensor-core peak (TFLOP/s), the MFU denominator."""
+    """Dense bf16 tensor-core peak (TFLOP/s), the MFU denominator; for GPUs without bf16 tensor
+    cores (V100, T4), their fp32 peak."""
 
 
 A10G = Gpu("A10G", 23028, 70.0)
@@ -50,6 +51,10 @@ A100_40 = Gpu("A100-SXM4-40GB", 40960, 312.0)
 A100_80 = Gpu("A100-SXM4-80GB", 81920, 312.0)
 H100 = Gpu("H100-SXM-80GB", 81559, 989.0)
 H200 = Gpu("H200-SXM-141GB", 143771, 989.0)
+# No bf16 tensor cores: the job's bf16 runs at about their fp32 peak, which is given instead.
+V100_16 = Gpu("V100-SXM2-16GB", 16160, 15.7)
+V100_32 = Gpu("V100-SXM2-32GB", 32510, 15.7)
+T4 = Gpu("T4", 15360, 8.1)
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,17 @@ INSTANCE_TYPES: dict[str, InstanceType] = {
     # No p5e/p5en training price was remembered: ml.p5.48xlarge's is shown, marked as such.
     **_family("p5e", H200, (("48xlarge", 8, True, 113.07, "assumed-p5"),)),
     **_family("p5en", H200, (("48xlarge", 8, True, 113.07, "assumed-p5"),)),
+    # Older generations, still accepted by the stack's configuration and its batch check.
+    **_family("p3", V100_16, (
+        ("2xlarge", 1, False, 3.825, "recalled"), ("8xlarge", 4, False, 14.688, "recalled"),
+        ("16xlarge", 8, False, 28.152, "recalled"),
+    )),
+    **_family("p3dn", V100_32, (("24xlarge", 8, True, 35.894, "recalled"),)),
+    **_family("g4dn", T4, (
+        ("xlarge", 1, False, 0.736, "recalled"), ("2xlarge", 1, False, 0.94, "recalled"),
+        ("4xlarge", 1, False, 1.505, "recalled"), ("8xlarge", 1, True, 2.72, "recalled"),
+        ("16xlarge", 1, True, 5.44, "recalled"), ("12xlarge", 4, True, 4.89, "recalled"),
+    )),
 }
 
 

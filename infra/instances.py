@@ -1,27 +1,18 @@
-"""GPUs per SageMaker training instance type. Standard library only: the staging Lambda checks the
-batch arithmetic of a run against it before any instance starts."""
+"""GPUs per SageMaker training instance type, from the one table of them (``ftstack.instances``).
+No third-party import: the staging Lambda checks the batch arithmetic of a run against it before
+any instance starts."""
 
 from __future__ import annotations
 
 import re
 
+from ftstack.instances import INSTANCE_TYPES
+
 INSTANCE_TYPE = re.compile(r"^ml\.[a-z0-9]+\.[0-9]*x?large$")
 """What a SageMaker training instance type looks like (the deployment config, the staging step and
 the execution input schema all check against it)."""
 
-GPUS = {
-    "ml.p5.48xlarge": 8, "ml.p5e.48xlarge": 8, "ml.p5en.48xlarge": 8,
-    "ml.p4d.24xlarge": 8, "ml.p4de.24xlarge": 8,
-    "ml.p3dn.24xlarge": 8, "ml.p3.16xlarge": 8, "ml.p3.8xlarge": 4, "ml.p3.2xlarge": 1,
-    "ml.g6e.48xlarge": 8, "ml.g6e.24xlarge": 4, "ml.g6e.12xlarge": 4,
-    "ml.g6e.16xlarge": 1, "ml.g6e.8xlarge": 1, "ml.g6e.4xlarge": 1, "ml.g6e.2xlarge": 1, "ml.g6e.xlarge": 1,
-    "ml.g6.48xlarge": 8, "ml.g6.24xlarge": 4, "ml.g6.12xlarge": 4,
-    "ml.g6.16xlarge": 1, "ml.g6.8xlarge": 1, "ml.g6.4xlarge": 1, "ml.g6.2xlarge": 1, "ml.g6.xlarge": 1,
-    "ml.g5.48xlarge": 8, "ml.g5.24xlarge": 4, "ml.g5.12xlarge": 4,
-    "ml.g5.16xlarge": 1, "ml.g5.8xlarge": 1, "ml.g5.4xlarge": 1, "ml.g5.2xlarge": 1, "ml.g5.xlarge": 1,
-    "ml.g4dn.12xlarge": 4, "ml.g4dn.16xlarge": 1, "ml.g4dn.8xlarge": 1, "ml.g4dn.4xlarge": 1,
-    "ml.g4dn.2xlarge": 1, "ml.g4dn.xlarge": 1,
-}
+GPUS = {name: t.gpus for name, t in INSTANCE_TYPES.items()}
 """Instance types missing here are not checked in advance; the job's launcher checks at start."""
 
 

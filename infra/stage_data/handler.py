@@ -57,6 +57,7 @@ from .upload import Deadline, StagingTimeout, upload_new  # noqa: E402
 
 ASSET_PATHS = (
     "infra/__init__.py", "infra/layout.py", "infra/instances.py", "infra/stage_data/",
+    "ftstack/__init__.py", "ftstack/instances.py",
     *(f"training_code/ftstack_train/{name}.py"
       for name in ("__init__", "validation", "config", "durations", "errors", "contract")),
 )
