@@ -110,8 +110,14 @@ def shape_from_config(path: Path) -> ModelShape:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelShapeError(f"{path}: cannot read it as JSON ({exc}); give the model's config.json") from None
+    return shape_from_dict(config, str(path))
+
+
+def shape_from_dict(config: object, name: str) -> ModelShape:
+    """The shape that a parsed config.json describes; ``name`` names it in errors and in the shape
+    (a path, or the s3:// URI the staging step read it from)."""
     if not isinstance(config, dict):
-        raise ModelShapeError(f"{path}: not a JSON object; give the model's config.json")
+        raise ModelShapeError(f"{name}: not a JSON object; give the model's config.json")
     model_type = str(config.get("model_type", ""))
 
     def need(*keys: str) -> int:
@@ -119,21 +125,21 @@ def shape_from_config(path: Path) -> ModelShape:
             value = config.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
-        raise ModelShapeError(f"{path}: key {keys[0]!r} is missing or not a positive integer (model_type {model_type!r}); "
+        raise ModelShapeError(f"{name}: key {keys[0]!r} is missing or not a positive integer (model_type {model_type!r}); "
                               "give a causal LM's config.json with MPT's or Llama's size keys")
 
     if model_type == "mpt":
         d = need("d_model")
         ratio = config.get("expansion_ratio", 4)
         attn = config.get("attn_config") or {}
-        return ModelShape(str(path), "mpt", d, need("n_layers"), need("n_heads"), need("n_heads"), int(ratio * d),
+        return ModelShape(name, "mpt", d, need("n_layers"), need("n_heads"), need("n_heads"), int(ratio * d),
                           need("vocab_size"), bool(config.get("tie_word_embeddings", True)), False,
                           float(attn.get("attn_pdrop") or 0.0))
     d, heads = need("hidden_size"), need("num_attention_heads")
     if d % heads:
-        raise ModelShapeError(f"{path}: hidden_size {d} is not a multiple of num_attention_heads {heads}")
+        raise ModelShapeError(f"{name}: hidden_size {d} is not a multiple of num_attention_heads {heads}")
     gated = model_type in GATED_TYPES or config.get("hidden_act") in ("silu", "swish")
     kv = config.get("num_key_value_heads") or heads
-    return ModelShape(str(path), model_type or "unknown", d, need("num_hidden_layers"), heads, int(kv),
+    return ModelShape(name, model_type or "unknown", d, need("num_hidden_layers"), heads, int(kv),
                       need("intermediate_size"), need("vocab_size"), bool(config.get("tie_word_embeddings", False)), gated,
                       float(config.get("attention_dropout") or 0.0))

@@ -84,6 +84,8 @@ def _input_checks(max_instance_count: int) -> list[tuple[str, dict[str, Any], st
          f"instance_count must be a whole number from 1 to {max_instance_count}"),
         ("spot", when_present("$.spot", {"Not": {"Variable": "$.spot", "IsBoolean": True}}),
          "spot must be true or false"),
+        ("force", when_present("$.force", {"Not": {"Variable": "$.force", "IsBoolean": True}}),
+         "force must be true or false"),
     ]
 
 

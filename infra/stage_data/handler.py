@@ -17,8 +17,9 @@ The execution comes from Step Functions, not from the event (``execution``): the
 passes its execution's ARN, and the function stages only a running execution of its own state
 machine, with the name and input Step Functions gives for it.
 
-Errors for the user: ``InvalidInput`` (the execution input), ``InvalidDataset`` (the data) and
-``StagingTimeout``; Step Functions reports the class name as the error and the message as the cause.
+Errors for the user: ``InvalidInput`` (the execution input), ``InvalidDataset`` (the data),
+``InsufficientGpuMemory`` (the run's memory estimate fits no instance type it may use; ``preflight``)
+and ``StagingTimeout``; Step Functions reports the class name as the error and the message as the cause.
 ``ExecutionRefused``: the function was invoked for something else than a running execution of its
 workflow.
 """
@@ -53,11 +54,12 @@ from .request import (  # noqa: E402, F401
     Settings, _uri, check_input, check_sagemaker_fields, is_execution_name, job_name_prefix,
 )
 from .execution import STATE_MACHINE_VARIABLE, Execution, ExecutionRefused, running_execution  # noqa: E402, F401
+from .preflight import InsufficientGpuMemory, base_model_shape, check_memory  # noqa: E402, F401
 from .upload import Deadline, StagingTimeout, upload_new  # noqa: E402
 
 ASSET_PATHS = (
     "infra/__init__.py", "infra/layout.py", "infra/instances.py", "infra/stage_data/",
-    "ftstack/__init__.py", "ftstack/instances.py",
+    "ftstack/__init__.py", "ftstack/instances.py", "ftstack/estimate.py", "ftstack/model_shapes.py",
     *(f"training_code/ftstack_train/{name}.py"
       for name in ("__init__", "validation", "config", "durations", "errors", "contract")),
 )
@@ -118,6 +120,8 @@ def stage(run: Execution, settings: Settings, s3: Any, deadline: Deadline | None
     check_sagemaker_fields(execution, request)
     bucket = settings.bucket
     size = _check_objects(s3, bucket, request)
+    # Before the data is read: a run that fits no instance type fails in seconds, not minutes.
+    preflight = check_memory(request, settings, *base_model_shape(s3, bucket, request))
     attempt = _attempt_id()  # a new folder per invocation: a retry never writes where another did
     prefixes = {channel: staged_data_prefix(execution, attempt, channel) for channel in (TRAIN_CHANNEL, TEST_CHANNEL)}
     every = hold_out_every(request.test_split)
@@ -158,6 +162,7 @@ def stage(run: Execution, settings: Settings, s3: Any, deadline: Deadline | None
         "output_uri": _uri(bucket, model_prefix(execution)),
         "output_prefix": model_prefix(execution),
         "checkpoint_uri": _uri(bucket, checkpoint_prefix(request.resume_from or execution)),
+        "preflight": preflight,
     }
 
 

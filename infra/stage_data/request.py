@@ -46,7 +46,7 @@ execution's state, and twice once the ended job is described, under Step Functio
 payload limit (States.DataLimitExceeded cannot be caught)."""
 
 INPUT_KEYS = ("train_data", "test_data", "test_split", "base_model", "hyperparameters",
-              "instance_type", "instance_count", "spot", "resume_from")
+              "instance_type", "instance_count", "spot", "resume_from", "force")
 _EXECUTION_NAME = re.compile(r"^[^\s/<>{}\[\]?*\"#%\\^|~`$&,;:]{1,80}$")
 """What Step Functions allows in an execution name."""
 ATTEMPT_SUFFIX = "-a"
@@ -123,6 +123,10 @@ class Request:
     instance_types: list[str]
     instance_count: int
     spot: bool
+    config: TrainConfig
+    """The training configuration the job's own parser makes of the hyperparameters."""
+    force: bool = False
+    """Start even where the pre-flight memory estimate says the run fits no instance type."""
     resume_from: str | None = None
     """An earlier execution whose checkpoints this run continues from."""
 
@@ -190,7 +194,8 @@ def check_input(data: Any, settings: Settings) -> Request:
     return Request(
         train_key=train_key, test_key=test_key, test_split=test_split, base_model=base_model,
         base_model_key=base_model_key, hyperparameters=hyperparameters, instance_types=instance_types,
-        instance_count=instance_count, spot=_flag("spot", data.get("spot", settings.spot)),
+        instance_count=instance_count, spot=_flag("spot", data.get("spot", settings.spot)), config=cfg,
+        force=_flag("force", data.get("force", False)),
         resume_from=_resume_from(data.get("resume_from")),
     )
 

@@ -30,6 +30,7 @@ def test_schema_is_valid_and_lists_the_accepted_keys():
     GOOD_INPUT | {"test_split": 0.1, "hyperparameters": {"optimizer.lr": 1e-5, "packing": False}, "spot": True,
                   "instance_type": "ml.g5.48xlarge", "instance_count": 2, "base_model": "mosaicml/mpt-7b"},
     GOOD_INPUT | {"test_data": "s3://ftstack-bucket/incoming/test.jsonl"},
+    GOOD_INPUT | {"force": True},
 ])
 def test_inputs_the_workflow_accepts_are_valid(execution_input):
     jsonschema.validate(execution_input, SCHEMA)

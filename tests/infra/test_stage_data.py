@@ -518,11 +518,14 @@ sys.path.insert(0, {str(asset)!r})
 from infra.stage_data import handler
 settings = handler.Settings.from_env({{"BUCKET": "b", "SETTINGS": {json.dumps(SETTINGS)!r}}})
 request = handler.check_input({{"train_data": "s3://b/incoming/t.jsonl", "hyperparameters": {{"optimizer.lr": 1e-4}}}}, settings)
-print(json.dumps({{"hp": request.hyperparameters, "files": sorted(m.__file__ for n, m in sys.modules.items()
+memory = handler.check_memory(request, settings, *handler.base_model_shape(None, "b", request))
+print(json.dumps({{"hp": request.hyperparameters, "fits": memory["instance_types"]["ml.p4d.24xlarge"]["fits"], "files": sorted(m.__file__ for n, m in sys.modules.items()
       if m is not None and n.split(".")[0] in ("infra", "ftstack_train", "ftstack") and getattr(m, "__file__", None))}}))
 """
     done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["hp"]["optimizer.lr"] == "0.0001"
+    assert out["fits"] is True  # the memory estimate runs in the asset too
+    assert any(f.endswith("ftstack/estimate.py") for f in out["files"])
     assert out["files"] and all(f.startswith(str(asset)) for f in out["files"])

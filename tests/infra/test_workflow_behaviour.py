@@ -23,7 +23,9 @@ from moto import mock_aws
 from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import state_task_service_aws_sdk
 
 from infra.definition import PLACEHOLDERS, WorkflowSettings, build_definition, render
-from infra.stage_data.handler import InvalidDataset, InvalidInput, Settings, job_name_prefix, running_execution, stage
+from infra.stage_data.handler import (
+    InsufficientGpuMemory, InvalidDataset, InvalidInput, Settings, job_name_prefix, running_execution, stage,
+)
 from infra.training_states import poll_seconds
 
 from aws_contract import AwsCalls, AwsError, operation, problems
@@ -115,7 +117,7 @@ def staging_lambda(settings: Settings = STAGING):
         try:
             run = running_execution(event, boto3.client("stepfunctions", region_name=REGION), STATE_MACHINE_ARN)
             result, error = stage(run, settings, boto3.client("s3", region_name=REGION)), None
-        except (InvalidInput, InvalidDataset) as exc:
+        except (InvalidInput, InvalidDataset, InsufficientGpuMemory) as exc:
             result, error = {"errorType": type(exc).__name__, "errorMessage": str(exc)}, "Unhandled"
         payload = json.dumps(result).encode()
         response = {"StatusCode": 200, "Payload": StreamingBody(io.BytesIO(payload), len(payload))}
@@ -382,6 +384,7 @@ BAD_INPUTS = [
     (GOOD_INPUT | {"instance_count": 0}, "instance_count must be"),
     (GOOD_INPUT | {"instance_count": 5}, "instance_count must be"),
     (GOOD_INPUT | {"spot": "yes"}, "spot must be"),
+    (GOOD_INPUT | {"force": "yes"}, "force must be"),
 ]
 
 
@@ -401,6 +404,31 @@ def test_staging_errors_keep_their_name_and_message():
     assert calls.of("sagemaker", "CreateTrainingJob") == []
     (message,) = messages(calls)
     assert "InvalidDataset" in message
+
+
+DOOMED = {"base_model": "mosaicml/mpt-7b", "instance_type": "ml.g5.12xlarge",
+          "hyperparameters": {"max_seq_len": 2048, "device_train_microbatch_size": 8,
+                              "fsdp_config.activation_checkpointing": False}}
+"""MPT-7B at 2048 tokens, micro batch 8, no activation checkpointing: about 97 GiB a GPU."""
+
+
+def test_a_run_that_fits_no_instance_type_fails_in_staging_with_the_estimate_in_the_notification():
+    staging = staging_settings(BUCKET, key_arn=KEY_ARN, fallback_instance_types=[])
+    result, _, calls = run({"invoke": [staging_lambda(staging)]}, GOOD_INPUT | DOOMED, staging=staging)
+    assert result["status"] == "FAILED" and result["error"] == "InsufficientGpuMemory", result
+    assert "ml.g5.12xlarge (4 x A10G" in result["cause"] and "activations kept for backward" in result["cause"]
+    assert calls.of("sagemaker", "CreateTrainingJob") == []
+    (message,) = messages(calls)
+    assert message.startswith("Execution run1 failed: InsufficientGpuMemory.")
+    assert "> budget 18.0 GiB" in message and '\\"force\\": true' in message
+
+
+def test_force_starts_the_run_the_estimate_would_stop():
+    staging = staging_settings(BUCKET, key_arn=KEY_ARN, fallback_instance_types=[])
+    result, _, calls = run({"invoke": [staging_lambda(staging)]}, GOOD_INPUT | DOOMED | {"force": True}, staging=staging)
+    assert result["status"] == "SUCCEEDED", result
+    (create,) = calls.of("sagemaker", "CreateTrainingJob")
+    assert create.params["ResourceConfig"]["InstanceType"] == "ml.g5.12xlarge"
 
 
 def test_staging_throttled_by_its_reserved_concurrency_waits_its_turn():
