@@ -206,7 +206,7 @@ def smallest_changes(setup: Setup, instance_types: dict[str, InstanceType], max_
     """Changes that make a setup that does not fit fit, least disruptive first, each with its
     estimate: activation checkpointing on; a smaller micro batch (the global batch stays, through
     gradient accumulation); FULL_SHARD over more instances of this type; the cheapest other
-    instance type (same count) that fits as is. Empty when nothing in reach fits."""
+    instance type with bf16 (same count) that fits as is. Empty when nothing in reach fits."""
     from dataclasses import replace
 
     found: list[tuple[str, Estimate]] = []
@@ -227,7 +227,7 @@ def smallest_changes(setup: Setup, instance_types: dict[str, InstanceType], max_
             flag += "" if base.instance.efa else " (no EFA on this type: collectives across instances are slow)"
             found.append((f"--instance-count {nodes}{flag}", wider))
             break
-    others = sorted((t for t in instance_types.values() if t is not setup.instance), key=lambda t: t.price)
+    others = sorted((t for t in instance_types.values() if t is not setup.instance and t.gpu.bf16), key=lambda t: t.price)
     for other in others:
         moved = estimate_memory(replace(setup, instance=other))
         if moved.fits:

@@ -42,6 +42,9 @@ class Gpu:
     bf16_tflops: float
     """Dense bf16 tensor-core peak (TFLOP/s), the MFU denominator; for GPUs without bf16 tensor
     cores (V100, T4), their fp32 peak."""
+    bf16: bool = True
+    """Whether it has bf16 tensor cores; without them the job's default precision crawls, so no
+    estimate proposes such a type."""
 
 
 A10G = Gpu("A10G", 23028, 70.0)
@@ -52,9 +55,9 @@ A100_80 = Gpu("A100-SXM4-80GB", 81920, 312.0)
 H100 = Gpu("H100-SXM-80GB", 81559, 989.0)
 H200 = Gpu("H200-SXM-141GB", 143771, 989.0)
 # No bf16 tensor cores: the job's bf16 runs at about their fp32 peak, which is given instead.
-V100_16 = Gpu("V100-SXM2-16GB", 16160, 15.7)
-V100_32 = Gpu("V100-SXM2-32GB", 32510, 15.7)
-T4 = Gpu("T4", 15360, 8.1)
+V100_16 = Gpu("V100-SXM2-16GB", 16160, 15.7, bf16=False)
+V100_32 = Gpu("V100-SXM2-32GB", 32510, 15.7, bf16=False)
+T4 = Gpu("T4", 15360, 8.1, bf16=False)
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,13 @@ def test_mpt_7b_on_g5_48xlarge_fits_only_with_sharding_and_activation_checkpoint
     assert on.items["activations kept for backward"] == 32 * 2048 * 4096 * 2
     # Without sharding (every GPU holding all states, as DDP would) nothing else could save it.
     assert 16 * model_shape("mpt-7b").n_params > instance_type("ml.g5.48xlarge").gpu_bytes
-    first, fixed = smallest_changes(off.setup, INSTANCE_TYPES)[0]
+    changes = smallest_changes(off.setup, INSTANCE_TYPES)
+    first, fixed = changes[0]
     assert "activation checkpointing" in first and fixed.fits
+    # Another type is proposed only with bf16 tensor cores: p3dn's 32 GB V100s would hold the
+    # states, but the job's bf16 would crawl on them.
+    (other,) = [e.setup.instance for c, e in changes if c.startswith("--instance-type")]
+    assert other.gpu.bf16 and not other.name.startswith(("ml.p3", "ml.g4dn"))
 
 
 def test_mpt_7b_does_not_fit_on_g5_2xlarge():
