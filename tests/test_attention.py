@@ -78,6 +78,22 @@ def test_sdpa_path_and_targets_only_loss_equal_eager(kind, packed, sources):
     torch.testing.assert_close(real_logits(fast, batch), real_logits(eager, batch))
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_micro_batch_without_targets_has_a_loss_in_the_graph(kind, impl, sources):
+    """The end of an epoch gives some ranks a micro batch of padding only: its loss must still
+    reach every parameter in the backward pass (zero gradients), as the full-logits loss did, or
+    backward fails and FSDP's collectives on the other ranks wait for this one."""
+    fast = Model.build(load(sources[kind]), impl, torch.float32, CPU, PAD)
+    assert fast.head is not None
+    empty = collate(random_split([5]), [], 40, PAD)
+    loss = fast.loss_sum(empty, CPU)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    grads = [p.grad for p in fast.module.parameters()]
+    assert all(g is not None and not g.any() for g in grads)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_sdpa_path_in_bf16_is_as_close_to_fp32_as_eager_in_bf16(kind, sources):
     """bf16 rounds differently in different kernels, so the fast path is held to the eager

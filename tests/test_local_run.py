@@ -208,3 +208,19 @@ def test_the_packed_attention_and_targets_only_loss_train_like_the_eager_path(ru
     assert [step[:2] for step in default] == [step[:2] for step in eager] and len(default) == 12
     for ours, theirs in zip(default, eager):
         assert ours[2:] == pytest.approx(theirs[2:], rel=1e-4), (ours, theirs)
+
+
+def test_an_epoch_that_leaves_a_rank_without_rows_trains_and_exports(runs, tmp_path):
+    """5 examples, one per row, 4 rows per step over 2 processes: the second step has one row, so
+    one rank's micro batch is padding only. Its loss must still be in the graph (zero gradients),
+    or its backward fails and the other rank's reduce-scatter waits for it."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer {i}."}) + "\n" for i in range(5)))
+    command = runs.command(tmp_path / "out", "max_duration=2ep", "packing=false")
+    command[command.index("--train") + 1] = str(train)
+    command[command.index("--test") + 1] = str(train)
+    log = tmp_path / "run.log"
+    assert runs.run(command, log) == 0, log.read_text()
+    steps = [values["step"] for kind, values in runs.metrics_lines(log) if kind == "train"]
+    assert steps == [1, 2, 3, 4]  # 2 steps per epoch: 4 rows, then 1
+    assert (tmp_path / "out" / "model" / "model-manifest.json").is_file()

@@ -147,6 +147,11 @@ def packed_sdpa(q, k, v, layout: Layout, scale: float, slopes: torch.Tensor | No
     may have fewer heads (grouped-query attention)."""
     heads, seq = q.shape[1], q.shape[2]
     gqa = k.shape[1] != heads
+    if not any(layout.spans):
+        # No example at all (an empty micro batch at the end of an epoch): zeros, still joined to
+        # q, k and v, so that every parameter gets its zero gradient as on the other ranks, whose
+        # FSDP reduce-scatters expect one.
+        return q * 0 + (k.sum() + v.sum()) * 0
     rows = []
     # split, not indexing: its backward pass is one cat, where each slice's backward would
     # write a zero tensor the size of the whole batch.

@@ -39,7 +39,10 @@ class TargetsOnlyHead(torch.nn.Linear):
         where = (labels != IGNORE_INDEX).nonzero().squeeze(1)
         states, labels = hidden.reshape(-1, hidden.shape[-1])[where], labels[where]
         total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, labels.numel(), self.chunk_tokens):
+        # At least one chunk, empty if need be: a micro batch without targets (the end of an
+        # epoch gives some ranks one) must still return a loss in the graph, or its backward has
+        # nothing to run and FSDP's reduce-scatters on the other ranks wait for it.
+        for start in range(0, max(labels.numel(), 1), self.chunk_tokens):
             end = start + self.chunk_tokens
             total = total + checkpoint(_chunk_loss, states[start:end], self.weight, self.bias, labels[start:end], use_reentrant=False)
         return total
