@@ -66,6 +66,7 @@ def session(region: str | None) -> Any:
 def aws_errors(doing: str) -> Iterator[None]:
     """Turns botocore's errors raised inside into an AwsError that says what failed (``doing``)
     and how to fix it. Errors a caller handles itself must be caught inside the block."""
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import (
         BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError, NoRegionError,
         PartialCredentialsError,
@@ -83,6 +84,9 @@ def aws_errors(doing: str) -> Iterator[None]:
         raise AwsError(f"{doing}: {describe_client_error(exc)}") from None
     except BotoCoreError as exc:
         raise AwsError(f"{doing}: {exc}") from None
+    except S3UploadFailedError as exc:  # boto3's transfer wraps the ClientError that failed it
+        cause = exc.__context__
+        raise AwsError(f"{doing}: {describe_client_error(cause) if isinstance(cause, ClientError) else exc}") from None
 
 
 def error_code(exc: Exception) -> str:

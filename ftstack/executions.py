@@ -101,8 +101,18 @@ def utc_time(value: Any) -> str | None:
 
 
 def _job_status(boto: Any, job: str) -> tuple[str, str | None]:
+    """(status, failure reason) of ``job``; ``NotCreated`` for an attempt SageMaker refused (a
+    quota, say): the workflow goes on to the next instance type, and no such job exists."""
     with aws_errors(f"reading training job {job}"):
-        found = boto.client("sagemaker").describe_training_job(TrainingJobName=job)
+        try:
+            found = boto.client("sagemaker").describe_training_job(TrainingJobName=job)
+        except Exception as exc:
+            # SageMaker answers ValidationException "Requested resource not found." (moto: "Could
+            # not find training job ...").
+            missing = any(words in str(exc).lower() for words in ("not found", "not find", "does not exist"))
+            if error_code(exc) in ("ValidationException", "ResourceNotFound") and missing:
+                return "NotCreated", None
+            raise
     status, secondary = found["TrainingJobStatus"], found.get("SecondaryStatus")
     status += f" ({secondary})" if secondary and secondary != status else ""
     return status, found.get("FailureReason")

@@ -372,3 +372,32 @@ def test_start_wait_follows_the_run_to_its_model_package(stack, tmp_path, capsys
     assert code == 1
     assert "ftstack: run w2 FAILED in state TrainingFailed: TrainingFailed: CUDA out of memory" in err
     assert "logs: https://" in err and "logStreamNameFilter$3Dftstack--w2-a0" in err
+
+
+def test_an_upload_s3_refuses_is_an_error_message_not_a_traceback(stack, tmp_path, capsys, monkeypatch):
+    """boto3's transfer wraps the ClientError that failed an upload in S3UploadFailedError, which
+    is neither a ClientError nor a BotoCoreError."""
+    train, _ = _files(tmp_path)
+
+    def deny(model, params, **_):
+        from botocore.awsrequest import AWSResponse
+
+        error = {"Error": {"Code": "AccessDenied", "Message": "not allowed to use the key"}}
+        return AWSResponse("", 403, {}, None), error
+
+    def denying_session(region):
+        made = aws_module.session(region)
+        made.events.register("before-call.s3.PutObject", deny)
+        return made
+
+    monkeypatch.setattr(runs, "session", denying_session)
+    code, _, err = run_cli(capsys, "start", "--train", str(train), "--name", "denied")
+    assert code == 2 and "Traceback" not in err
+    assert "AccessDenied" in err and "lacks this permission" in err and str(train) in err, err
+
+
+def test_an_attempt_sagemaker_refused_shows_as_not_created(stack):
+    """A quota refusal leaves a scheduled CreateTrainingJob whose job does not exist: status,
+    --wait and stop read it as NotCreated and carry on."""
+    boto, _, _ = stack
+    assert executions._job_status(boto, "ftstack--never-made-a0") == ("NotCreated", None)
