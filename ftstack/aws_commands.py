@@ -90,6 +90,9 @@ def _add_start(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
     start.add_argument("--spot", action=argparse.BooleanOptionalAction, default=None, help="managed spot training")
     start.add_argument("--name", metavar="NAME", help="execution name, 1-80 of A-Z a-z 0-9 - _ (default: FILE-TIME-XXXX)")
     start.add_argument("--resume-from", metavar="EXECUTION", help="continue from that execution's checkpoints")
+    start.add_argument("--force", action="store_true", default=None, help=(
+        "start even if the staging step's memory estimate says no instance type can hold the run "
+        "(check first with ftstack estimate)"))
     start.add_argument("--wait", action="store_true", help=(
         "follow the run state by state with its training metrics; exit 0 with the model package ARN, 1 if it fails"))
     start.add_argument("--poll", type=float, default=15.0, metavar="SECONDS", help=argparse.SUPPRESS)

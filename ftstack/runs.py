@@ -99,7 +99,7 @@ def build_input(args: argparse.Namespace, train: str, test: str | None, hyperpar
     optional = {
         "test_data": test, "base_model": args.base_model, "instance_type": args.instance_type,
         "instance_count": args.instance_count, "spot": args.spot, "resume_from": args.resume_from,
-        "hyperparameters": hyperparameters or None,
+        "force": args.force, "hyperparameters": hyperparameters or None,
     }
     data.update({key: value for key, value in optional.items() if value is not None})
     return data

@@ -125,11 +125,12 @@ def test_start_with_uris_checks_them_and_uploads_nothing(stack, tmp_path, capsys
     assert code == 2 and "not completely staged" in err and "ftstack stage-model DIR --name mpt-7b" in err, err
     boto.client("s3").put_object(Bucket=BUCKET, Key="base-models/mpt-7b/.ftstack-staged.json", Body=b"{}")
     code, _, err = run_cli(capsys, "start", "--train", f"s3://{BUCKET}/incoming/mine/train.jsonl", "--name", "u1",
-                           "--base-model", f"s3://{BUCKET}/base-models/mpt-7b/")
+                           "--base-model", f"s3://{BUCKET}/base-models/mpt-7b/", "--force")
     assert code == 0, err
     (execution,) = _executions(boto, machine)
     assert json.loads(boto.client("stepfunctions").describe_execution(executionArn=execution["executionArn"])["input"]) \
-        == {"train_data": f"s3://{BUCKET}/incoming/mine/train.jsonl", "base_model": f"s3://{BUCKET}/base-models/mpt-7b/"}
+        == {"train_data": f"s3://{BUCKET}/incoming/mine/train.jsonl", "base_model": f"s3://{BUCKET}/base-models/mpt-7b/",
+            "force": True}
 
     for argv, message in (
         (("--train", f"s3://{BUCKET}/incoming/missing.jsonl"), "no such object"),

@@ -114,5 +114,6 @@ def _message(request: Request, settings: Settings, attn: str, estimates: list[Es
     else:
         lines.append("No change within this deployment's instance types and max_instance_count fits; use a smaller "
                      "max_seq_len or model.")
-    lines.append('To start it anyway (the estimate keeps a safety margin), give "force": true in the execution input.')
+    lines.append('To start it anyway (the estimate keeps a safety margin), give "force": true in the execution input '
+                 "(ftstack start --force).")
     return "\n".join(lines)
