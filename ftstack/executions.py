@@ -238,6 +238,10 @@ def _log_line(event: dict) -> str | None:
     return f"[{host}] {event['message'].rstrip()}"
 
 
+LATE_EVENTS_MS = 5 * 60 * 1000
+"""How far before the newest event seen each poll reads again, for events delivered late."""
+
+
 def print_log_events(logs: Any, job: str, start: int, seen: set, show: Any = _log_line) -> int:
     """Prints ``show(event)`` (unless None) for the job's log events from ``start`` (ms) not seen
     yet; returns where to go on from."""
@@ -249,8 +253,12 @@ def print_log_events(logs: Any, job: str, start: int, seen: set, show: Any = _lo
             streams = [s["logStreamName"] for page in pages for s in page["logStreams"]]
             events = []
             for i in range(0, len(streams), 100):  # FilterLogEvents takes at most 100 stream names
+                # From a while before the newest event seen: CloudWatch delivers the streams of a
+                # job's hosts out of step, so an earlier event of one host can arrive after a
+                # later one of another; ``seen`` drops the repeats.
                 pages = logs.get_paginator("filter_log_events").paginate(
-                    logGroupName=TRAINING_LOG_GROUP, logStreamNames=streams[i:i + 100], startTime=start)
+                    logGroupName=TRAINING_LOG_GROUP, logStreamNames=streams[i:i + 100],
+                    startTime=max(0, start - LATE_EVENTS_MS))
                 events += [e for page in pages for e in page["events"]]
         except Exception as exc:
             if error_code(exc) == "ResourceNotFoundException":
@@ -258,7 +266,7 @@ def print_log_events(logs: Any, job: str, start: int, seen: set, show: Any = _lo
             raise
     for event in sorted(events, key=lambda e: e["timestamp"]):
         if event["eventId"] in seen:
-            continue  # events at the last timestamp come again on the next poll
+            continue  # read again: the poll looks back LATE_EVENTS_MS
         seen.add(event["eventId"])
         start = max(start, event["timestamp"])
         line = show(event)

@@ -402,3 +402,21 @@ def test_an_attempt_sagemaker_refused_shows_as_not_created(stack):
     --wait and stop read it as NotCreated and carry on."""
     boto, _, _ = stack
     assert executions._job_status(boto, "ftstack--never-made-a0") == ("NotCreated", None)
+
+
+def test_following_logs_shows_an_event_that_arrives_after_a_later_one(stack, capsys):
+    """Hosts' streams are delivered out of step: a poll must still show algo-2's earlier event
+    that arrived after algo-1's later one, and show nothing twice."""
+    import time
+
+    boto, _, _ = stack
+    logs, group, now = boto.client("logs"), "/aws/sagemaker/TrainingJobs", int(time.time() * 1000)
+    logs.create_log_group(logGroupName=group)
+    for host in ("algo-1-1", "algo-2-1"):
+        logs.create_log_stream(logGroupName=group, logStreamName=f"job-a0/{host}")
+    logs.put_log_events(logGroupName=group, logStreamName="job-a0/algo-1-1", logEvents=[{"timestamp": now + 10, "message": "later"}])
+    seen: set = set()
+    start = executions.print_log_events(logs, "job-a0", 0, seen)
+    logs.put_log_events(logGroupName=group, logStreamName="job-a0/algo-2-1", logEvents=[{"timestamp": now + 5, "message": "earlier"}])
+    executions.print_log_events(logs, "job-a0", start, seen)
+    assert capsys.readouterr().out.splitlines() == ["[algo-1-1] later", "[algo-2-1] earlier"]
