@@ -148,8 +148,8 @@ def _add_stage_model(commands: argparse._SubParsersAction, common: argparse.Argu
         "Copies a Hugging Face model directory (config.json, weights, tokenizer files) to base-models/NAME/ in the "
         "stack's bucket, where training jobs read it without network access, and prints the URI to pass to "
         "ftstack start --base-model. Each file carries its SHA-256; files already there with the same digest are "
-        "skipped, so running it again after an interruption sends only what is missing. Every object is checked "
-        "(digest and size) before base-models/NAME/.ftstack-staged.json, the list of files, is written last. "
+        "skipped, so running it again after an interruption sends only what is missing. Every object's "
+        "recorded digest and size are checked, and each sent file hashed again, before base-models/NAME/.ftstack-staged.json, the list of files, is written last. "
         "A hub id is downloaded first with huggingface_hub, which needs network access."), STAGE_MODEL_EXAMPLES, [common])
     stage.add_argument("source", metavar="DIR|HUB_ID", help="a model directory, or a Hugging Face hub id such as mosaicml/mpt-7b")
     stage.add_argument("--name", metavar="NAME", help="folder under base-models/ (default: the directory's name or the "

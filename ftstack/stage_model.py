@@ -3,8 +3,10 @@ stack's bucket, where a training job without network access reads it (the ``mode
 
 Each file goes to ``base-models/<name>/<path>`` with its SHA-256 in the object's metadata, as
 ``ftstack start`` uploads data (ftstack.upload). A file already there with the same digest is
-skipped, so running the command again after an interruption sends only what is missing. Every
-object is then checked (HeadObject: digest and size), and only then is the manifest
+skipped, so running the command again after an interruption sends only what is missing. S3 checks
+each part's SHA-256 on the way; each uploaded file is hashed again afterwards (a file rewritten
+while it was sent is caught), every object's recorded digest and size are compared with the
+file's (HeadObject), and only then is the manifest
 ``.ftstack-staged.json`` written, listing each file's SHA-256 and size: a folder without it is
 partially staged. A run that has anything to upload first deletes an earlier manifest, so a folder
 being changed never looks complete.
@@ -179,6 +181,11 @@ def stage(s3: Any, bucket: str, name: str, files: list[ModelFile], *, out: TextI
         for number, file in enumerate(todo, 1):
             print(f"uploading {file.relative} ({file.size / _MB:.1f} MB, {number}/{len(todo)})", file=out)
             _upload(s3, bucket, prefix + file.relative, file, digests[file.relative], out)
+            # The object carries the digest taken before the upload; hashing again after it
+            # catches a file rewritten (at the same size) while it was being sent.
+            if sha256_file(file.path) != digests[file.relative]:
+                raise AwsError(f"{file.path} changed while it was uploaded; let whatever writes it finish, then run "
+                               "stage-model again")
         for file in files:
             _verify(s3, bucket, prefix + file.relative, file, digests[file.relative])
         manifest = {"name": name, "files": [{"path": f.relative, "sha256": digests[f.relative], "size": f.size}

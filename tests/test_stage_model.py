@@ -210,3 +210,21 @@ def test_a_terminal_gets_a_progress_line_and_a_folder_without_tokenizer_a_warnin
     staged = stage_module.stage(boto.client("s3"), BUCKET, "tiny", files, out=terminal)
     assert staged.uri == URI and len(staged.uploaded) == 4
     assert "\rconfig.json [" in terminal.getvalue() and "100% " in terminal.getvalue()
+
+
+def test_a_file_rewritten_while_it_was_uploaded_is_caught_and_no_manifest_is_written(stack, tmp_path, capsys, monkeypatch):
+    """The object carries the digest taken before the upload, and a rewrite of the same size
+    passes a size check: the file is hashed again after its upload."""
+    boto, _, _ = stack
+    folder = _model(tmp_path)
+    upload = stage_module._upload
+
+    def upload_then_rewrite(s3, bucket, key, file, digest, out):
+        upload(s3, bucket, key, file, digest, out)
+        if key.endswith("00001-of-00002.safetensors"):
+            file.path.write_bytes(os.urandom(file.size))  # a writer still at work, same size
+
+    monkeypatch.setattr(stage_module, "_upload", upload_then_rewrite)
+    code, _, err = run_cli(capsys, "stage-model", str(folder))
+    assert code == 2 and "model-00001-of-00002.safetensors changed while it was uploaded" in err, err
+    assert stage_module.MANIFEST not in _puts(boto)
