@@ -12,7 +12,9 @@ exact replacements, chosen by ``attn_impl``:
   Its backward pass needs a GPU.
 
 Padding (segment 0) attends to nothing and its output is zero; it never reaches a loss, so losses
-and gradients equal the eager path's, and so do the logits of every real token.
+and gradients equal the eager path's, and so do the logits of every real token (in fp32 to
+rounding; in bf16, ``sdpa`` adds MPT's ALiBi bias rounded to bf16, where eager adds it in fp32:
+within bf16's own error, tested; ``flex`` computes it in fp32).
 
 How the replacement gets in, without forking a modeling file:
 
@@ -93,7 +95,7 @@ class Layout:
     segment_ids: torch.Tensor
     spans: list[list[tuple[int, int]]]
     block_mask: Any = None
-    _biases: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    _biases: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def build(cls, segment_ids: torch.Tensor, flex: bool, device: torch.device | None = None) -> Layout:
@@ -111,15 +113,16 @@ class Layout:
         """ALiBi with the causal mask folded in, for one example of ``length`` tokens: (1, heads,
         length, length), 4-D because SDPA's fused CPU kernel takes no other mask shape. MPT adds
         ``slope x (key - last)``; softmax ignores a constant per query, so ``slope x (key -
-        query)`` within the example is the same attention."""
-        key = (length, dtype)
-        if key not in self._biases:
-            pos = torch.arange(length, device=slopes.device)
+        query)`` within the example is the same attention. It depends on the positions only, so
+        one bias for the batch's longest example serves every example (its top-left corner):
+        heads x longest^2 elements per batch, not that per distinct length."""
+        if self._biases.get(dtype) is None:
+            longest = max((end - start for spans in self.spans for start, end in spans), default=length)
+            pos = torch.arange(max(longest, length), device=slopes.device)
             distance = (pos[None, :] - pos[:, None]).to(torch.float32)
             bias = slopes.float()[:, None, None] * distance
-            bias = bias.masked_fill(distance > 0, float("-inf"))
-            self._biases[key] = bias.to(dtype)[None]
-        return self._biases[key]
+            self._biases[dtype] = bias.masked_fill(distance > 0, float("-inf")).to(dtype)[None]
+        return self._biases[dtype][:, :, :length, :length]
 
 
 def _spans(row: list[int]) -> list[tuple[int, int]]:
@@ -246,7 +249,8 @@ class PackedAttention:
 
 def use_packed_attention(model: torch.nn.Module, impl: str) -> PackedAttention | None:
     """Routes the model's attention through ``impl`` (``sdpa`` or ``flex``); None for ``eager``,
-    which leaves the model as loaded. Call it before sharding, on every rank."""
+    which leaves the model as loaded. Call it on every rank, before or after sharding (it patches
+    modules in place and registers no parameters)."""
     if impl == "eager":
         return None
     if model.config.model_type == "mpt":
