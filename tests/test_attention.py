@@ -225,3 +225,26 @@ def test_attention_dropout_is_read_where_each_model_keeps_it(sources):
     config = load(sources["tiny-llama"]).config
     config.attention_dropout = 0.25
     assert attention_dropout(config) == 0.25
+
+
+def test_evaluation_with_flex_pads_every_batch_to_one_shape(sources, process_group):
+    """A short last batch would compile FlexAttention again (and past dynamo's limit it runs
+    uncompiled); padded to the batch size, every batch has one shape, and the loss is the same."""
+    from torch._dynamo.utils import counters
+
+    from ftstack_train.config import parse_config
+    from ftstack_train.distributed import Dist
+    from ftstack_train.trainer import evaluate
+
+    cfg, _ = parse_config(overrides=["max_seq_len=48", "device_eval_batch_size=5"])
+    split = random_split([5, 9, 17, 4, 12, 30, 7, 3, 11, 6, 8, 14], prompt_len=3, seed=7)
+    rows = [[i] for i in range(12)]  # batches of 5, 5 and 2 rows
+    d = Dist(0, 1, 0, CPU)
+    module = load(sources["tiny-mpt"])
+    flex = Model(module, torch.float32, PAD, use_packed_attention(module, "flex"))
+    before = counters["stats"]["unique_graphs"]
+    flex_ce, flex_tokens = evaluate(flex, split, rows, cfg, d)
+    assert counters["stats"]["unique_graphs"] - before == 1
+    eager_ce, eager_tokens = evaluate(Model(load(sources["tiny-mpt"]), torch.float32, PAD), split, rows, cfg, d)
+    assert flex_tokens == eager_tokens
+    assert flex_ce == pytest.approx(eager_ce, rel=1e-5)

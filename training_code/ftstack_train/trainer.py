@@ -99,6 +99,13 @@ class Model:
         impl = resolve_attn_impl(attn_impl, device, config.model_type, attention_dropout(config))
         return cls(module, compute_dtype, pad_id, use_packed_attention(module, impl), use_targets_only_loss(module))
 
+    def rows(self, batch_size: int) -> int:
+        """The fewest rows a batch is padded to: the full batch size for FlexAttention, whose
+        compiled kernel is specialised to its shapes (a short batch at an epoch's end would
+        compile it again, and past dynamo's recompile limit it runs uncompiled, materializing the
+        scores); 1 otherwise."""
+        return batch_size if self.attention is not None and self.attention.impl == "flex" else 1
+
     def describe(self) -> str:
         """What the log says about the paths taken."""
         attention = "eager (the model's own, full row mask)" if self.attention is None else f"{self.attention.impl} (per example)"
@@ -149,7 +156,7 @@ def evaluate(model: Model, split: TokenizedSplit, rows: list[list[int]], cfg: Tr
     with torch.no_grad():
         for b in range(n_batches):
             chunk = mine[b * cfg.device_eval_batch_size : (b + 1) * cfg.device_eval_batch_size]
-            batch = collate(split, chunk, cfg.max_seq_len, model.pad_id)
+            batch = collate(split, chunk, cfg.max_seq_len, model.pad_id, model.rows(cfg.device_eval_batch_size))
             total += model.loss_sum(batch, d.device)
             tokens += batch.label_tokens
     model.module.train()
@@ -218,7 +225,8 @@ def train(
         if epoch != order_epoch:
             order, order_epoch = epoch_order(len(train_rows), cfg.seed, epoch, cfg.shuffle), epoch
         micro = plan.micro_batches(order, in_epoch, d.rank)
-        batches = [collate(train_split, (train_rows[i] for i in mb), cfg.max_seq_len, model.pad_id) for mb in micro]
+        rows = model.rows(plan.micro_batch)
+        batches = [collate(train_split, (train_rows[i] for i in mb), cfg.max_seq_len, model.pad_id, rows) for mb in micro]
         # One collective per step before the forward passes: the loss scale needs the global
         # target count, and every rank must agree on a requested stop.
         local = [sum(b.label_tokens for b in batches), sum(b.real_tokens for b in batches), sum(b.input_ids.numel() for b in batches)]
