@@ -202,35 +202,48 @@ def largest_micro_batch(setup: Setup, most: int = 64) -> int:
     return best
 
 
-def smallest_changes(setup: Setup, instance_types: dict[str, InstanceType], max_nodes: int = 16) -> list[tuple[str, Estimate]]:
+def smallest_changes(setup: Setup, instance_types: dict[str, InstanceType], max_nodes: int = 16,
+                     global_batch: int | None = None) -> list[tuple[str, Estimate]]:
     """Changes that make a setup that does not fit fit, least disruptive first, each with its
     estimate: activation checkpointing on; a smaller micro batch (the global batch stays, through
     gradient accumulation); FULL_SHARD over more instances of this type; the cheapest other
-    instance type with bf16 (same count) that fits as is. Empty when nothing in reach fits."""
+    instance type with bf16 (same count) that fits as is. The ones after the first keep
+    activation checkpointing on, and say so. With ``global_batch``, only sizes the job accepts
+    (its rows divide over the GPUs, and the micro batch divides each GPU's rows: the job's
+    ``batch_split``). Empty when nothing in reach fits."""
     from dataclasses import replace
 
     found: list[tuple[str, Estimate]] = []
-    base = setup
+    base, also = setup, ""
     if not setup.activation_checkpointing:
-        on = estimate_memory(replace(setup, activation_checkpointing=True))
+        base, also = replace(setup, activation_checkpointing=True), ", with activation checkpointing"
+        on = estimate_memory(base)
         if on.fits:
             found.append(("turn on activation checkpointing (--activation-checkpointing; costs about a third more compute)", on))
-        base = replace(setup, activation_checkpointing=True)
-    batch = 0 if estimate_memory(base).fits else largest_micro_batch(base, most=setup.micro_batch - 1)
-    if batch:
-        found.append((f"micro batch {batch} (device_train_microbatch_size={batch}"
-                      f"{', with activation checkpointing' if base is not setup else ''})", estimate_memory(replace(base, micro_batch=batch))))
+    if not estimate_memory(base).fits:
+        world = base.instance.gpus * base.nodes
+        for batch in range(base.micro_batch - 1, 0, -1):
+            smaller = estimate_memory(replace(base, micro_batch=batch))
+            if smaller.fits and _splits(global_batch, world, batch):
+                found.append((f"micro batch {batch} (device_train_microbatch_size={batch}{also})", smaller))
+                break
     for nodes in range(setup.nodes + 1, max_nodes + 1):
         wider = estimate_memory(replace(base, nodes=nodes, sharding="FULL_SHARD"))
-        if wider.fits:
+        if wider.fits and _splits(global_batch, base.instance.gpus * nodes, base.micro_batch):
             flag = "" if base.instance.gpus == 1 else " with fsdp_config.sharding_strategy=FULL_SHARD"
             flag += "" if base.instance.efa else " (no EFA on this type: collectives across instances are slow)"
-            found.append((f"--instance-count {nodes}{flag}", wider))
+            found.append((f"--instance-count {nodes}{flag}{also}", wider))
             break
     others = sorted((t for t in instance_types.values() if t is not setup.instance and t.gpu.bf16), key=lambda t: t.price)
     for other in others:
-        moved = estimate_memory(replace(setup, instance=other))
-        if moved.fits:
-            found.append((f"--instance-type {other.name} (about ${other.price * setup.nodes:.2f}/h for {setup.nodes})", moved))
+        moved = estimate_memory(replace(base, instance=other))
+        if moved.fits and _splits(global_batch, other.gpus * setup.nodes, base.micro_batch):
+            found.append((f"--instance-type {other.name} (about ${other.price * setup.nodes:.2f}/h for {setup.nodes}){also}", moved))
             break
     return found
+
+
+def _splits(global_batch: int | None, world: int, micro_batch: int) -> bool:
+    """Whether the job's ``batch_split`` accepts ``micro_batch`` on ``world`` GPUs (always, when
+    the global batch is not known)."""
+    return global_batch is None or (global_batch % world == 0 and (global_batch // world) % micro_batch == 0)

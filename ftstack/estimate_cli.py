@@ -239,7 +239,7 @@ def run_estimate(args: argparse.Namespace) -> int:
         print(f"ftstack estimate: error: {exc}", file=sys.stderr)
         return 2
     est = estimate_memory(setup)
-    changes = [] if est.fits else smallest_changes(setup, INSTANCE_TYPES)
+    changes = [] if est.fits else smallest_changes(setup, INSTANCE_TYPES, global_batch=args.global_batch)
     epoch = epoch_of(list(args.data), est, args.global_batch, args.mfu, args.tokenizer) if args.data else None
     if args.json:
         print(json.dumps(to_json(est, changes, epoch), indent=2))

@@ -215,3 +215,33 @@ def test_estimate_matches_what_a_cpu_run_of_a_tiny_mpt_allocates(tiny_mpt, path)
     estimated = item["activations kept for backward"] + item[f"per-step attention inputs ({path})"]
     measured = sum(saved.values()) + held
     assert measured == pytest.approx(estimated, rel=0.03), (measured, estimated)
+
+
+def test_changes_are_sizes_the_job_accepts_and_say_they_keep_checkpointing_on():
+    """Each proposed change must pass the job's batch_split for the global batch (the rows divide
+    over the GPUs, the micro batch divides each GPU's rows), and a change found with activation
+    checkpointing turned on says so."""
+    from dataclasses import replace
+
+    from ftstack_train.config import batch_split, parse_config
+
+    def accepted(est, global_batch):
+        cfg, _ = parse_config(overrides=[f"global_train_batch_size={global_batch}",
+                                         f"device_train_microbatch_size={est.setup.micro_batch}"])
+        batch_split(cfg, est.setup.instance.gpus * est.setup.nodes, "cuda")  # raises ConfigError if not
+        return True
+
+    # 16 rows per GPU at 2048 x 4 on 8 A10Gs: micro batch 3 would fit but does not divide 16.
+    at_2048 = _estimate("ml.g5.48xlarge", seq=2048)
+    changes = smallest_changes(at_2048.setup, INSTANCE_TYPES, global_batch=128)
+    assert changes[0][0].startswith("micro batch 2 ") and all(accepted(e, 128) for _, e in changes)
+    # Checkpointing off and nothing fits without it: every later change keeps it on, and says so.
+    off = replace(_estimate("ml.g5.12xlarge", seq=2048).setup, micro_batch=1, activation_checkpointing=False)
+    changes = smallest_changes(off, INSTANCE_TYPES, global_batch=128)
+    assert changes and all(e.fits and accepted(e, 128) for _, e in changes)
+    for text, est in changes:
+        assert est.setup.activation_checkpointing and (text.startswith("turn on") or "with activation checkpointing" in text)
+    # Llama-3-8B on 4-GPU instances: only instance counts whose GPUs divide 128 rows.
+    llama = replace(off, shape=model_shape("llama-3-8b"), activation_checkpointing=True)
+    nodes = [e.setup.nodes for text, e in smallest_changes(llama, INSTANCE_TYPES, global_batch=128) if text.startswith("--instance-count")]
+    assert nodes and all(128 % (4 * n) == 0 for n in nodes)

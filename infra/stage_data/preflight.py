@@ -105,7 +105,8 @@ def _message(request: Request, settings: Settings, attn: str, estimates: list[Es
         lines += [f"  {item}: {size / GIB:.2f} GiB" for item, size in e.items.items()]
         lines.append(f"  optimizer step peak: {e.optimizer_peak / GIB:.2f} GiB")
     allowed = {name: INSTANCE_TYPES[name] for name in settings.allowed_instance_types if name in INSTANCE_TYPES}
-    changes = smallest_changes(estimates[0].setup, allowed, max_nodes=settings.max_instance_count)
+    changes = smallest_changes(estimates[0].setup, allowed, max_nodes=settings.max_instance_count,
+                               global_batch=request.config.global_train_batch_size)
     if changes:
         text, fitted = changes[0]
         for cli, key in _CLI_TO_INPUT:
