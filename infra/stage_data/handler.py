@@ -54,7 +54,7 @@ from .request import (  # noqa: E402, F401
     Settings, _uri, check_input, check_sagemaker_fields, is_execution_name, job_name_prefix,
 )
 from .execution import STATE_MACHINE_VARIABLE, Execution, ExecutionRefused, running_execution  # noqa: E402, F401
-from .preflight import InsufficientGpuMemory, base_model_shape, check_memory  # noqa: E402, F401
+from .preflight import InsufficientGpuMemory, base_model_shape, check_memory, staged_hyperparameters  # noqa: E402, F401
 from .upload import Deadline, StagingTimeout, upload_new  # noqa: E402
 
 ASSET_PATHS = (
@@ -152,7 +152,7 @@ def stage(run: Execution, settings: Settings, s3: Any, deadline: Deadline | None
         "test": {**test.summary(_uri(bucket, prefixes[TEST_CHANNEL])),
                  "source": "split" if request.test_key is None else "test_data"},
         "dataset_sha256": train.sha256,
-        "hyperparameters": request.hyperparameters,
+        "hyperparameters": staged_hyperparameters(request, preflight),
         "base_model": {"name": request.base_model,
                        "s3_uri": "" if request.base_model_key is None else _uri(bucket, request.base_model_key)},
         "instance_types": request.instance_types,

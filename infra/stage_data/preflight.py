@@ -13,6 +13,7 @@ config.json the estimator cannot read), the run goes on and the output says why.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 from ftstack.estimate import SAFETY_FRACTION, Estimate, Setup, attn_path_for, estimate_memory, smallest_changes
@@ -21,6 +22,8 @@ from ftstack.model_shapes import ALIASES, KNOWN_MODELS, ModelShape, ModelShapeEr
 from ftstack_train.config import batch_split
 
 from .request import InvalidInput, Request, Settings, _uri
+
+MICRO_BATCH_KEY = "device_train_microbatch_size"
 
 GIB = 2**30
 MAX_CONFIG_BYTES = 1 << 20
@@ -82,14 +85,43 @@ def check_memory(request: Request, settings: Settings, shape: ModelShape | None,
                 shape, instance, cfg.max_seq_len, micro, cfg.activation_checkpointing, attn, request.instance_count,
                 cfg.sharding, 4 if cfg.precision == "fp32" else 2))
     unknown = [name for name in request.instance_types if name not in estimates]
+    micro_batch = sized_micro_batch(request, estimates) if not unknown else None
+    if micro_batch:
+        estimates = {name: estimate_memory(replace(e.setup, micro_batch=micro_batch)) for name, e in estimates.items()}
     report = {
         "estimated": True, "model": shape.name, "attn_path": attn, "forced": request.force, "not_estimated": unknown,
+        "micro_batch": micro_batch,
         "instance_types": {name: {"peak_gib": round(e.peak / GIB, 1), "budget_gib": round(e.budget / GIB, 1), "fits": e.fits}
                            for name, e in estimates.items()},
     }
     if estimates and not unknown and not any(e.fits for e in estimates.values()) and not request.force:
         raise InsufficientGpuMemory(_message(request, settings, attn, list(estimates.values())))
     return report
+
+
+def sized_micro_batch(request: Request, estimates: dict[str, Estimate]) -> int | None:
+    """What ``device_train_microbatch_size: auto`` becomes in the workflow: the largest micro
+    batch that divides every instance type's rows per GPU (the job's ``batch_split``) and fits on
+    each type where any fits. None when the run names its micro batch, or when none is known to
+    fit (the job's own default then applies)."""
+    cfg = request.config
+    if cfg.device_train_microbatch_size is not None or not estimates:
+        return None
+    rows = [cfg.global_train_batch_size // (e.setup.instance.gpus * request.instance_count) for e in estimates.values()]
+    usable = [e.setup for e in estimates.values() if estimate_memory(replace(e.setup, micro_batch=1)).fits]
+    for micro_batch in range(min(rows), 0, -1):
+        if all(r % micro_batch == 0 for r in rows) and usable and all(
+                estimate_memory(replace(setup, micro_batch=micro_batch)).fits for setup in usable):
+            return micro_batch
+    return None
+
+
+def staged_hyperparameters(request: Request, report: dict[str, Any]) -> dict[str, str]:
+    """The hyperparameters the job gets: the request's, with its ``auto`` micro batch replaced by
+    the sized one. The key is the run's own and a number of rows is no longer than ``auto``, so
+    SageMaker's count and the workflow's size limits checked on the request still hold."""
+    micro_batch = report.get("micro_batch")
+    return request.hyperparameters | ({MICRO_BATCH_KEY: str(micro_batch)} if micro_batch else {})
 
 
 def _message(request: Request, settings: Settings, attn: str, estimates: list[Estimate]) -> str:

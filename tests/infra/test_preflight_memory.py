@@ -15,7 +15,7 @@ from ftstack.estimate import Setup, estimate_memory
 from ftstack.instances import INSTANCE_TYPES
 from ftstack.model_shapes import KNOWN_MODELS
 from infra.stage_data.handler import (
-    Execution, InsufficientGpuMemory, InvalidInput, base_model_shape, check_input, check_memory, stage,
+    Execution, InsufficientGpuMemory, InvalidInput, base_model_shape, check_input, check_memory, stage, staged_hyperparameters,
 )
 from staging_samples import staging_settings
 
@@ -133,3 +133,62 @@ def test_staging_fails_before_reading_the_data_and_reports_the_estimate_when_it_
         result = stage(Execution("run-1", {"train_data": TRAIN}), staging_settings(BUCKET), s3)
     assert result["preflight"]["instance_types"]["ml.p4d.24xlarge"] == {"peak_gib": 16.2, "budget_gib": 32.0, "fits": True}
     json.dumps(result)  # Step Functions gets it as JSON
+
+
+AUTO = {"train_data": TRAIN, "base_model": "mosaicml/mpt-7b", "hyperparameters": {"device_train_microbatch_size": "auto"}}
+
+
+def _fits(instance: str, micro_batch: int, seq: int = 512) -> bool:
+    return estimate_memory(Setup(KNOWN_MODELS["mpt-7b"], INSTANCE_TYPES[instance], seq, micro_batch, True, "flex")).fits
+
+
+def test_auto_micro_batch_is_the_largest_that_fits_every_type_and_divides_their_rows():
+    # p4d: 16 rows per GPU of the 128; the g5.12xlarge fallback (32 rows per GPU) holds no MPT-7B
+    # on 4 A10Gs at any micro batch, so it does not limit the choice, but its rows must divide.
+    settings = staging_settings(BUCKET, fallback_instance_types=["ml.g5.12xlarge"])
+    request = check_input(AUTO, settings)
+    report = check_memory(request, settings, *base_model_shape(None, BUCKET, request))
+    expected = max(m for m in (1, 2, 4, 8, 16) if _fits("ml.p4d.24xlarge", m))
+    assert not _fits("ml.g5.12xlarge", 1) and expected > 4  # more than the GPU default of 4
+    assert report["micro_batch"] == expected
+    assert report["instance_types"]["ml.p4d.24xlarge"]["fits"] is True
+    assert staged_hyperparameters(request, report)["device_train_microbatch_size"] == str(expected)
+
+
+def test_auto_micro_batch_can_turn_a_doomed_run_into_one_that_fits():
+    # MPT-7B at 2048 tokens on 8 A10Gs: the GPU default of 4 rows is over the budget, 2 is not.
+    run = AUTO | {"instance_type": "ml.g5.48xlarge",
+                  "hyperparameters": {"device_train_microbatch_size": "auto", "max_seq_len": 2048}}
+    assert not _fits("ml.g5.48xlarge", 4, seq=2048) and _fits("ml.g5.48xlarge", 2, seq=2048)
+    report = preflight(run)
+    assert report["micro_batch"] == 2 and report["instance_types"]["ml.g5.48xlarge"]["fits"] is True
+
+
+def test_a_named_micro_batch_is_left_as_it_is():
+    request = check_input(AUTO | {"hyperparameters": {"device_train_microbatch_size": 2}}, ONLY_FIRST)
+    report = check_memory(request, ONLY_FIRST, *base_model_shape(None, BUCKET, request))
+    assert report["micro_batch"] is None
+    assert staged_hyperparameters(request, report) == request.hyperparameters
+
+
+def test_the_sized_micro_batch_replaces_auto_in_place():
+    """Only a run that says auto is sized, so the key is its own: the count SageMaker limits
+    (here at its 100 with the base model) does not grow."""
+    many = {f"callbacks.note{i}": "x" for i in range(98)} | {"device_train_microbatch_size": "auto"}
+    request = check_input(AUTO | {"hyperparameters": many}, ONLY_FIRST)
+    assert len(request.hyperparameters) == 100 and request.hyperparameters["device_train_microbatch_size"] == "auto"
+    report = check_memory(request, ONLY_FIRST, *base_model_shape(None, BUCKET, request))
+    staged = staged_hyperparameters(request, report)
+    assert report["micro_batch"] and len(staged) == 100
+    assert staged == request.hyperparameters | {"device_train_microbatch_size": str(report["micro_batch"])}
+
+
+def test_staging_hands_the_job_the_sized_micro_batch():
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket=BUCKET)
+        records = "".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(40))
+        s3.put_object(Bucket=BUCKET, Key="incoming/train.jsonl", Body=records.encode())
+        result = stage(Execution("run-2", AUTO), staging_settings(BUCKET), s3)
+    sized = result["preflight"]["micro_batch"]
+    assert sized and result["hyperparameters"]["device_train_microbatch_size"] == str(sized)

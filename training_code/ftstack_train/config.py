@@ -105,7 +105,8 @@ class TrainConfig:
     device_train_microbatch_size: int | None = _key(
         "device_train_microbatch_size",
         "Rows per forward/backward on one device; `auto` takes the whole per-device batch "
-        "(no accumulation) on CPU and 4 rows on GPU.",
+        "(no accumulation) on CPU; on GPU, in the workflow, the largest that the staging step's memory "
+        "estimate fits on every instance type the run may use (4 rows where there is no estimate).",
         default=4,
     )
     device_eval_batch_size: int = _key("device_eval_batch_size", "Rows per evaluation batch on one device.", default=8)
