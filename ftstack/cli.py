@@ -66,20 +66,30 @@ def _sha256(text: str) -> str:
     return text.lower()
 
 
+def _examples(*lines: str) -> dict:
+    """The help's closing examples, printed as written."""
+    return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines), "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ftstack", description="Fine-tune Hugging Face causal LMs on Amazon SageMaker.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     validate = commands.add_parser("validate", help="check prompt/response JSONL files", description=(
         "Streams each JSONL file and prints a summary (records, bytes, prompt/response lengths), or the problems "
-        "with their line numbers. Exits 0 when every file is valid."))
+        "with their line numbers. Exits 0 when every file is valid."), **_examples(
+        "ftstack validate data/train.jsonl data/test.jsonl",
+        "ftstack validate --max-problems 100 data/train.jsonl    # list more of the problems"))
     validate.add_argument("files", nargs="+", type=Path, metavar="FILE")
     validate.add_argument("--max-problems", type=int, default=20, help="problems to list (all are counted)")
     validate.set_defaults(func=_validate)
 
     local = commands.add_parser("local", help="run the training job on this machine's CPUs", description=(
         "Lays out the SageMaker /opt/ml tree under --output and runs the training container's entrypoint with "
-        "--nproc CPU processes. The same command on the same --output resumes from the last checkpoint."))
+        "--nproc CPU processes. The same command on the same --output resumes from the last checkpoint."), **_examples(
+        "ftstack local --train data/train.jsonl --model tiny-mpt --output runs/try max_duration=2ep",
+        "ftstack local --train data/train.jsonl --test data/test.jsonl --config examples/demo.yaml --nproc 2 \\",
+        "    --output runs/demo optimizer.lr=1e-3"))
     local.add_argument("--train", type=Path, required=True, metavar="FILE", help="training JSONL")
     local.add_argument("--test", type=Path, metavar="FILE", help="evaluation JSONL (default: every 20th training record)")
     local.add_argument("--model", metavar="DIR|tiny-mpt|tiny-llama", help="base model directory or a tiny random model")
@@ -91,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="try an exported model on prompts", description=(
         "Loads an exported model folder with transformers and answers each prompt, formatted with the chat "
-        "template saved at training time."))
+        "template saved at training time."), **_examples(
+        'ftstack generate runs/demo/model "What is the capital of Greece?" "What is the opposite of big?"'))
     gen.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="e.g. runs/demo/model")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
     gen.add_argument("--max-new-tokens", type=int, default=48)
@@ -99,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="check an exported model's files against its manifest", description=(
         "Hashes every file of an exported model folder and compares it with model-manifest.json, and the manifest "
-        "with --sha256 (the model package's model_manifest_sha256 metadata). Exits 0 only when all match."))
+        "with --sha256 (the model package's model_manifest_sha256 metadata). Exits 0 only when all match."), **_examples(
+        "ftstack verify runs/demo/model",
+        "ftstack verify ./model --sha256 <model_manifest_sha256 of the model package>"))
     verify.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="e.g. runs/demo/model, or a downloaded model")
     verify.add_argument("--sha256", type=_sha256, metavar="DIGEST", help="the registered manifest digest")
     verify.set_defaults(func=_verify)

@@ -418,3 +418,14 @@ def test_verify_rejects_a_malformed_digest_naming_the_flag(tmp_path, capsys):
         main(["verify", str(model_dir), "--sha256", "abc"])
     assert exit_.value.code == 2
     assert "argument --sha256: 'abc' is not a SHA-256 (64 hex digits)" in capsys.readouterr().err
+
+
+def test_every_command_has_help_with_examples(capsys):
+    from ftstack.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"validate", "local", "generate", "verify", "estimate", "start", "stage-model"} <= set(commands)
+    for name, parser in commands.items():
+        text = parser.format_help()
+        examples = text.split("examples:\n", 1)[-1]
+        assert "examples:\n" in text and f"  ftstack {name} " in examples, name
