@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import quote
 
 DEFAULT_STACK = "ftstack"
-"""infra.config.InfraConfig.stack_name's default; ``cdk.json``'s ``stack_name`` context wins."""
+"""The stack name when ``cdk.json`` gives none (infra.config takes its default from here)."""
 
 OUTPUTS = {
     "bucket": "BucketName",

@@ -38,11 +38,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .instances import InstanceType
-from .model_shapes import VERIFIED, ModelShape
+from ftstack_train.contract import LOSS_CHUNK_TOKENS as CHUNK_TOKENS
+from ftstack_train.contract import VERIFIED_MODEL_TYPES as VERIFIED
 
-CHUNK_TOKENS = 1024
-"""Target tokens per loss chunk: ``ftstack_train.loss.CHUNK_TOKENS`` (a test ties them)."""
+from .instances import InstanceType
+from .model_shapes import ModelShape
+
 LOGIT_BYTES = 14
 """Bytes per logit at the loss's peak: bf16 logits, fp32 upcast, fp32 log-softmax, fp32 gradient."""
 EAGER_SAVED_BYTES = 6
@@ -190,8 +191,8 @@ def estimate_memory(setup: Setup) -> Estimate:
 
 
 def largest_micro_batch(setup: Setup, most: int = 64) -> int:
-    """The largest micro batch (1 to ``most``) whose estimate fits, 0 when even 1 does not: what
-    ``device_train_microbatch_size: auto`` will take."""
+    """The largest micro batch (1 to ``most``) whose estimate fits, 0 when even 1 does not (the
+    staging step sizes ``device_train_microbatch_size: auto`` with it)."""
     from dataclasses import replace
 
     best = 0

@@ -11,10 +11,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-VERIFIED = ("mpt", "llama")
-"""Model types whose packed attention and targets-only loss the job uses; the same tuple as
-``ftstack_train.attention.VERIFIED`` (a test ties them), copied because that module needs torch."""
-
 GATED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2")
 """Model types whose MLP is gated (SwiGLU/GeGLU: gate, up and down projections)."""
 

@@ -23,12 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from ftstack_train.contract import BASE_MODELS, INCOMING
+
 from .aws import AwsError, aws_errors, error_code
 
-INCOMING = "incoming/"
-"""infra.layout.INCOMING (a test ties them): the CLI is installed without the CDK app."""
-BASE_MODELS = "base-models/"
-"""infra.layout.BASE_MODELS."""
 DIGEST_METADATA = "sha256"
 """The object metadata key that holds an upload's SHA-256 (hex)."""
 _MB = 1024 * 1024

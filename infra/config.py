@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ftstack.aws import DEFAULT_STACK
+
 from .instances import INSTANCE_TYPE
 
 APPROVAL_STATUSES = ("PendingManualApproval", "Approved")
@@ -33,7 +35,7 @@ def _doc(doc: str, **kwargs: Any) -> Any:
 class InfraConfig:
     """Every deployment option; each field is a ``cdk.json`` context key of the same name."""
 
-    stack_name: str = _doc("CloudFormation stack name; also prefixes training job names.", default="ftstack")
+    stack_name: str = _doc("CloudFormation stack name; also prefixes training job names.", default=DEFAULT_STACK)
     region: str = _doc("Region to deploy to (the base and inference images are resolved for it).", default="us-east-1")
     instance_type: str = _doc("Default training instance type.", default="ml.p4d.24xlarge")
     instance_count: int = _doc("Default number of training instances (nodes).", default=1)

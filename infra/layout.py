@@ -1,4 +1,4 @@
-"""Where things live in the stack's bucket. Standard library only: the CDK constructs, the
+"""Where things live in the stack's bucket. No third-party import: the CDK constructs, the
 data-staging Lambda and the tests all import it.
 
 S3 lifecycle rules can only match a key prefix, not ``executions/*/checkpoints/``, so what must
@@ -8,17 +8,15 @@ expire (staged data, checkpoints) lives under ``scratch/`` and what must stay (m
 
 from __future__ import annotations
 
-INCOMING = "incoming/"
-"""Users upload training and test data here; the workflow reads only from here."""
+# Shared with the operator CLI, which uploads under them: defined once, in the training package's
+# contract (the CLI is installed without infra/).
+from ftstack_train.contract import BASE_MODELS, INCOMING  # noqa: F401
 
 EXECUTIONS = "executions/"
 """Exported models, one folder per execution; never expired."""
 
 SCRATCH = "scratch/"
 """Staged data and checkpoints, one folder per execution; expired by a lifecycle rule."""
-
-BASE_MODELS = "base-models/"
-"""Base models uploaded to S3 (for jobs without network access)."""
 
 
 def staged_data_prefix(execution: str, attempt: str, channel: str) -> str:

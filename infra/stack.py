@@ -8,6 +8,7 @@ from pathlib import Path
 import aws_cdk as cdk
 from constructs import Construct
 
+from ftstack.aws import OUTPUTS
 from ftstack_train.contract import DEFAULT_TEST_SPLIT
 
 from .config import InfraConfig
@@ -66,12 +67,13 @@ class FineTuningStack(cdk.Stack):
         workflow.node.add_dependency(registry)
         JobReaper(self, "JobReaper", state_machine=workflow.state_machine, key=storage.key, job_prefix=config.job_prefix)
 
+        # The names the operator CLI looks the stack's resources up by (ftstack.aws.OUTPUTS).
         for name, value, description in (
-            ("BucketName", storage.bucket.bucket_name, "Upload data to s3://<bucket>/incoming/"),
-            ("StateMachineArn", workflow.state_machine.state_machine_arn, "Start a fine-tuning run here"),
-            ("ModelPackageGroupName", registry.group_name, "Registered models"),
+            (OUTPUTS["bucket"], storage.bucket.bucket_name, "Upload data to s3://<bucket>/incoming/"),
+            (OUTPUTS["state_machine_arn"], workflow.state_machine.state_machine_arn, "Start a fine-tuning run here"),
+            (OUTPUTS["model_package_group"], registry.group_name, "Registered models"),
             ("TrainingImageUri", image.image_uri, "The training image"),
-            ("TopicArn", notifications.topic.topic_arn, "Run notifications"),
+            (OUTPUTS["topic_arn"], notifications.topic.topic_arn, "Run notifications"),
         ):
             cdk.CfnOutput(self, name, value=value, description=description)
         registry = registry_of(base_image)

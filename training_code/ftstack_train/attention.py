@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .contract import VERIFIED_MODEL_TYPES as VERIFIED
 from .errors import ConfigError
 
 IMPLEMENTATION = "ftstack_packed"
@@ -49,8 +50,6 @@ IMPLEMENTATION = "ftstack_packed"
 LAYOUT_KWARG = "ftstack_layout"
 """The keyword argument that carries a batch's layout down to the registered attention function."""
 
-VERIFIED = ("mpt", "llama")
-"""Model types whose packed attention is checked against their eager attention in the tests."""
 
 
 def resolve_attn_impl(requested: str, device: torch.device, model_type: str, dropout: float = 0.0) -> str:

@@ -27,6 +27,23 @@ YAML config (the first ``*.yaml``/``*.yml`` file in it)."""
 DATA_SUFFIXES = (".jsonl", ".json")
 """Files a data channel may hold; anything else there is an error, never skipped."""
 
+VERIFIED_MODEL_TYPES = ("mpt", "llama")
+"""Model types whose packed attention and targets-only loss are checked against their eager path in
+the tests, so the job uses them (``attention``, ``loss``); the memory estimate (``ftstack.estimate``,
+also in the staging step) follows the same rule."""
+
+LOSS_CHUNK_TOKENS = 1024
+"""Target tokens per chunk of the targets-only loss (``loss``): with a 50k vocabulary, about 300 MB
+of bf16 and fp32 logits. The memory estimate counts one chunk."""
+
+INCOMING = "incoming/"
+"""Bucket prefix of the users' uploads: the stack's workflow reads data only from here, and
+``ftstack start`` uploads here."""
+
+BASE_MODELS = "base-models/"
+"""Bucket prefix of base models in S3 (for jobs without network access): ``ftstack stage-model``
+writes here, and the workflow reads base models only from here."""
+
 DEFAULT_TEST_SPLIT = 0.05
 """Share of the training records held out for evaluation when no test data is given, by
 ``ftstack local`` and by the workflow's staging step alike."""

@@ -18,11 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import VERIFIED
+from .contract import LOSS_CHUNK_TOKENS as CHUNK_TOKENS
+from .contract import VERIFIED_MODEL_TYPES as VERIFIED
 from .data import IGNORE_INDEX
-
-CHUNK_TOKENS = 1024
-"""Target tokens per chunk: with a 50k vocabulary, about 300 MB of bf16 and fp32 logits."""
 
 
 class TargetsOnlyHead(torch.nn.Linear):
