@@ -16,14 +16,14 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from ftstack.estimate import SAFETY_FRACTION, Estimate, Setup, attn_path_for, estimate_memory, smallest_changes
+from ftstack.estimate import (
+    SAFETY_FRACTION, Estimate, Setup, attn_path_for, estimate_memory, largest_micro_batch, smallest_changes,
+)
 from ftstack.instances import INSTANCE_TYPES
 from ftstack.model_shapes import ALIASES, KNOWN_MODELS, ModelShape, ModelShapeError, shape_from_dict
-from ftstack_train.config import batch_split
+from ftstack_train.config import MICRO_BATCH_KEY, batch_split
 
 from .request import InvalidInput, Request, Settings, _uri
-
-MICRO_BATCH_KEY = "device_train_microbatch_size"
 
 GIB = 2**30
 MAX_CONFIG_BYTES = 1 << 20
@@ -108,12 +108,10 @@ def sized_micro_batch(request: Request, estimates: dict[str, Estimate]) -> int |
     if cfg.device_train_microbatch_size is not None or not estimates:
         return None
     rows = [cfg.global_train_batch_size // (e.setup.instance.gpus * request.instance_count) for e in estimates.values()]
-    usable = [e.setup for e in estimates.values() if estimate_memory(replace(e.setup, micro_batch=1)).fits]
-    for micro_batch in range(min(rows), 0, -1):
-        if all(r % micro_batch == 0 for r in rows) and usable and all(
-                estimate_memory(replace(setup, micro_batch=micro_batch)).fits for setup in usable):
-            return micro_batch
-    return None
+    # Memory grows with the micro batch: a size fits every type that holds any iff it is at most
+    # the smallest of their largest.
+    largest = [n for n in (largest_micro_batch(e.setup, most=min(rows)) for e in estimates.values()) if n]
+    return max((m for m in range(1, min(largest) + 1) if all(r % m == 0 for r in rows)), default=None) if largest else None
 
 
 def staged_hyperparameters(request: Request, report: dict[str, Any]) -> dict[str, str]:

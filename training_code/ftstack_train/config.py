@@ -44,6 +44,10 @@ SHARDING_STRATEGIES = ("auto", "FULL_SHARD", "HYBRID_SHARD")
 ATTN_IMPLS = ("auto", "eager", "sdpa", "flex")
 
 
+MICRO_BATCH_KEY = "device_train_microbatch_size"
+"""The micro batch's key; the workflow's staging step replaces its ``auto`` with a size."""
+
+
 def _key(key: str, doc: str, **kwargs: Any) -> Any:
     return field(metadata={"key": key, "doc": doc}, **kwargs)
 
@@ -103,7 +107,7 @@ class TrainConfig:
         default=128,
     )
     device_train_microbatch_size: int | None = _key(
-        "device_train_microbatch_size",
+        MICRO_BATCH_KEY,
         "Rows per forward/backward on one device; `auto` takes the whole per-device batch "
         "(no accumulation) on CPU; on GPU, in the workflow, the largest that the staging step's memory "
         "estimate fits on every instance type the run may use (4 rows where there is no estimate).",
