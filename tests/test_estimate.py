@@ -19,7 +19,7 @@ import json
 import pytest
 
 from ftstack.cli import main
-from ftstack.estimate import CHUNK_TOKENS, Setup, estimate_memory, shard_size, smallest_changes
+from ftstack.estimate import CHUNK_TOKENS, Setup, attn_path_for, estimate_memory, shard_size, smallest_changes
 from ftstack.instances import INSTANCE_TYPES, instance_type
 from ftstack.model_shapes import model_shape
 
@@ -242,3 +242,25 @@ def test_changes_are_sizes_the_job_accepts_and_say_they_keep_checkpointing_on():
     llama = replace(off, shape=model_shape("llama-3-8b"), activation_checkpointing=True)
     nodes = [e.setup.nodes for text, e in smallest_changes(llama, INSTANCE_TYPES, global_batch=128) if text.startswith("--instance-count")]
     assert nodes and all(128 % (4 * n) == 0 for n in nodes)
+
+
+@pytest.mark.parametrize("model_type", ["mpt", "llama", "gpt_neox"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("requested", ["auto", "eager", "sdpa", "flex"])
+def test_the_attention_path_is_the_one_the_job_takes_on_a_gpu(model_type, dropout, requested):
+    """The estimator cannot import the job's resolve_attn_impl (torch): its copy must agree, the
+    refusals included."""
+    import dataclasses
+
+    torch = pytest.importorskip("torch")
+    from ftstack_train.attention import resolve_attn_impl
+    from ftstack_train.errors import ConfigError
+
+    shape = dataclasses.replace(model_shape("mpt-7b"), model_type=model_type, attn_dropout=dropout)
+    try:
+        job = resolve_attn_impl(requested, torch.device("cuda"), model_type, dropout)
+    except ConfigError:
+        with pytest.raises(ValueError):
+            attn_path_for(shape, requested)
+    else:
+        assert attn_path_for(shape, requested) == job
