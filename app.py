@@ -10,9 +10,9 @@ import sys
 import aws_cdk as cdk
 from cdk_nag import AwsSolutionsChecks
 
-from infra.config import CONTEXT_KEYS, InfraConfigError, load_config
-from infra.images import inference_image, pinned_by_digest, training_base_image
-from infra.stack import FineTuningStack
+from ftstack.infra.config import CONTEXT_KEYS, InfraConfigError, load_config
+from ftstack.infra.images import inference_image, pinned_by_digest, training_base_image
+from ftstack.infra.stack import FineTuningStack
 
 
 def build_app(app: cdk.App) -> FineTuningStack:

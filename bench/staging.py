@@ -28,8 +28,8 @@ for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "benc
 import boto3  # noqa: E402
 from moto import mock_aws  # noqa: E402
 
-from infra.stage_data import handler  # noqa: E402
-from infra.stage_data.upload import MARGIN_S, UPLOAD_BYTES_PER_S, upload_new  # noqa: E402
+from ftstack.infra.stage_data import handler  # noqa: E402
+from ftstack.infra.stage_data.upload import MARGIN_S, UPLOAD_BYTES_PER_S, upload_new  # noqa: E402
 from staging_samples import staging_settings  # noqa: E402
 
 BUCKET = "ftstack-bench"

@@ -14,7 +14,7 @@ from constructs import Construct
 
 from .nag import acknowledge, arn_in_finding, wildcard
 from .stage_data.request import training_jobs
-from .stage_data.stop_jobs import ENDED, JOB_PREFIX_ENV
+from .stage_data.stop_jobs import ENDED, HANDLER, JOB_PREFIX_ENV
 from .staging import python_function
 
 
@@ -24,7 +24,7 @@ class JobReaper(Construct):
     def __init__(self, scope: Construct, construct_id: str, *, state_machine: sfn.IStateMachine, key: kms.IKey, job_prefix: str) -> None:
         super().__init__(scope, construct_id)
         self.function = python_function(
-            self, key=key, handler="infra.stage_data.stop_jobs.handler", environment={JOB_PREFIX_ENV: job_prefix},
+            self, key=key, handler=HANDLER, environment={JOB_PREFIX_ENV: job_prefix},
             memory_size=256, timeout=cdk.Duration.minutes(1),
             description="ftstack: stop the training jobs of an aborted, timed-out or failed execution",
             role_description="ftstack: stop the training jobs of executions that ended early",

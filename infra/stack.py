@@ -3,14 +3,13 @@ they need live with the construct that makes them."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import aws_cdk as cdk
 from constructs import Construct
 
 from ftstack.aws import OUTPUTS
 from ftstack_train.contract import DEFAULT_TEST_SPLIT
 
+from .assets import training_context
 from .config import InfraConfig
 from .definition import WorkflowSettings
 from .images import registry_of
@@ -25,7 +24,6 @@ from .storage import Storage, scratch_days_for
 from .training_image import TrainingImage
 from .workflow import FineTuningWorkflow
 
-TRAINING_CODE = Path(__file__).resolve().parents[1] / "training_code"
 
 class FineTuningStack(cdk.Stack):
     """Bucket and key, training image, roles, data staging, model registry, notifications and
@@ -36,7 +34,7 @@ class FineTuningStack(cdk.Stack):
         removal = cdk.RemovalPolicy.DESTROY if config.removal_policy == "destroy" else cdk.RemovalPolicy.RETAIN
         # Any execution may ask for spot, so the longest job is max_wait_hours (never below max_runtime_hours).
         storage = Storage(self, "Storage", removal_policy=removal, scratch_days=scratch_days_for(config.max_wait_hours))
-        image = TrainingImage(self, "TrainingImage", directory=str(TRAINING_CODE), base_image=base_image)
+        image = TrainingImage(self, "TrainingImage", directory=str(training_context()), base_image=base_image)
         training = TrainingRole(self, "TrainingRole", bucket=storage.bucket, key=storage.key, repository=image.repository,
                                 in_vpc=bool(config.vpc_subnet_ids), job_prefix=config.job_prefix)
         staging = StagingFunction(self, "Staging", bucket=storage.bucket, key=storage.key,

@@ -3,8 +3,6 @@ own modules, splits off a test set, and writes the job's channels."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import aws_cdk as cdk
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
@@ -15,13 +13,13 @@ from constructs import Construct
 
 from . import layout
 from .stage_data.execution import STATE_MACHINE_VARIABLE
-from .stage_data.handler import ASSET_PATHS, FUNCTION_TIMEOUT_S
+from .assets import lambda_code
+from .stage_data.handler import ASSET_MODULES, FUNCTION_TIMEOUT_S, HANDLER
 from .stage_data.request import Settings
 from .access import ENCRYPT_OBJECTS, grant_key, grant_list, grant_objects
 from .nag import acknowledge, arn_in_finding, arn_of, wildcard
 from .workflow import execution_arns, state_machine_arn, state_machine_name
 
-ROOT = Path(__file__).resolve().parents[1]
 MEMORY_MB = 2048
 """The staging function's memory. Lambda gives a whole vCPU from 1,769 MB on: the check runs on one
 (what ``MAX_DATA_BYTES`` is sized for), and the part uploads get the rest. At 1,024 MB it had about
@@ -29,22 +27,9 @@ MEMORY_MB = 2048
 
 
 
-def _asset_excludes() -> list[str]:
-    """Everything but the files the handler imports (``ASSET_PATHS``): the asset is the very
-    code the training job runs, not a copy."""
-    keep = []
-    for path in ASSET_PATHS:
-        parts = path.rstrip("/").split("/")
-        keep += [f"!{'/'.join(parts[:i])}" for i in range(1, len(parts) + 1)]
-        if path.endswith("/"):
-            keep.append(f"!{path}**")
-    # Later patterns win: byte code is dropped again after the folders are let back in.
-    return ["*", ".*", "**/.*", *dict.fromkeys(keep), "**/__pycache__", "**/*.pyc"]
-
-
 def asset_code() -> lambda_.Code:
-    """The functions' code: the repository filtered to ``ASSET_PATHS`` (one asset for all)."""
-    return lambda_.Code.from_asset(str(ROOT), exclude=_asset_excludes())
+    """The functions' code: exactly the modules they import (``ASSET_MODULES``; one asset for all)."""
+    return lambda_.Code.from_asset(str(lambda_code(ASSET_MODULES)))
 
 
 def python_function(scope: Construct, *, key: kms.IKey, handler: str, description: str, role_description: str,
@@ -73,7 +58,7 @@ class StagingFunction(Construct):
         # Reserved so that a burst of executions (each staging for up to 15 minutes) cannot take
         # the account's whole Lambda concurrency, and other functions cannot starve staging.
         self.function = python_function(
-            self, key=key, handler="infra.stage_data.handler.handler",
+            self, key=key, handler=HANDLER,
             environment=settings.environment() | {STATE_MACHINE_VARIABLE: state_machine_arn(cdk.Stack.of(self))},
             memory_size=MEMORY_MB, ephemeral_storage_size=cdk.Size.gibibytes(10),
             timeout=cdk.Duration.seconds(FUNCTION_TIMEOUT_S),

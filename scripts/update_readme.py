@@ -16,7 +16,7 @@ def sections() -> dict[str, str]:
     """Section name -> its generated Markdown."""
     sys.path.insert(0, str(ROOT))
     from ftstack_train.config import reference_table as training_table
-    from infra.config import reference_table as infra_table
+    from ftstack.infra.config import reference_table as infra_table
 
     sys.path.insert(0, str(ROOT / "scripts"))
     from workflow_diagram import readme_section as workflow_diagram

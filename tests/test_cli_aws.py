@@ -59,7 +59,7 @@ def _executions(boto, machine: str) -> list[dict]:
 # --- the contract with infra ------------------------------------------------------------------------
 
 def test_execution_names_follow_the_workflows_rule():
-    from infra.stage_data.request import is_execution_name
+    from ftstack.infra.stage_data.request import is_execution_name
 
     for name in ("run1", "a" * 80, "mpt_7b-lr-5e6"):
         runs.check_execution_name(name)

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import workflow_diagram as wd  # noqa: E402
 
-from infra.definition import build_definition  # noqa: E402
-from infra.settings import WorkflowSettings  # noqa: E402
+from ftstack.infra.definition import build_definition  # noqa: E402
+from ftstack.infra.settings import WorkflowSettings  # noqa: E402
 
 SMALL = {
     "StartAt": "Is it big?",

@@ -30,40 +30,35 @@ import functools
 import hashlib
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-# The asset is the repository root filtered to what this function needs (ASSET_PATHS); the
-# training package sits under training_code/ there, as in the repository.
-_TRAINING_CODE = Path(__file__).resolve().parents[2] / "training_code"
-if str(_TRAINING_CODE) not in sys.path:
-    sys.path.insert(0, str(_TRAINING_CODE))
+from ftstack_train import validation
+from ftstack_train.contract import TEST_CHANNEL, TRAIN_CHANNEL, hold_out_every
 
-from ftstack_train import validation  # noqa: E402
-from ftstack_train.contract import TEST_CHANNEL, TRAIN_CHANNEL, hold_out_every  # noqa: E402
-
-from infra.layout import checkpoint_prefix, model_prefix, staged_data_prefix  # noqa: E402
+from ..layout import checkpoint_prefix, model_prefix, staged_data_prefix
 
 # Re-exported: infra and the tests import the input checks from this module too.
-from .request import (  # noqa: E402, F401
+from .request import (  # noqa: F401
     INPUT_KEYS, MAX_HYPERPARAMETER_CHARS, MAX_HYPERPARAMETERS, MAX_JOB_NAME_PREFIX, MODEL_KEY, InvalidInput, Request,
     Settings, _uri, check_input, check_sagemaker_fields, is_execution_name, job_name_prefix,
 )
-from .execution import STATE_MACHINE_VARIABLE, Execution, ExecutionRefused, running_execution  # noqa: E402, F401
-from .preflight import InsufficientGpuMemory, base_model_shape, check_memory, staged_hyperparameters  # noqa: E402, F401
-from .upload import Deadline, StagingTimeout, upload_new  # noqa: E402
+from .execution import STATE_MACHINE_VARIABLE, Execution, ExecutionRefused, running_execution  # noqa: F401
+from .preflight import InsufficientGpuMemory, base_model_shape, check_memory, staged_hyperparameters  # noqa: F401
+from .upload import Deadline, StagingTimeout, upload_new
 
-ASSET_PATHS = (
-    "infra/__init__.py", "infra/layout.py", "infra/instances.py", "infra/stage_data/",
-    "ftstack/__init__.py", "ftstack/instances.py", "ftstack/estimate.py", "ftstack/model_shapes.py",
-    *(f"training_code/ftstack_train/{name}.py"
-      for name in ("__init__", "validation", "config", "durations", "errors", "contract")),
+ASSET_MODULES = (
+    "ftstack.instances", "ftstack.estimate", "ftstack.model_shapes",
+    "ftstack.infra.layout", "ftstack.infra.instances", "ftstack.infra.stage_data",
+    *(f"ftstack_train.{name}" for name in ("validation", "config", "durations", "errors", "contract")),
 )
-"""Everything the function imports from the repository; the Lambda asset needs exactly these."""
+"""Every module the functions import from ftstack (a package stands for all its own modules); the
+Lambda asset holds exactly these (``ftstack.infra.assets``)."""
+HANDLER = "ftstack.infra.stage_data.handler.handler"
+"""The staging function's handler, by its path in that asset."""
 
 CHUNK_BYTES = 1 << 20
 MAX_DATA_BYTES = 4_000_000_000

@@ -13,27 +13,20 @@ import hashlib
 import json
 import math
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
-# As in handler: the training package sits under training_code/ in the asset and the repository.
-_TRAINING_CODE = Path(__file__).resolve().parents[2] / "training_code"
-if str(_TRAINING_CODE) not in sys.path:
-    sys.path.insert(0, str(_TRAINING_CODE))
+from ftstack_train.config import MODEL_KEY, TOKENIZER_KEY, TrainConfig, batch_split, parse_config
+from ftstack_train.contract import is_hub_id
+from ftstack_train.errors import ConfigError
 
-from ftstack_train.config import MODEL_KEY, TOKENIZER_KEY, TrainConfig, batch_split, parse_config  # noqa: E402
-from ftstack_train.contract import is_hub_id  # noqa: E402
-from ftstack_train.errors import ConfigError  # noqa: E402
-
-from infra.layout import BASE_MODELS, INCOMING  # noqa: E402
-from infra.stage_data.fields import (  # noqa: E402
+from ..layout import BASE_MODELS, INCOMING
+from .fields import (
     DESCRIPTION, HYPERPARAMETER_KEY, HYPERPARAMETER_VALUE, LINE_TERMINATORS, METADATA_VALUE, MODEL_PACKAGE_DESCRIPTION,
     S3_URI, TAG_VALUE, Field,
 )
-from infra.instances import INSTANCE_TYPE, gpus  # noqa: E402
+from ..instances import INSTANCE_TYPE, gpus
 
 MAX_JOB_NAME_PREFIX = 52
 """SageMaker job names are at most 63 characters; the workflow appends ``ATTEMPT_SUFFIX<attempt>``."""

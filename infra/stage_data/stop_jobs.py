@@ -22,6 +22,8 @@ ENDED = ("ABORTED", "TIMED_OUT", "FAILED")
 """Execution statuses after which no state of the execution will look at its job again."""
 
 JOB_PREFIX_ENV = "JOB_PREFIX"
+HANDLER = "ftstack.infra.stage_data.stop_jobs.handler"
+"""This function's handler, by its path in the staging asset."""
 
 
 def handler(event: Mapping[str, Any], context: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from infra.stage_data.request import Settings
+from ftstack.infra.stage_data.request import Settings
 
 BUCKET = "ftstack-bucket"
 KEY_ARN = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"

@@ -19,10 +19,10 @@ from ftstack.aws import OUTPUTS
 from ftstack_train.config import parse_config
 from ftstack_train.contract import CHANNELS, FINAL_METRICS_FILE, METRICS_FILE, MODEL_CHANNEL, TEST_CHANNEL, TRAIN_CHANNEL, SageMakerPaths
 from ftstack_train.metrics import METRIC_DEFINITIONS
-from infra import layout
-from infra.config import InfraConfigError
-from infra.definition import PLACEHOLDERS
-from infra.images import registry_of, training_base_image
+from ftstack.infra import layout
+from ftstack.infra.config import InfraConfigError
+from ftstack.infra.definition import PLACEHOLDERS
+from ftstack.infra.images import registry_of, training_base_image
 
 ROOT = Path(__file__).resolve().parents[2]
 CDK_CONTEXT = json.loads((ROOT / "cdk.json").read_text())["context"]
@@ -109,7 +109,7 @@ def test_stack_outputs(synthesized):
 def test_the_base_image_login_output_is_the_registry_of_the_resolved_image(synthesized):
     """The image asset builds FROM the base image; the output is the login for its registry."""
     _, _, template, _ = synthesized
-    from infra.config import load_config
+    from ftstack.infra.config import load_config
 
     config = load_config(CDK_CONTEXT)
     base = config.base_image or training_base_image(config.region, config.pytorch_version, config.python_version)
@@ -141,7 +141,7 @@ def test_channels_paths_and_output_agree_with_the_training_code(definition):
 
 def test_the_workflows_hyperparameters_parse_with_the_training_config():
     """What the staging step passes as HyperParameters (strings) is what the job parses."""
-    from infra.stage_data.handler import check_input
+    from ftstack.infra.stage_data.handler import check_input
     from staging_samples import staging_settings
 
     settings = staging_settings("ftstack-bucket", fallback_instance_types=[])
@@ -161,7 +161,7 @@ def test_bad_context_fails_the_synth_naming_the_key():
 
 
 def test_config_errors_name_the_key():
-    from infra.config import load_config
+    from ftstack.infra.config import load_config
 
     with pytest.raises(InfraConfigError, match="max_wait_hours"):
         load_config({"spot": True, "max_runtime_hours": 48, "max_wait_hours": 24})
@@ -192,7 +192,7 @@ def test_a_base_image_digest_reaches_the_docker_build(tmp_path):
     {"base_image_digest": "sha256:" + "9f" * 32, "base_image": "example.com/base@sha256:" + "0" * 64},
 ])
 def test_a_malformed_base_image_digest_is_rejected_naming_the_key(context):
-    from infra.config import load_config
+    from ftstack.infra.config import load_config
 
     with pytest.raises(InfraConfigError, match="context key 'base_image_digest'"):
         load_config(context)
@@ -202,7 +202,7 @@ def test_a_malformed_base_image_digest_is_rejected_naming_the_key(context):
 def test_stack_names_keep_job_names_apart(name):
     # Jobs are named <stack>--<execution>...: a "--" in the stack name would let one stack's IAM
     # resource (<stack>--*) match another's jobs, and the staging function refuses such a prefix.
-    from infra.config import load_config
+    from ftstack.infra.config import load_config
 
     with pytest.raises(InfraConfigError, match="stack_name"):
         load_config({"stack_name": name})

@@ -10,8 +10,8 @@ import jsonschema
 import pytest
 
 from ftstack_train.contract import DEFAULT_TEST_SPLIT
-from infra.instances import INSTANCE_TYPE
-from infra.stage_data.handler import INPUT_KEYS
+from ftstack.infra.instances import INSTANCE_TYPE
+from ftstack.infra.stage_data.handler import INPUT_KEYS
 
 from test_workflow_behaviour import BAD_INPUTS, GOOD_INPUT  # tests/infra is on sys.path (rootdir-relative import)
 

@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
-from infra.config import InfraConfig, InfraConfigError
-from infra.images import Registry, inference_image, pinned_by_digest, registry_of, training_base_image
+from ftstack.infra.config import InfraConfig, InfraConfigError
+from ftstack.infra.images import Registry, inference_image, pinned_by_digest, registry_of, training_base_image
 
 TGI = re.compile(
     r"^763104351884\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com/huggingface-pytorch-tgi-inference:"

@@ -13,10 +13,10 @@ from aws_cdk.assertions import Match, Template
 from moto import mock_aws
 
 from aws_contract import AwsCalls
-from infra.job_reaper import JobReaper
-from infra.stage_data.request import job_name_prefix
-from infra.stage_data.stop_jobs import stop_jobs
-from infra.storage import Storage
+from ftstack.infra.job_reaper import JobReaper
+from ftstack.infra.stage_data.request import job_name_prefix
+from ftstack.infra.stage_data.stop_jobs import stop_jobs
+from ftstack.infra.storage import Storage
 
 
 def build(stack: cdk.Stack) -> JobReaper:

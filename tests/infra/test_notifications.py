@@ -8,7 +8,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk.assertions import Match, Template
 
-from infra.notifications import Notifications
+from ftstack.infra.notifications import Notifications
 
 EMAILS = ("ops@example.com", "ml-team@example.org")
 

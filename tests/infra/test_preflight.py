@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from infra.instances import GPUS, gpus
-from infra.stage_data.request import InvalidInput, Settings, check_input
+from ftstack.infra.instances import GPUS, gpus
+from ftstack.infra.stage_data.request import InvalidInput, Settings, check_input
 from staging_samples import staging_settings
 
 BUCKET = "ftstack-bucket"
@@ -59,7 +59,7 @@ def test_an_instance_type_the_deployment_does_not_allow_is_refused_before_any_jo
 
 
 def test_allowed_instance_types_are_checked_and_join_instance_type_and_fallbacks():
-    from infra.config import InfraConfigError, load_config
+    from ftstack.infra.config import InfraConfigError, load_config
 
     config = load_config({"instance_type": "ml.p4d.24xlarge", "fallback_instance_types": ["ml.g5.48xlarge"],
                           "allowed_instance_types": ["ml.p5.48xlarge", "ml.g5.48xlarge"]})

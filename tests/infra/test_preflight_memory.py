@@ -14,7 +14,7 @@ from moto import mock_aws
 from ftstack.estimate import Setup, estimate_memory
 from ftstack.instances import INSTANCE_TYPES
 from ftstack.model_shapes import KNOWN_MODELS
-from infra.stage_data.handler import (
+from ftstack.infra.stage_data.handler import (
     Execution, InsufficientGpuMemory, InvalidInput, base_model_shape, check_input, check_memory, stage, staged_hyperparameters,
 )
 from staging_samples import staging_settings

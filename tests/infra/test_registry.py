@@ -6,7 +6,7 @@ import aws_cdk as cdk
 import pytest
 from aws_cdk.assertions import Template
 
-from infra.registry import ModelRegistry
+from ftstack.infra.registry import ModelRegistry
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 from aws_cdk import aws_ecr as ecr
 from aws_cdk.assertions import Match, Template
 
-from infra.roles import METRICS_NAMESPACE, TrainingRole
-from infra.storage import Storage
+from ftstack.infra.roles import METRICS_NAMESPACE, TrainingRole
+from ftstack.infra.storage import Storage
 
 
 @pytest.fixture(scope="module")

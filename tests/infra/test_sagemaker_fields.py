@@ -16,8 +16,8 @@ from test_workflow_behaviour import GOOD_INPUT, run, step_functions_as_documente
 
 from ftstack_train.config import parse_config
 
-from infra.stage_data import fields
-from infra.stage_data.request import InvalidInput, check_input, check_sagemaker_fields
+from ftstack.infra.stage_data import fields
+from ftstack.infra.stage_data.request import InvalidInput, check_input, check_sagemaker_fields
 
 SAGEMAKER = botocore.session.get_session().get_service_model("sagemaker")
 BUCKET = staging_settings().bucket

@@ -24,9 +24,11 @@ ROOT = Path(__file__).resolve().parents[2]
 from ftstack_train import validation  # noqa: E402
 from ftstack_train.config import parse_config  # noqa: E402
 
-from infra.stage_data import handler as stage_data  # noqa: E402
-from infra.stage_data.handler import InvalidDataset, InvalidInput, job_name_prefix  # noqa: E402
-from infra.stage_data.request import training_jobs  # noqa: E402
+from ftstack.infra.stage_data import handler as stage_data  # noqa: E402
+from ftstack.infra.stage_data.handler import InvalidDataset, InvalidInput, job_name_prefix  # noqa: E402
+from ftstack.infra.assets import lambda_code  # noqa: E402
+from ftstack.infra.stage_data.request import training_jobs  # noqa: E402
+from ftstack.infra.stage_data.stop_jobs import HANDLER as STOP_JOBS_HANDLER  # noqa: E402
 from staging_samples import staging_values  # noqa: E402
 
 BUCKET = "ftstack-data-bucket"
@@ -500,27 +502,26 @@ def test_a_broken_deployment_is_not_blamed_on_the_input(s3, monkeypatch, env, sa
 
 
 def test_the_asset_imports_on_its_own_without_yaml_or_torch(tmp_path):
-    """Copies exactly ASSET_PATHS, as the Lambda asset will hold them, and checks an input there
-    with yaml, torch and transformers unimportable (of the operator package, the asset holds only
-    its instance table: anything else it imported from there would fail)."""
+    """Checks an input in the Lambda asset, as it is assembled (ASSET_MODULES), with yaml, torch
+    and transformers unimportable (of the operator package, the asset holds only the estimator
+    and its tables: anything else it imported from there would fail). Both handlers import."""
     asset = tmp_path / "asset"
-    for path in stage_data.ASSET_PATHS:
-        if path.endswith("/"):
-            shutil.copytree(ROOT / path, asset / path, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (asset / path).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(ROOT / path, asset / path)
+    shutil.copytree(lambda_code(stage_data.ASSET_MODULES), asset)
     script = f"""
 import json, sys
 for name in ("yaml", "torch", "transformers", "boto3"):
     sys.modules[name] = None
 sys.path.insert(0, {str(asset)!r})
-from infra.stage_data import handler
+from ftstack.infra.stage_data import handler
+import importlib
+for name in ({stage_data.HANDLER!r}, {STOP_JOBS_HANDLER!r}):
+    module, function = name.rsplit(".", 1)
+    assert callable(getattr(importlib.import_module(module), function)), name
 settings = handler.Settings.from_env({{"BUCKET": "b", "SETTINGS": {json.dumps(SETTINGS)!r}}})
 request = handler.check_input({{"train_data": "s3://b/incoming/t.jsonl", "hyperparameters": {{"optimizer.lr": 1e-4}}}}, settings)
 memory = handler.check_memory(request, settings, *handler.base_model_shape(None, "b", request))
 print(json.dumps({{"hp": request.hyperparameters, "fits": memory["instance_types"]["ml.p4d.24xlarge"]["fits"], "files": sorted(m.__file__ for n, m in sys.modules.items()
-      if m is not None and n.split(".")[0] in ("infra", "ftstack_train", "ftstack") and getattr(m, "__file__", None))}}))
+      if m is not None and n.split(".")[0] in ("ftstack_train", "ftstack") and getattr(m, "__file__", None))}}))
 """
     done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -9,8 +9,8 @@ import pytest
 from botocore.stub import Stubber
 from staging_samples import BUCKET, staging_settings
 
-from infra.stage_data import handler
-from infra.stage_data.request import InvalidInput, check_input
+from ftstack.infra.stage_data import handler
+from ftstack.infra.stage_data.request import InvalidInput, check_input
 
 
 @pytest.mark.parametrize("code", ["403", "AccessDenied"])

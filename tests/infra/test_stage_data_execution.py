@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from aws_contract import operation, problems
 
-from infra.stage_data import handler as stage_data
-from infra.stage_data.handler import ExecutionRefused, InvalidInput
+from ftstack.infra.stage_data import handler as stage_data
+from ftstack.infra.stage_data.handler import ExecutionRefused, InvalidInput
 
 from test_stage_data import (  # noqa: F401 (fixtures)
     BUCKET, ROLE, STATE_MACHINE_ARN, TRAIN, WAITING, client, invoke, put, read, records, s3, sfn_client, start, written,

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from infra.stage_data import handler as stage_data
-from infra.stage_data.handler import MAX_DATA_BYTES, Execution, InvalidDataset, InvalidInput, Settings
-from infra.stage_data import upload
-from infra.stage_data.upload import Deadline, StagingTimeout
+from ftstack.infra.stage_data import handler as stage_data
+from ftstack.infra.stage_data.handler import MAX_DATA_BYTES, Execution, InvalidDataset, InvalidInput, Settings
+from ftstack.infra.stage_data import upload
+from ftstack.infra.stage_data.upload import Deadline, StagingTimeout
 
 from test_stage_data import BUCKET, SETTINGS, TEST, TRAIN, client, invoke, put, read, records, s3, written  # noqa: F401 (fixtures)
 
@@ -231,7 +231,7 @@ import json, os, signal, sys
 sys.path.insert(0, {root!r})
 import boto3
 from moto import mock_aws
-from infra.stage_data import handler
+from ftstack.infra.stage_data import handler
 
 class Context:
     calls = 0

@@ -3,6 +3,8 @@ exactly the files the handler imports."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import re
 from pathlib import Path
@@ -11,13 +13,13 @@ import aws_cdk as cdk
 import pytest
 from aws_cdk.assertions import Match, Template
 
-from infra.config import InfraConfigError, load_config
-from infra.stage_data.handler import ASSET_PATHS
-from infra.stage_data.request import Settings
-from infra.stage_data.handler import FUNCTION_TIMEOUT_S
-from infra.staging import MEMORY_MB, StagingFunction
-from infra.workflow import state_machine_name
-from infra.storage import Storage
+from ftstack.infra.config import InfraConfigError, load_config
+from ftstack.infra.stage_data.handler import ASSET_MODULES, HANDLER
+from ftstack.infra.stage_data.request import Settings
+from ftstack.infra.stage_data.handler import FUNCTION_TIMEOUT_S
+from ftstack.infra.staging import MEMORY_MB, StagingFunction
+from ftstack.infra.workflow import state_machine_name
+from ftstack.infra.storage import Storage
 from aws_contract import operation, problems
 from iam_model import ACCOUNT, allows, as_list, of_type, resolved_resources, role_statements
 from staging_samples import staging_values
@@ -46,7 +48,7 @@ def built(new_stack):
 def test_function_settings(built):
     template, _ = built
     template.has_resource_properties("AWS::Lambda::Function", {
-        "Handler": "infra.stage_data.handler.handler",
+        "Handler": HANDLER,
         "Runtime": "python3.14",
         "Timeout": FUNCTION_TIMEOUT_S,
         "MemorySize": MEMORY_MB,
@@ -91,18 +93,25 @@ def test_the_function_has_the_vcpu_and_time_the_limit_is_sized_for():
     assert [int(n.replace(",", "")) for n in re.findall(r"\(([\d,]+) MB\)", limits)] == [MEMORY_MB]
 
 
-def test_asset_holds_exactly_the_imported_files(built):
+def test_asset_holds_exactly_the_imported_modules_as_they_are_installed(built):
     template, outdir = built
     (function,) = template.find_resources("AWS::Lambda::Function").values()
     key = function["Properties"]["Code"]["S3Key"]
     asset = outdir / f"asset.{key.removesuffix('.zip')}"
-    files = sorted(str(p.relative_to(asset)) for p in asset.rglob("*") if p.is_file())
-    expected = sorted(
-        str(p.relative_to(Path(__file__).resolve().parents[2]))
-        for path in ASSET_PATHS
-        for p in ([Path(__file__).resolve().parents[2] / path] if not path.endswith("/") else (Path(__file__).resolve().parents[2] / path).rglob("*.py"))
-    )
-    assert files == expected
+    files = {p.relative_to(asset).as_posix(): p for p in asset.rglob("*") if p.is_file()}
+    modules = {path.removesuffix(".py").removesuffix("/__init__").replace("/", ".") for path in files}
+    expected = {".".join(m.split(".")[:i]) for m in ASSET_MODULES for i in range(1, m.count(".") + 1)}  # their __init__
+    for name in ASSET_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec.submodule_search_locations:  # a package: its own modules, not its subpackages
+            expected |= {name if f.stem == "__init__" else f"{name}.{f.stem}" for f in Path(spec.origin).parent.glob("*.py")}
+        else:
+            expected.add(name)
+    assert modules == expected
+    for path, copied in files.items():  # the very code that runs in the job's checks, not a copy of it
+        name = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+        assert copied.read_bytes() == Path(importlib.util.find_spec(name).origin).read_bytes(), path
+    assert function["Properties"]["Handler"] == HANDLER and HANDLER.rsplit(".", 1)[0].replace(".", "/") + ".py" in files
 
 
 def test_no_unacknowledged_nag_finding(new_stack, nag_findings):
@@ -118,7 +127,7 @@ def test_the_stack_reserves_the_configured_concurrency_for_staging(synthesized):
     _, _, template, _ = synthesized
     configured = load_config(json.loads((Path(__file__).resolve().parents[2] / "cdk.json").read_text())["context"])
     template.has_resource_properties("AWS::Lambda::Function", {
-        "Handler": "infra.stage_data.handler.handler", "ReservedConcurrentExecutions": configured.staging_concurrency,
+        "Handler": HANDLER, "ReservedConcurrentExecutions": configured.staging_concurrency,
     })
 
 
@@ -140,7 +149,7 @@ def test_the_function_may_describe_its_own_workflows_executions_only(synthesized
     name = machine["Properties"]["StateMachineName"]
     assert name == state_machine_name(stack) == f"{stack.stack_name}-workflow"
     (function,) = [f for f in of_type(resources, "AWS::Lambda::Function").values()
-                   if f["Properties"]["Handler"] == "infra.stage_data.handler.handler"]
+                   if f["Properties"]["Handler"] == HANDLER]
     arn = function["Properties"]["Environment"]["Variables"]["STATE_MACHINE_ARN"]
     assert arn == f"arn:aws:states:{stack.region}:{ACCOUNT}:stateMachine:{name}"
     (role_id,) = [k for k in of_type(resources, "AWS::IAM::Role") if k.startswith("StagingRole")]

@@ -6,8 +6,8 @@ import aws_cdk as cdk
 import pytest
 from aws_cdk.assertions import Match, Template
 
-from infra import layout, storage
-from infra.storage import Storage, scratch_days_for
+from ftstack.infra import layout, storage
+from ftstack.infra.storage import Storage, scratch_days_for
 
 BLOCK_ALL = {"BlockPublicAcls": True, "BlockPublicPolicy": True, "IgnorePublicAcls": True, "RestrictPublicBuckets": True}
 

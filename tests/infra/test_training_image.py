@@ -13,7 +13,8 @@ import aws_cdk as cdk
 import pytest
 from aws_cdk.assertions import Template
 
-from infra.training_image import TrainingImage
+from ftstack.infra.assets import training_context
+from ftstack.infra.training_image import TrainingImage
 
 TRAINING_CODE = Path(__file__).resolve().parents[2] / "training_code"
 BASE = "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.8-gpu-py312"
@@ -76,3 +77,14 @@ def test_no_unacknowledged_cdk_nag_findings(new_stack, nag_findings):
     app, stack = new_stack("Nag")  # a fresh app: nag runs as a plugin of its one synth
     TrainingImage(stack, "TrainingImage", directory=str(TRAINING_CODE), base_image="example.com/base:1")
     assert nag_findings(app) == []
+
+
+def test_the_assembled_build_context_is_the_repositorys_training_code():
+    """What the pipeline builds from (``training_context``, the same for a clone and an installed
+    ftstack): the Dockerfile, the lock and the training package's modules, byte for byte."""
+    context = training_context()
+    files = {p.relative_to(context).as_posix(): p for p in context.rglob("*") if p.is_file()}
+    sources = {"Dockerfile": TRAINING_CODE / "Dockerfile", "requirements.lock": TRAINING_CODE / "requirements.lock"}
+    sources |= {f"ftstack_train/{p.name}": p for p in (TRAINING_CODE / "ftstack_train").glob("*.py")}
+    assert sorted(files) == sorted(sources)
+    assert all(files[name].read_bytes() == source.read_bytes() for name, source in sources.items())

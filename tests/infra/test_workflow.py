@@ -12,9 +12,9 @@ from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_sns as sns
 from aws_cdk.assertions import Match, Template
 
-from infra.definition import PLACEHOLDERS, WorkflowSettings
-from infra.storage import Storage
-from infra.workflow import TASK_ACTIONS, FineTuningWorkflow
+from ftstack.infra.definition import PLACEHOLDERS, WorkflowSettings
+from ftstack.infra.storage import Storage
+from ftstack.infra.workflow import TASK_ACTIONS, FineTuningWorkflow
 
 SETTINGS = WorkflowSettings(region="us-east-1", volume_size_gb=200, max_runtime_s=3600, max_wait_s=7200, max_instance_count=2,
                             network_isolation=True, subnets=("subnet-1",), security_groups=("sg-1",),

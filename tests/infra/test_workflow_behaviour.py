@@ -22,11 +22,11 @@ from botocore.response import StreamingBody
 from moto import mock_aws
 from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import state_task_service_aws_sdk
 
-from infra.definition import PLACEHOLDERS, WorkflowSettings, build_definition, render
-from infra.stage_data.handler import (
+from ftstack.infra.definition import PLACEHOLDERS, WorkflowSettings, build_definition, render
+from ftstack.infra.stage_data.handler import (
     InsufficientGpuMemory, InvalidDataset, InvalidInput, Settings, job_name_prefix, running_execution, stage,
 )
-from infra.training_states import poll_seconds
+from ftstack.infra.training_states import poll_seconds
 
 from aws_contract import AwsCalls, AwsError, operation, problems
 from staging_samples import staging_settings
