@@ -11,7 +11,7 @@ from .config import InfraConfigError
 
 # The instance families that decide the image's processor (gpu) and its CUDA build.
 _TRAINING_INSTANCE = "ml.p4d.24xlarge"
-_INFERENCE_INSTANCE = "ml.g5.2xlarge"
+_INFERENCE_INSTANCE = "ml.g5.2xlarge"  # ftstack.serving.DEFAULT_INSTANCE_TYPE (a test ties them)
 # sagemaker-core suggests `pip install -U sagemaker`; here the fix is a context key.
 _UPGRADE_HINT = re.compile(r"\s*You may need to upgrade your SDK version \(pip install -U sagemaker\)[^.]*\.")
 # An ECR registry host: <account>.dkr.ecr[-fips].<region>.amazonaws.com[.cn] (China regions end in .cn).
@@ -81,14 +81,21 @@ def training_base_image(region: str, pytorch_version: str, python_version: str) 
         ) from None
 
 
+INFERENCE_FRAMEWORK = "huggingface-vllm"
+"""sagemaker-core's name for the Hugging Face vLLM inference container (GPU). vLLM is maintained and
+serves MPT and Llama-family models natively; TGI, the previous default, went into maintenance
+mode in December 2025. The container's environment is ``ftstack.serving.vllm_environment``."""
+
+
 def inference_image(region: str) -> str:
-    """The Hugging Face LLM inference image (Text Generation Inference, GPU) in ``region``: the
-    newest version listed by the pinned sagemaker-core."""
+    """The Hugging Face vLLM inference image (GPU) in ``region``: the newest version listed by the
+    pinned sagemaker-core, e.g. ``763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-vllm:
+    0.29.0-transformers5.15.0-gpu-py312-cu130-ubuntu24.04-v1.0``."""
     from sagemaker.core import image_uris  # several seconds to import: only when needed
 
     try:
         return image_uris.retrieve(
-            framework="huggingface-llm",
+            framework=INFERENCE_FRAMEWORK,
             region=region,
             instance_type=_INFERENCE_INSTANCE,
             image_scope="inference",
@@ -96,6 +103,6 @@ def inference_image(region: str) -> str:
     except (ValueError, KeyError) as err:
         reason = _UPGRADE_HINT.sub("", str(err)).rstrip(".")
         raise InfraConfigError(
-            f"context key 'inference_image': no Hugging Face LLM inference image for {region!r} "
+            f"context key 'inference_image': no Hugging Face vLLM inference image for {region!r} "
             f"({reason}). Set 'inference_image' to an inference image URI."
         ) from None

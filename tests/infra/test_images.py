@@ -10,9 +10,9 @@ import pytest
 from ftstack.infra.config import InfraConfig, InfraConfigError
 from ftstack.infra.images import Registry, inference_image, pinned_by_digest, registry_of, training_base_image
 
-TGI = re.compile(
-    r"^763104351884\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com/huggingface-pytorch-tgi-inference:"
-    r"(?P<tag>[\w.]+-tgi[\w.]+-gpu-py3\d+-cu\d+-ubuntu[\d.]+)$"
+VLLM = re.compile(
+    r"^(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(?:\.cn)?/huggingface-vllm:"
+    r"(?P<tag>(?P<version>\d+\.\d+\.\d+)-transformers[\d.]+-gpu-py3\d+-cu\d+-ubuntu[\d.]+(?:-v[\d.]+)?)$"
 )
 
 
@@ -41,11 +41,21 @@ def test_config_defaults_resolve():
     )
 
 
-def test_inference_image_is_the_same_tgi_release_in_every_region():
-    east, west = (TGI.match(inference_image(region)) for region in ("us-east-1", "eu-west-1"))
-    assert east and west
-    assert (east["region"], west["region"]) == ("us-east-1", "eu-west-1")
-    assert east["tag"] == west["tag"]
+def test_inference_image_is_the_same_vllm_release_in_every_region():
+    east, west, hk = (VLLM.match(inference_image(region)) for region in ("us-east-1", "eu-west-1", "ap-east-1"))
+    assert east and west and hk
+    assert (east["region"], west["region"], hk["region"]) == ("us-east-1", "eu-west-1", "ap-east-1")
+    assert east["tag"] == west["tag"] == hk["tag"]
+    assert hk["account"] == "871362719292"  # the region's own DLC account, as for training images
+    # vLLM 0.29 or newer: the release the issue names, with native MPT and Llama support.
+    assert tuple(int(p) for p in east["version"].split(".")) >= (0, 29, 0)
+
+
+def test_the_inference_image_is_looked_up_for_the_default_serving_instance_type():
+    from ftstack.infra import images
+    from ftstack.serving import DEFAULT_INSTANCE_TYPE
+
+    assert images._INFERENCE_INSTANCE == DEFAULT_INSTANCE_TYPE
 
 
 @pytest.mark.parametrize("args, key", [
@@ -63,8 +73,9 @@ def test_training_lookup_failure_names_the_key(args, key):
 
 
 def test_inference_lookup_failure_names_the_key():
-    with pytest.raises(InfraConfigError, match="context key 'inference_image'.*xx-nowhere-1"):
+    with pytest.raises(InfraConfigError, match="context key 'inference_image'.*vLLM.*xx-nowhere-1") as failure:
         inference_image("xx-nowhere-1")
+    assert "pip install" not in str(failure.value)
 
 
 @pytest.mark.parametrize("region, account, host_suffix", [
