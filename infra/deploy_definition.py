@@ -1,0 +1,236 @@
+"""The deploy-on-approval workflow as Amazon States Language, built as plain data (like
+``infra.definition``): ``${Name}`` placeholders stand for the resources the construct creates
+(``PLACEHOLDERS``); the tests run the same dict in moto's interpreter.
+
+Describe the approved package -> ignore it unless it is Approved and of this group -> check its
+model files against the registered manifest digest (Lambda) -> create a Model and an
+EndpointConfig of their own -> create the endpoint, or update it to the new config -> poll until
+InService on the new config -> notify with the endpoint and an ``invoke-endpoint`` example. Any
+failure notifies with the reason; an update that fails leaves the previous config serving
+(SageMaker rolls the endpoint back), and nothing here deletes it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ftstack.serving import (
+    DEFAULT_INSTANCE_TYPE, VARIANT_NAME, check_endpoint_name, deploy_environment, instance_gpus, invoke_command,
+    resource_prefix,
+)
+from ftstack_train.contract import MANIFEST_SHA256
+
+PLACEHOLDERS = ("ModelPackageGroupName", "ServingRoleArn", "VerifyFunctionArn", "TopicArn")
+
+PACKAGE = "$.package"
+PACKAGE_CONTAINER = f"{PACKAGE}.InferenceSpecification.Containers[0]"
+CONTAINER = "$.container"
+"""The package's container, copied out first: an intrinsic function's argument path through an array
+index is not read alike everywhere (moto's interpreter yields a list)."""
+MODEL_URI = f"{CONTAINER}.ModelDataSource.S3DataSource.S3Uri"
+DIGEST = f"{PACKAGE}.CustomerMetadataProperties.{MANIFEST_SHA256}"
+
+MISSING_ENDPOINT = "*Could not find endpoint*"
+"""DescribeEndpoint's message (a ValidationException) for an endpoint that does not exist."""
+DOWNLOAD_TIMEOUT_S = 1800
+"""ModelDataDownloadTimeoutInSeconds and ContainerStartupHealthCheckTimeoutInSeconds: a 7B model
+is about 13.5 GB to copy and load (the defaults are sized for small models; the maximum is 3600)."""
+
+SAGEMAKER_RETRY = [{"ErrorEquals": ["SageMaker.ThrottlingException", "ThrottlingException"],
+                    "IntervalSeconds": 5, "BackoffRate": 2.0, "MaxAttempts": 5}]
+LAMBDA_RETRY = [{"ErrorEquals": ["Lambda.ServiceException", "Lambda.AWSLambdaException", "Lambda.SdkClientException",
+                                 "Lambda.TooManyRequestsException"], "IntervalSeconds": 2, "BackoffRate": 2.0, "MaxAttempts": 4}]
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    """What the deploy workflow is built for."""
+
+    endpoint: str
+    """The one endpoint of the model package group (also the prefix of its models and configs)."""
+    region: str
+    """Where it runs (for the example command)."""
+    instance_type: str = DEFAULT_INSTANCE_TYPE
+    """The endpoint's instance type: a GPU type ``ftstack.instances`` knows."""
+    poll_seconds: int = 60
+    """Between two DescribeEndpoint calls while the endpoint is Creating or Updating."""
+
+    def __post_init__(self) -> None:
+        check_endpoint_name(self.endpoint)
+        instance_gpus(self.instance_type)  # a ServingError naming the known types
+
+
+def _catch(next_state: str = "NotifyFailed") -> list[dict[str, Any]]:
+    return [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": next_state}]
+
+
+def _sdk(action: str) -> str:
+    return f"arn:aws:states:::aws-sdk:sagemaker:{action}"
+
+
+def _failure(name: str, error: str, cause: dict[str, str] | str) -> dict[str, Any]:
+    parameters = {"Error": error, **({"Cause.$": cause["path"]} if isinstance(cause, dict) else {"Cause": cause})}
+    return {name: {"Type": "Pass", "Parameters": parameters, "ResultPath": "$.error", "Next": "NotifyFailed"}}
+
+
+def _check_states(s: DeploySettings) -> dict[str, Any]:
+    present = [{"Variable": path, "IsPresent": True} for path in (
+        f"{PACKAGE_CONTAINER}.Image", f"{PACKAGE_CONTAINER}.ModelDataSource.S3DataSource.S3Uri",
+        f"{PACKAGE_CONTAINER}.Environment", DIGEST)]
+    return {
+        "DescribePackage": {
+            "Type": "Task", "Resource": _sdk("describeModelPackage"),
+            "Parameters": {"ModelPackageName.$": "$.detail.ModelPackageArn"},
+            "ResultPath": PACKAGE, "Retry": SAGEMAKER_RETRY, "Catch": _catch(), "Next": "OursAndApproved?",
+        },
+        # The rule matches this group's approvals only; the package is asked again because an event
+        # can be late (approved, then rejected) and a start by hand can name any package.
+        "OursAndApproved?": {
+            "Type": "Choice",
+            "Choices": [{"And": [
+                {"Variable": f"{PACKAGE}.ModelPackageGroupName", "IsPresent": True},
+                {"Variable": f"{PACKAGE}.ModelPackageGroupName", "StringEquals": "${ModelPackageGroupName}"},
+                {"Variable": f"{PACKAGE}.ModelApprovalStatus", "StringEquals": "Approved"},
+            ], "Next": "Deployable?"}],
+            "Default": "Ignored",
+        },
+        "Ignored": {"Type": "Succeed"},
+        "Deployable?": {"Type": "Choice", "Choices": [{"And": present, "Next": "Container"}], "Default": "NotDeployable"},
+        "Container": {"Type": "Pass", "InputPath": PACKAGE_CONTAINER, "ResultPath": CONTAINER, "Next": "VerifyModel"},
+        **_failure("NotDeployable", "NotDeployable", "the package has no container image, model data source, environment or "
+                   f"{MANIFEST_SHA256}: only packages registered by ftstack's workflow are deployed"),
+        "VerifyModel": {
+            "Type": "Task", "Resource": "arn:aws:states:::lambda:invoke",
+            "Parameters": {"FunctionName": "${VerifyFunctionArn}",
+                           "Payload": {"model_uri.$": MODEL_URI, "manifest_sha256.$": DIGEST}},
+            "ResultSelector": {"value.$": "$.Payload"}, "ResultPath": "$.verified",
+            "Retry": LAMBDA_RETRY, "Catch": _catch(), "Next": "Name",
+        },
+        # Names of their own per execution: a re-approval never collides with what serves now.
+        "Name": {
+            "Type": "Pass",
+            "Parameters": {"name.$": f"States.Format('{resource_prefix(s.endpoint)}-{{}}', States.Hash($$.Execution.Id, 'MD5'))",
+                           "added": deploy_environment(instance_gpus(s.instance_type)),
+                           "invoke": invoke_command(s.endpoint, s.region)},
+            "ResultPath": "$.deploy", "Next": "Environment",
+        },
+        "Environment": {
+            "Type": "Pass",
+            "Parameters": {"value.$": f"States.JsonMerge({CONTAINER}.Environment, $.deploy.added, false)"},
+            "ResultPath": "$.environment", "Next": "CreateModel",
+        },
+    }
+
+
+def _create_states(s: DeploySettings) -> dict[str, Any]:
+    return {
+        "CreateModel": {
+            "Type": "Task", "Resource": _sdk("createModel"),
+            "Parameters": {
+                "ModelName.$": "$.deploy.name", "ExecutionRoleArn": "${ServingRoleArn}",
+                # The very folder the manifest check passed, with the package's image and environment.
+                "PrimaryContainer": {"Image.$": f"{CONTAINER}.Image", "ModelDataSource.$": f"{CONTAINER}.ModelDataSource",
+                                     "Environment.$": "$.environment.value"},
+                # The model is local to the container: it needs no network.
+                "EnableNetworkIsolation": True,
+            },
+            "ResultPath": None, "Retry": SAGEMAKER_RETRY, "Catch": _catch(), "Next": "CreateEndpointConfig",
+        },
+        "CreateEndpointConfig": {
+            "Type": "Task", "Resource": _sdk("createEndpointConfig"),
+            "Parameters": {"EndpointConfigName.$": "$.deploy.name", "ProductionVariants": [{
+                "VariantName": VARIANT_NAME, "ModelName.$": "$.deploy.name", "InstanceType": s.instance_type,
+                "InitialInstanceCount": 1, "ModelDataDownloadTimeoutInSeconds": DOWNLOAD_TIMEOUT_S,
+                "ContainerStartupHealthCheckTimeoutInSeconds": DOWNLOAD_TIMEOUT_S}]},
+            "ResultPath": None, "Retry": SAGEMAKER_RETRY, "Catch": _catch(), "Next": "FindEndpoint",
+        },
+        "FindEndpoint": {
+            "Type": "Task", "Resource": _sdk("describeEndpoint"), "Parameters": {"EndpointName": s.endpoint},
+            "ResultSelector": {"config.$": "$.EndpointConfigName", "status.$": "$.EndpointStatus"},
+            "ResultPath": "$.previous", "Retry": SAGEMAKER_RETRY,
+            "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.lookup", "Next": "NoEndpoint?"}],
+            "Next": "UpdateEndpoint",
+        },
+        "NoEndpoint?": {
+            "Type": "Choice",
+            "Choices": [{"Variable": "$.lookup.Cause", "StringMatches": MISSING_ENDPOINT, "Next": "CreateEndpoint"}],
+            "Default": "LookupFailed",
+        },
+        **_failure("LookupFailed", "DescribeEndpointFailed", {"path": "$.lookup.Cause"}),
+        "CreateEndpoint": {
+            "Type": "Task", "Resource": _sdk("createEndpoint"),
+            "Parameters": {"EndpointName": s.endpoint, "EndpointConfigName.$": "$.deploy.name"},
+            "ResultPath": None, "Retry": SAGEMAKER_RETRY, "Catch": _catch(), "Next": "Wait",
+        },
+        "UpdateEndpoint": {
+            "Type": "Task", "Resource": _sdk("updateEndpoint"),
+            "Parameters": {"EndpointName": s.endpoint, "EndpointConfigName.$": "$.deploy.name"},
+            "ResultPath": None, "Retry": SAGEMAKER_RETRY, "Catch": _catch(), "Next": "Wait",
+        },
+    }
+
+
+def _poll_states(s: DeploySettings) -> dict[str, Any]:
+    status, config = "$.endpoint.EndpointStatus", "$.endpoint.EndpointConfigName"
+    return {
+        "Wait": {"Type": "Wait", "Seconds": s.poll_seconds, "Next": "PollEndpoint"},
+        "PollEndpoint": {
+            "Type": "Task", "Resource": _sdk("describeEndpoint"), "Parameters": {"EndpointName": s.endpoint},
+            "ResultPath": "$.endpoint", "Retry": SAGEMAKER_RETRY, "Catch": _catch(), "Next": "Serving?",
+        },
+        "Serving?": {
+            "Type": "Choice",
+            "Choices": [
+                {"And": [{"Variable": status, "StringEquals": "InService"},
+                         {"Variable": config, "StringEqualsPath": "$.deploy.name"}], "Next": "NotifyServing"},
+                {"Or": [{"Variable": status, "StringEquals": s} for s in ("Creating", "Updating", "SystemUpdating")],
+                 "Next": "Wait"},
+                # InService on another config: the update failed and SageMaker rolled it back.
+                {"Variable": "$.endpoint.FailureReason", "IsPresent": True, "Next": "EndpointFailed"},
+            ],
+            "Default": "EndpointNotServing",
+        },
+        **_failure("EndpointFailed", "EndpointFailed", {"path": "$.endpoint.FailureReason"}),
+        "EndpointNotServing": {
+            "Type": "Pass",
+            "Parameters": {"Error": "EndpointFailed",
+                           "Cause.$": "States.Format('the endpoint is {} on config {}', $.endpoint.EndpointStatus, $.endpoint.EndpointConfigName)"},
+            "ResultPath": "$.error", "Next": "NotifyFailed",
+        },
+    }
+
+
+def _notify_states(s: DeploySettings) -> dict[str, Any]:
+    return {
+        "NotifyServing": {
+            "Type": "Task", "Resource": "arn:aws:states:::sns:publish",
+            "Parameters": {"TopicArn": "${TopicArn}", "Subject": "ftstack: model deployed",
+                           "Message.$": "States.Format('Model package {} serves at endpoint " + s.endpoint + " ("
+                           + s.instance_type + ", config {}). Try it: {}', $.package.ModelPackageArn, $.deploy.name, $.deploy.invoke)"},
+            "ResultPath": None, "Next": "Deployed",
+        },
+        "Deployed": {"Type": "Succeed"},
+        "NotifyFailed": {
+            "Type": "Task", "Resource": "arn:aws:states:::sns:publish",
+            "Parameters": {"TopicArn": "${TopicArn}", "Subject": "ftstack: deployment failed",
+                           "Message.$": "States.Format('Deploying model package {} to endpoint " + s.endpoint
+                           + " failed: {}: {}. Nothing was deleted: an endpoint that served before serves as it did.', "
+                           "$.detail.ModelPackageArn, $.error.Error, $.error.Cause)"},
+            "ResultPath": None, "Next": "Failed",
+        },
+        "Failed": {"Type": "Fail", "ErrorPath": "$.error.Error", "CausePath": "$.error.Cause"},
+    }
+
+
+def build_deploy_definition(s: DeploySettings) -> dict[str, Any]:
+    """The whole state machine; its input is the EventBridge event (``$.detail.ModelPackageArn``)."""
+    states = _check_states(s) | _create_states(s) | _poll_states(s) | _notify_states(s)
+    return {"Comment": f"ftstack: deploy approved models of the group to endpoint {s.endpoint}",
+            "StartAt": "DescribePackage", "States": states}
+
+
+def render(definition: dict[str, Any]) -> str:
+    """The definition as JSON, placeholders intact (Step Functions substitutes them)."""
+    return json.dumps(definition, indent=1)

@@ -1,0 +1,155 @@
+"""Deploy on approval: when a model package of the group is approved, a small workflow checks its
+model files against the registered manifest digest and serves it behind the group's one endpoint
+(``infra.deploy_definition``), with a serving role that reads only the models."""
+
+from __future__ import annotations
+
+import aws_cdk as cdk
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_stepfunctions as sfn
+from constructs import Construct
+
+from ftstack.serving import resource_prefix
+
+from .access import DECRYPT, grant_key, grant_list, grant_objects
+from .assets import lambda_code
+from .deploy_definition import DeploySettings, build_deploy_definition, render
+from .model_check import ASSET_MODULES, HANDLER, TIMEOUT_S
+from .nag import acknowledge, arn_in_finding, arn_of, grant_wildcards, wildcard
+
+DETAIL_TYPE = "SageMaker Model Package State Change"
+
+
+def approval_pattern(group_name: str) -> events.EventPattern:
+    """Approvals of ``group_name``'s packages only (SageMaker sends an event for every change)."""
+    return events.EventPattern(source=["aws.sagemaker"], detail_type=[DETAIL_TYPE],
+                               detail={"ModelPackageGroupName": [group_name], "ModelApprovalStatus": ["Approved"]})
+
+
+class DeployOnApproval(Construct):
+    """``self.state_machine`` (started by ``self.rule``), ``self.serving_role``, ``self.function``."""
+
+    def __init__(self, scope: Construct, construct_id: str, *, group_name: str, topic: sns.ITopic, key: kms.IKey,
+                 bucket: s3.IBucket, bucket_key: kms.IKey | None, model_objects: str, instance_type: str, name: str) -> None:
+        """``key`` encrypts the logs; ``bucket_key`` the bucket's objects (None: S3-managed);
+        ``model_objects`` is the key pattern of the models (``executions/*/model/*``); ``name`` is the
+        endpoint's, and the start of every physical name here."""
+        super().__init__(scope, construct_id)
+        stack = cdk.Stack.of(self)
+        settings = DeploySettings(endpoint=name, region=stack.region, instance_type=instance_type)
+        self.serving_role = self._serving_role(bucket, bucket_key, model_objects, name)
+        self.function = self._function(key, bucket, bucket_key, model_objects, name)
+        log_group = logs.LogGroup(self, "Logs", encryption_key=key, retention=logs.RetentionDays.ONE_YEAR,
+                                  removal_policy=cdk.RemovalPolicy.RETAIN)
+        machine_name = f"{name}-deploy"
+        role = iam.Role(self, "Role", description=f"ftstack deploy-on-approval of {group_name}: model, config, endpoint {name}",
+                        assumed_by=iam.ServicePrincipal("states.amazonaws.com", conditions={
+                            "StringEquals": {"aws:SourceAccount": stack.account},
+                            "ArnLike": {"aws:SourceArn": stack.format_arn(
+                                service="states", resource="stateMachine", resource_name=machine_name,
+                                arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)}}))
+        self.state_machine = sfn.StateMachine(
+            self, "StateMachine", role=role, state_machine_name=machine_name,
+            definition_body=sfn.DefinitionBody.from_string(render(build_deploy_definition(settings))),
+            definition_substitutions={"ModelPackageGroupName": group_name, "ServingRoleArn": self.serving_role.role_arn,
+                                      "VerifyFunctionArn": self.function.function_arn, "TopicArn": topic.topic_arn},
+            logs=sfn.LogOptions(destination=log_group, level=sfn.LogLevel.ALL, include_execution_data=True),
+            tracing_enabled=True,
+        )
+        self._grant(role, group_name, name, topic)
+        self.rule = events.Rule(self, "Approved", rule_name=f"{name}-approved", event_pattern=approval_pattern(group_name),
+                                description=f"ftstack: deploy approved models of {group_name} to endpoint {name}",
+                                targets=[targets.SfnStateMachine(self.state_machine)])
+
+    def _serving_role(self, bucket, bucket_key, model_objects: str, name: str) -> iam.Role:
+        stack = cdk.Stack.of(self)
+        role = iam.Role(self, "ServingRole", description=f"ftstack endpoint {name}: read the models, pull the image, log",
+                        assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com", conditions={
+                            "StringEquals": {"aws:SourceAccount": stack.account}}))
+        grant_objects(role, bucket, read=(model_objects,))
+        grant_list(role, bucket, model_objects)  # an S3Prefix model source is listed, then copied
+        if bucket_key is not None:
+            grant_key(role, bucket_key, *DECRYPT)
+        repositories = stack.format_arn(service="ecr", account="*", resource="repository", resource_name="*")
+        role.add_to_principal_policy(iam.PolicyStatement(
+            actions=["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
+            resources=[repositories]))
+        role.add_to_principal_policy(iam.PolicyStatement(actions=["ecr:GetAuthorizationToken"], resources=["*"]))
+        endpoint_logs = stack.format_arn(service="logs", resource="log-group", resource_name=f"/aws/sagemaker/Endpoints/{name}:*",
+                                         arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)
+        role.add_to_principal_policy(iam.PolicyStatement(
+            actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
+            resources=[endpoint_logs]))
+        acknowledge(role, {
+            wildcard(f"Resource::{arn_of(bucket)}/{model_objects}"): "reads the approved model, whose execution and job are known at run time only",
+            wildcard("Resource::" + arn_in_finding(self, "ecr", "repository/*").replace(f":{_shown_account(stack)}:", ":*:")):
+                "pulls the package's image, by default the region's Hugging Face vLLM container, kept in an AWS account that differs by region",
+            wildcard("Resource::*"): "ecr:GetAuthorizationToken supports no resource scoping",
+            wildcard("Resource::" + arn_in_finding(self, "logs", f"log-group:/aws/sagemaker/Endpoints/{name}:*")):
+                "the endpoint's own log group and its streams (one per instance, named at run time)",
+        })
+        return role
+
+    def _function(self, key, bucket, bucket_key, model_objects: str, name: str) -> lambda_.Function:
+        scope = Construct(self, "ModelCheck")
+        log_group = logs.LogGroup(scope, "Logs", encryption_key=key, retention=logs.RetentionDays.ONE_YEAR,
+                                  removal_policy=cdk.RemovalPolicy.RETAIN)
+        role = iam.Role(scope, "Role", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+                        description=f"ftstack endpoint {name}: check an approved model against its manifest, log")
+        log_group.grant_write(role)
+        function = lambda_.Function(
+            scope, "Function", runtime=lambda_.Runtime.PYTHON_3_14, handler=HANDLER,
+            code=lambda_.Code.from_asset(str(lambda_code(ASSET_MODULES))), role=role, log_group=log_group,
+            memory_size=256, timeout=cdk.Duration.seconds(TIMEOUT_S), reserved_concurrent_executions=2,
+            description=f"ftstack: check an approved model's files against its registered manifest ({name})",
+        )
+        grant_objects(role, bucket, read=(model_objects,))
+        grant_list(role, bucket, model_objects)
+        if bucket_key is not None:
+            grant_key(role, bucket_key, *DECRYPT)
+        acknowledge(role, {
+            wildcard(f"Resource::{arn_of(bucket)}/{model_objects}"): "reads the approved model's manifest and sizes, known at run time only",
+        })
+        return function
+
+    def _grant(self, role: iam.IRole, group_name: str, name: str, topic: sns.ITopic) -> None:
+        stack = cdk.Stack.of(self)
+        prefix = resource_prefix(name).lower()  # SageMaker writes its ARNs in lower case
+
+        def arn(resource: str, resource_name: str) -> str:
+            return stack.format_arn(service="sagemaker", resource=resource, resource_name=resource_name)
+
+        packages = arn("model-package", f"{group_name.lower()}/*")
+        models, configs, endpoint = arn("model", f"{prefix}-*"), arn("endpoint-config", f"{prefix}-*"), arn("endpoint", name.lower())
+        for actions, resources in (
+            (["sagemaker:DescribeModelPackage"], [packages]),
+            (["sagemaker:CreateModel"], [models]),
+            (["sagemaker:CreateEndpointConfig"], [configs]),
+            (["sagemaker:CreateEndpoint", "sagemaker:UpdateEndpoint"], [endpoint, configs]),
+            (["sagemaker:DescribeEndpoint"], [endpoint]),
+        ):
+            role.add_to_principal_policy(iam.PolicyStatement(actions=actions, resources=resources))
+        role.add_to_principal_policy(iam.PolicyStatement(
+            actions=["iam:PassRole"], resources=[self.serving_role.role_arn],
+            conditions={"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}))
+        self.function.grant_invoke(role)
+        topic.grant_publish(role)
+        acknowledge(role, grant_wildcards("Action::kms:GenerateDataKey*") | {
+            wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"model-package/{group_name.lower()}/*")):
+                "describes the approved version of the group, known at run time only",
+            wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"model/{prefix}-*")): "each deployment creates a model named after its execution",
+            wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"endpoint-config/{prefix}-*")): "each deployment creates a config named after its execution",
+            wildcard(f"Resource::{arn_of(self.function)}:*"): "grant_invoke covers the function's versions",
+            wildcard("Resource::*"): "X-Ray and CloudWatch Logs delivery (the state machine's logging) support no resource scoping",
+        })
+
+
+def _shown_account(stack: cdk.Stack) -> str:
+    return "<AWS::AccountId>" if cdk.Token.is_unresolved(stack.account) else stack.account

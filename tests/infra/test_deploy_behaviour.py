@@ -1,0 +1,240 @@
+"""The deploy-on-approval workflow as Step Functions runs it: the definition DeployOnApproval
+deploys, executed in moto's interpreter with its real Parameters, Choices and Catches.
+
+Every request is checked against botocore's model of its API (``aws_contract``). The model check
+is the real Lambda handler, run in-process against moto's S3 holding a model folder and its
+manifest; SageMaker answers with responses of the API's real shape, scripted per scenario:
+a first deployment, an update, an update that fails and rolls back, a package of another group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+
+import boto3
+import pytest
+from botocore.response import StreamingBody
+from moto import mock_aws
+
+from ftstack.infra.deploy_definition import PLACEHOLDERS, DeploySettings, build_deploy_definition, render
+from ftstack.infra.model_check import handler as model_check
+from ftstack.serving import ENV_TENSOR_PARALLEL, resource_name, resource_prefix, vllm_environment
+from ftstack_train.manifest import ModelIntegrityError, manifest_bytes
+
+from aws_contract import AwsCalls, AwsError, operation, problems
+from test_workflow_behaviour import step_functions_as_documented  # noqa: F401 (an autouse fixture)
+
+ACCOUNT, REGION, BUCKET, GROUP, ENDPOINT = "123456789012", "us-east-1", "ftstack-bucket", "ftstack-models", "ftstack-serve"
+SETTINGS = DeploySettings(endpoint=ENDPOINT, region=REGION, instance_type="ml.g5.12xlarge", poll_seconds=0)
+PACKAGE_ARN = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:model-package/{GROUP}/3"
+IMAGE = f"763104351884.dkr.ecr.{REGION}.amazonaws.com/huggingface-vllm:0.29.0-transformers5.15.0-gpu-py312-cu130-ubuntu24.04-v1.0"
+MODEL_PREFIX = "executions/run1/model/ftstack-run1-abc-a0/output/model/"
+FILES = {"config.json": b'{"model_type": "mpt"}', "model.safetensors": b"\0" * 64, "chat_template.jinja": b"{{ x }}"}
+MANIFEST = manifest_bytes({name: {"sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body)} for name, body in FILES.items()})
+DIGEST = hashlib.sha256(MANIFEST).hexdigest()
+VALUES = {
+    "ModelPackageGroupName": GROUP,
+    "ServingRoleArn": f"arn:aws:iam::{ACCOUNT}:role/ftstack-Serving",
+    "VerifyFunctionArn": f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:ftstack-ModelCheck",
+    "TopicArn": f"arn:aws:sns:{REGION}:{ACCOUNT}:ftstack-Notifications",
+}
+EVENT = {"version": "0", "detail-type": "SageMaker Model Package State Change", "source": "aws.sagemaker",
+         "account": ACCOUNT, "region": REGION, "resources": [PACKAGE_ARN],
+         "detail": {"ModelPackageGroupName": GROUP, "ModelPackageArn": PACKAGE_ARN, "ModelApprovalStatus": "Approved"}}
+
+
+def test_the_scripted_values_are_what_aws_takes():
+    assert set(VALUES) == set(PLACEHOLDERS)
+    shape = operation("sagemaker", "CreateModel").input_shape
+    assert problems(shape.members["ExecutionRoleArn"], VALUES["ServingRoleArn"]) == []
+    assert problems(shape.members["PrimaryContainer"].members["Image"], IMAGE) == []
+
+
+def package(group: str = GROUP, status: str = "Approved", digest: str = DIGEST):
+    def describe(request: dict) -> dict:
+        return {
+            "ModelPackageName": group, "ModelPackageGroupName": group, "ModelPackageVersion": 3,
+            "ModelPackageArn": request["ModelPackageName"], "CreationTime": "2026-11-29T10:00:00Z",
+            "ModelPackageStatus": "Completed", "ModelApprovalStatus": status,
+            "ModelPackageStatusDetails": {"ValidationStatuses": [], "ImageScanStatuses": []},
+            "InferenceSpecification": {
+                "Containers": [{"Image": IMAGE, "Environment": vllm_environment(max_model_len=2048),
+                                "ModelDataSource": {"S3DataSource": {"S3Uri": f"s3://{BUCKET}/{MODEL_PREFIX}",
+                                                                     "S3DataType": "S3Prefix", "CompressionType": "None"}}}],
+                "SupportedContentTypes": ["application/json"], "SupportedResponseMIMETypes": ["application/json"]},
+            "CustomerMetadataProperties": {"model_manifest_sha256": digest, "training_job": "ftstack-run1-abc-a0"},
+        }
+    return describe
+
+
+def endpoint(status: str, config: str | None = None, reason: str | None = None):
+    """DescribeEndpoint answers: ``config`` None means the config this execution created."""
+    def describe(request: dict) -> dict:
+        name = config or calls_made.of("sagemaker", "CreateEndpointConfig")[-1].params["EndpointConfigName"]
+        body = {"EndpointName": request["EndpointName"], "EndpointArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/{ENDPOINT}",
+                "EndpointConfigName": name, "EndpointStatus": status, "CreationTime": "2026-11-29T10:00:00Z",
+                "LastModifiedTime": "2026-11-29T10:05:00Z"}
+        return body | ({"FailureReason": reason} if reason else {})
+    return describe
+
+
+def missing(request: dict) -> dict:
+    raise AwsError("ValidationException", f'Could not find endpoint "{request["EndpointName"]}".')
+
+
+def arn_of(kind: str, key: str, resource: str):
+    return lambda request: {f"{kind}Arn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:{resource}/{request[key]}"}
+
+
+def invoke_model_check(request: dict) -> dict:
+    """The real handler on the Invoke request, against moto's S3."""
+    try:
+        result, error = model_check(json.loads(request["Payload"])), None
+    except ModelIntegrityError as exc:
+        result, error = {"errorType": "ModelIntegrityError", "errorMessage": str(exc)}, "Unhandled"
+    payload = json.dumps(result).encode()
+    return {"StatusCode": 200, "Payload": StreamingBody(io.BytesIO(payload), len(payload))} | ({"FunctionError": error} if error else {})
+
+
+calls_made: AwsCalls
+
+
+def run(answers: dict, *, files: dict[str, bytes] = FILES, event: dict = EVENT) -> tuple[dict, list[dict], AwsCalls]:
+    global calls_made
+    scripted = {
+        ("lambda", "Invoke"): [invoke_model_check],
+        ("sagemaker", "DescribeModelPackage"): [package()],
+        ("sagemaker", "CreateModel"): [arn_of("Model", "ModelName", "model")],
+        ("sagemaker", "CreateEndpointConfig"): [arn_of("EndpointConfig", "EndpointConfigName", "endpoint-config")],
+        ("sagemaker", "CreateEndpoint"): [arn_of("Endpoint", "EndpointName", "endpoint")],
+        ("sagemaker", "UpdateEndpoint"): [arn_of("Endpoint", "EndpointName", "endpoint")],
+        ("sns", "Publish"): [lambda request: {"MessageId": "m-1"}],
+    } | answers
+    text = render(build_deploy_definition(SETTINGS))
+    for name, value in VALUES.items():
+        text = text.replace("${" + name + "}", value)
+    with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}), AwsCalls(scripted) as calls:
+        calls_made = calls
+        s3 = boto3.client("s3", region_name=REGION)
+        s3.create_bucket(Bucket=BUCKET)
+        for name, body in {**files, "model-manifest.json": MANIFEST, "final-metrics.json": b"{}"}.items():
+            s3.put_object(Bucket=BUCKET, Key=MODEL_PREFIX + name, Body=body)
+        sfn = boto3.client("stepfunctions", region_name=REGION)
+        machine = sfn.create_state_machine(name=f"{ENDPOINT}-deploy", definition=text, roleArn=f"arn:aws:iam::{ACCOUNT}:role/sfn")
+        execution = sfn.start_execution(stateMachineArn=machine["stateMachineArn"], name="approval-3", input=json.dumps(event))["executionArn"]
+        deadline = time.monotonic() + 60
+        while (result := sfn.describe_execution(executionArn=execution))["status"] == "RUNNING":
+            assert time.monotonic() < deadline, "the execution did not end"
+            time.sleep(0.02)
+        events = sfn.get_execution_history(executionArn=execution, maxResults=1000)["events"]
+    assert calls.problems() == []
+    return result | {"executionArn": execution}, events, calls
+
+
+@pytest.fixture(autouse=True)
+def region(monkeypatch):
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)  # the handler's client takes the Lambda's region
+
+
+def sagemaker(calls: AwsCalls) -> list[str]:
+    """The SageMaker operations the workflow called, in order."""
+    return [c.operation for c in calls.calls if c.service == "sagemaker"]
+
+
+def message(calls: AwsCalls) -> str:
+    (publish,) = calls.of("sns", "Publish")
+    return publish.params["Message"]
+
+
+def test_a_first_approval_creates_the_model_config_and_endpoint_and_says_how_to_invoke_it():
+    result, _, calls = run({("sagemaker", "DescribeEndpoint"): [missing, endpoint("Creating"), endpoint("InService")]})
+    assert result["status"] == "SUCCEEDED", result
+    (model,) = calls.of("sagemaker", "CreateModel")
+    name = model.params["ModelName"]
+    assert name == resource_name(ENDPOINT, result["executionArn"]) and name.startswith(resource_prefix(ENDPOINT) + "-")
+    container = model.params["PrimaryContainer"]
+    assert container["Image"] == IMAGE
+    assert container["ModelDataSource"]["S3DataSource"] == {"S3Uri": f"s3://{BUCKET}/{MODEL_PREFIX}", "S3DataType": "S3Prefix",
+                                                            "CompressionType": "None"}
+    # The package's environment, with one tensor-parallel shard per GPU of the instance type (4 x A10G).
+    assert container["Environment"] == vllm_environment(max_model_len=2048) | {ENV_TENSOR_PARALLEL: "4"}
+    assert model.params["ExecutionRoleArn"] == VALUES["ServingRoleArn"] and model.params["EnableNetworkIsolation"] is True
+    (config,) = calls.of("sagemaker", "CreateEndpointConfig")
+    (variant,) = config.params["ProductionVariants"]
+    assert config.params["EndpointConfigName"] == name
+    assert (variant["ModelName"], variant["InstanceType"], variant["InitialInstanceCount"]) == (name, "ml.g5.12xlarge", 1)
+    (create,) = calls.of("sagemaker", "CreateEndpoint")
+    assert create.params == {"EndpointName": ENDPOINT, "EndpointConfigName": name}
+    assert calls.of("sagemaker", "UpdateEndpoint") == []
+    text = message(calls)
+    assert PACKAGE_ARN in text and f"endpoint {ENDPOINT}" in text
+    assert f"aws sagemaker-runtime invoke-endpoint --region {REGION} --endpoint-name {ENDPOINT}" in text
+
+
+def test_a_later_approval_updates_the_endpoint_to_a_config_of_its_own():
+    old = resource_name(ENDPOINT, "an earlier execution")
+    result, _, calls = run({("sagemaker", "DescribeEndpoint"): [
+        endpoint("InService", old), endpoint("Updating", old), endpoint("InService")]})
+    assert result["status"] == "SUCCEEDED", result
+    (update,) = calls.of("sagemaker", "UpdateEndpoint")
+    assert update.params["EndpointName"] == ENDPOINT and update.params["EndpointConfigName"] != old
+    assert calls.of("sagemaker", "CreateEndpoint") == []
+    assert "serves at endpoint" in message(calls)
+
+
+def test_a_failed_update_is_reported_and_the_old_endpoint_keeps_serving():
+    old = resource_name(ENDPOINT, "an earlier execution")
+    reason = "The primary container for production variant AllTraffic did not pass the ping health check."
+    result, _, calls = run({("sagemaker", "DescribeEndpoint"): [
+        endpoint("InService", old), endpoint("Updating", old), endpoint("InService", old, reason)]})
+    assert result["status"] == "FAILED" and result["error"] == "EndpointFailed", result
+    assert reason in message(calls) and "serves as it did" in message(calls)
+    # Nothing was deleted or changed after the rollback: the old config still serves.
+    assert [op for op in sagemaker(calls) if op.startswith("Delete")] == []
+    assert len(calls.of("sagemaker", "UpdateEndpoint")) == 1
+
+
+def test_a_failed_first_endpoint_is_reported_with_its_reason():
+    result, _, calls = run({("sagemaker", "DescribeEndpoint"): [
+        missing, endpoint("Creating"), endpoint("Failed", reason="CUDA out of memory")]})
+    assert result["status"] == "FAILED" and result["cause"] == "CUDA out of memory", result
+    assert "CUDA out of memory" in message(calls)
+
+
+def test_an_approval_in_another_group_is_ignored():
+    result, _, calls = run({("sagemaker", "DescribeModelPackage"): [package(group="other-models")]},
+                           event=EVENT | {"detail": EVENT["detail"] | {"ModelPackageGroupName": "other-models"}})
+    assert result["status"] == "SUCCEEDED"
+    assert sagemaker(calls) == ["DescribeModelPackage"] and calls.of("lambda", "Invoke") == []
+
+
+def test_a_package_rejected_since_the_event_is_ignored():
+    result, _, calls = run({("sagemaker", "DescribeModelPackage"): [package(status="Rejected")]})
+    assert result["status"] == "SUCCEEDED"
+    assert sagemaker(calls) == ["DescribeModelPackage"] and calls.of("lambda", "Invoke") == []
+
+
+@pytest.mark.parametrize("files, digest, found", [
+    (FILES, "0" * 64, "is not the registered"),                                     # the manifest was replaced
+    (FILES | {"model.safetensors": b"\0" * 63}, DIGEST, "63 bytes where"),          # a weight file was changed
+    (FILES | {"extra.safetensors": b"\0"}, DIGEST, "not listed: extra.safetensors"),  # a file was slipped in
+])
+def test_a_model_that_does_not_match_its_registered_manifest_is_not_deployed(files, digest, found):
+    result, _, calls = run({("sagemaker", "DescribeModelPackage"): [package(digest=digest)]}, files=files)
+    assert result["status"] == "FAILED" and result["error"] == "ModelIntegrityError", result
+    assert found in message(calls)
+    assert sagemaker(calls) == ["DescribeModelPackage"]
+
+
+def test_a_refused_update_is_reported_without_touching_the_endpoint():
+    def refused(request):
+        raise AwsError("ValidationException", "Cannot update in-progress endpoint")
+
+    old = resource_name(ENDPOINT, "an earlier execution")
+    result, _, calls = run({("sagemaker", "DescribeEndpoint"): [endpoint("Updating", old)],
+                            ("sagemaker", "UpdateEndpoint"): [refused]})
+    assert result["status"] == "FAILED"
+    assert "Cannot update in-progress endpoint" in message(calls)
