@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 
 from .aws import AwsError, default_stack
+from .serving import DEFAULT_INSTANCE_TYPE
 
 EXIT_AWS_ERROR = 2
 """The same code as the CLI's other user errors: the message says what to fix."""
@@ -157,10 +158,42 @@ def _add_stage_model(commands: argparse._SubParsersAction, common: argparse.Argu
     stage.add_argument("--json", action="store_true", help="print a JSON object: uri, uploaded, skipped, bytes")
 
 
+def _add_serving(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    region = argparse.ArgumentParser(add_help=False)
+    region.add_argument("--region", metavar="REGION", help="default: the ARN's region, else AWS_REGION or the profile's")
+    arn = "arn:aws:sagemaker:us-east-1:123456789012:model-package/ftstack-models/3"
+    deploy_parser = _add(commands, "deploy", ("deploy", "deploy"), "serve an approved model behind an endpoint", (
+        "Checks the package's model files against its registered manifest digest, creates a model and an endpoint "
+        "config of their own, and creates the endpoint or updates it to the new config; waits until it is InService. "
+        "A failed update leaves the endpoint serving its previous config."),
+        f"examples:\n  ftstack deploy {arn}\n  ftstack deploy {arn} --instance-type ml.g5.12xlarge --endpoint mpt7b-chat\n",
+        [common])
+    deploy_parser.add_argument("model_package_arn", metavar="MODEL_PACKAGE_ARN")
+    deploy_parser.add_argument("--instance-type", default=DEFAULT_INSTANCE_TYPE, metavar="TYPE",
+                               help=f"a GPU instance type (default {DEFAULT_INSTANCE_TYPE}: one A10G, a 7B model in bf16)")
+    deploy_parser.add_argument("--endpoint", metavar="NAME", help="endpoint name (default: the package's group name)")
+    deploy_parser.add_argument("--role", metavar="ARN", help="the model's execution role (default: the stack's ServingRoleArn output)")
+    deploy_parser.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True, help="wait until InService")
+    deploy_parser.add_argument("--poll", type=float, default=30.0, help=argparse.SUPPRESS)
+    invoke_parser = _add(commands, "invoke", ("deploy", "invoke"), "ask a deployed model", (
+        "Sends the prompt as a chat message; the endpoint formats it with the model's chat template, as in training."),
+        'examples:\n  ftstack invoke ftstack-models "What is the capital of Greece?"\n'
+        '  ftstack invoke mpt7b-chat "Summarize: ..." --max-tokens 400\n', [region])
+    invoke_parser.add_argument("endpoint", metavar="ENDPOINT")
+    invoke_parser.add_argument("prompt", metavar="PROMPT")
+    invoke_parser.add_argument("--max-tokens", type=int, default=256, metavar="N", help="longest answer in tokens (default 256)")
+    undeploy_parser = _add(commands, "undeploy", ("deploy", "undeploy"), "delete an endpoint and its config", (
+        "Deletes the endpoint and its endpoint config; the model package stays registered."),
+        "examples:\n  ftstack undeploy ftstack-models\n", [region])
+    undeploy_parser.add_argument("endpoint", metavar="ENDPOINT")
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    """Registers start, status, list, logs, stop, approve, reject and stage-model on ``ftstack``'s subparsers."""
+    """Registers start, status, list, logs, stop, approve, reject, stage-model, deploy, invoke and undeploy
+    on ``ftstack``'s subparsers."""
     common = _stack_options()
     _add_start(commands, common)
     _add_watching(commands, common)
     _add_approval(commands)
     _add_stage_model(commands, common)
+    _add_serving(commands, common)
