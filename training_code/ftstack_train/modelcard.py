@@ -13,8 +13,41 @@ def _block(text: str) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-def render_model_card(cfg: TrainConfig, metrics: dict[str, Any], lineage: dict[str, Any], example_prompt: str) -> str:
-    """Markdown with the base model, data, results, the prompt template and how to use it."""
+SERVING_IMAGE = "the Hugging Face vLLM container"
+"""What the stack registers the model with (``ftstack.infra.images.inference_image``)."""
+
+
+def _serving(cfg: TrainConfig, chat_template: str | None) -> str:
+    """How to serve the model: vLLM on a GPU machine, or a SageMaker endpoint through ftstack."""
+    template = (f"The chat template (`chat_template.jinja`, which vLLM and `apply_chat_template` read):\n\n"
+                f"```jinja\n{_block(chat_template)}```\n\n") if chat_template else ""
+    return f"""## Serve
+
+vLLM serves the folder as it is (transformers' native classes, no remote code) and formats chat
+requests with the tokenizer's chat template, so a request reads exactly as training formatted it:
+
+```bash
+vllm serve path/to/model --dtype bfloat16 --max-model-len {cfg.max_seq_len} --chat-template path/to/model/chat_template.jinja
+curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+  -d '{{"messages": [{{"role": "user", "content": "your question"}}], "max_tokens": 200}}'
+```
+
+{template}On SageMaker, the registered model package runs in {SERVING_IMAGE} with this folder as its
+uncompressed model data. Once the package is approved (`ftstack approve MODEL_PACKAGE_ARN`; with
+`deploy_on_approval` on, the stack then deploys it by itself):
+
+```bash
+ftstack deploy MODEL_PACKAGE_ARN                  # checks the files against the registered manifest first
+ftstack invoke ENDPOINT "your question"
+ftstack undeploy ENDPOINT                          # deletes the endpoint and its config, keeps the package
+```
+"""
+
+
+def render_model_card(cfg: TrainConfig, metrics: dict[str, Any], lineage: dict[str, Any], example_prompt: str,
+                      chat_template: str | None = None) -> str:
+    """Markdown with the base model, data, results, the prompt template, how to use and serve it,
+    and ``chat_template`` (the tokenizer's, as exported) when given."""
     final = metrics.get("final", {})
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in final.items())
     return f"""---
@@ -60,6 +93,7 @@ The formatted prompt looks like this:
 ```text
 {_block(example_prompt)}```
 
+{_serving(cfg, chat_template)}
 ## Training
 
 Lineage:
