@@ -89,7 +89,7 @@ class DeployOnApproval(Construct):
             resources=[endpoint_logs]))
         acknowledge(role, {
             wildcard(f"Resource::{arn_of(bucket)}/{model_objects}"): "reads the approved model, whose execution and job are known at run time only",
-            wildcard("Resource::" + arn_in_finding(self, "ecr", "repository/*").replace(f":{_shown_account(stack)}:", ":*:")):
+            wildcard("Resource::" + _any_account(arn_in_finding(self, "ecr", "repository/*"))):
                 "pulls the package's image, by default the region's Hugging Face vLLM container, kept in an AWS account that differs by region",
             wildcard("Resource::*"): "ecr:GetAuthorizationToken supports no resource scoping",
             wildcard("Resource::" + arn_in_finding(self, "logs", f"log-group:/aws/sagemaker/Endpoints/{name}:*")):
@@ -151,5 +151,7 @@ class DeployOnApproval(Construct):
         })
 
 
-def _shown_account(stack: cdk.Stack) -> str:
-    return "<AWS::AccountId>" if cdk.Token.is_unresolved(stack.account) else stack.account
+def _any_account(arn: str) -> str:
+    """``arn`` with ``*`` for its account, as ``format_arn(account="*")`` writes it."""
+    parts = arn.split(":", 5)
+    return ":".join(parts[:4] + ["*"] + parts[5:])

@@ -204,3 +204,15 @@ def test_two_pipelines_in_one_stack_do_not_collide(new_stack):
 def test_bad_settings_are_refused_at_synth_with_the_fix(settings, message):
     with pytest.raises(ServingError, match=message):
         build_deploy_definition(DeploySettings(region="us-east-1", **settings))
+
+
+def test_the_synthesized_definition_is_valid_asl_with_every_placeholder_substituted(built):
+    from statelint.linter import Linter
+
+    (machine,) = built[2].find_resources("AWS::StepFunctions::StateMachine").values()
+    body = machine["Properties"]["DefinitionString"]
+    text = body if isinstance(body, str) else "".join(p if isinstance(p, str) else "0" for p in body["Fn::Join"][1])
+    for name in PLACEHOLDERS:
+        assert "${" + name + "}" in text  # Step Functions substitutes it from DefinitionSubstitutions
+        text = text.replace("${" + name + "}", "arn:aws:sns:us-east-1:123456789012:placeholder")
+    assert Linter.validate(json.loads(text)) == []
