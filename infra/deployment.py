@@ -89,7 +89,7 @@ class DeployOnApproval(Construct):
             resources=[endpoint_logs]))
         acknowledge(role, {
             wildcard(f"Resource::{arn_of(bucket)}/{model_objects}"): "reads the approved model, whose execution and job are known at run time only",
-            wildcard("Resource::" + _any_account(arn_in_finding(self, "ecr", "repository/*"))):
+            wildcard("Resource::" + _any_account(self, arn_in_finding(self, "ecr", "repository/*"))):
                 "pulls the package's image, by default the region's Hugging Face vLLM container, kept in an AWS account that differs by region",
             wildcard("Resource::*"): "ecr:GetAuthorizationToken supports no resource scoping",
             wildcard("Resource::" + arn_in_finding(self, "logs", f"log-group:/aws/sagemaker/Endpoints/{name}:*")):
@@ -151,7 +151,10 @@ class DeployOnApproval(Construct):
         })
 
 
-def _any_account(arn: str) -> str:
-    """``arn`` with ``*`` for its account, as ``format_arn(account="*")`` writes it."""
-    parts = arn.split(":", 5)
-    return ":".join(parts[:4] + ["*"] + parts[5:])
+def _any_account(scope: Construct, finding: str) -> str:
+    """``finding`` (an ARN as cdk-nag shows it) with ``*`` for the account, as ``format_arn(account="*")``
+    writes it. The partition and account may show as ``<AWS::...>``, colons included: no split on ``:``."""
+    account = cdk.Stack.of(scope).account
+    shown = "<AWS::AccountId>" if cdk.Token.is_unresolved(account) else account
+    head, _, resource = finding.rpartition(f":{shown}:")
+    return f"{head}:*:{resource}"
