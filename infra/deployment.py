@@ -64,7 +64,9 @@ class DeployOnApproval(Construct):
             tracing_enabled=True,
         )
         self._grant(role, group_name, name, topic)
-        self.rule = events.Rule(self, "Approved", rule_name=f"{name}-approved", event_pattern=approval_pattern(group_name),
+        # A rule name takes 64 characters, an endpoint name 63: the short prefix keeps it in bounds.
+        self.rule = events.Rule(self, "Approved", rule_name=f"{resource_prefix(name)}-approved",
+                                event_pattern=approval_pattern(group_name),
                                 description=f"ftstack: deploy approved models of {group_name} to endpoint {name}",
                                 targets=[targets.SfnStateMachine(self.state_machine)])
 

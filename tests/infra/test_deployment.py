@@ -204,6 +204,14 @@ def test_two_pipelines_in_one_stack_do_not_collide(new_stack):
     assert sorted(names) == ["team-a-deploy", "team-b-deploy"] and sorted(rules) == ["team-a-approved", "team-b-approved"]
 
 
+def test_the_longest_endpoint_name_gives_names_events_and_step_functions_take(new_stack):
+    _, stack, _ = make(new_stack, name="x" * 63)
+    template = Template.from_stack(stack)
+    ((rule,),) = [list(template.find_resources("AWS::Events::Rule").values())]
+    ((machine,),) = [list(template.find_resources("AWS::StepFunctions::StateMachine").values())]
+    assert len(rule["Properties"]["Name"]) <= 64 and len(machine["Properties"]["StateMachineName"]) <= 80
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"endpoint": "bad_name"}, "endpoint name 'bad_name'"),
     ({"endpoint": "x" * 64}, "endpoint name"),
