@@ -238,3 +238,25 @@ def test_a_refused_update_is_reported_without_touching_the_endpoint():
                             ("sagemaker", "UpdateEndpoint"): [refused]})
     assert result["status"] == "FAILED"
     assert "Cannot update in-progress endpoint" in message(calls)
+
+
+def test_an_endpoint_lookup_refused_for_another_reason_creates_no_endpoint():
+    def denied(request):
+        raise AwsError("AccessDeniedException", "not authorized to perform: sagemaker:DescribeEndpoint")
+
+    result, _, calls = run({("sagemaker", "DescribeEndpoint"): [denied]})
+    assert result["status"] == "FAILED" and result["error"] == "DescribeEndpointFailed", result
+    assert "not authorized" in message(calls)
+    assert calls.of("sagemaker", "CreateEndpoint") == [] and calls.of("sagemaker", "UpdateEndpoint") == []
+
+
+def test_a_package_ftstack_did_not_register_is_not_deployed():
+    def foreign(request):
+        body = package()(request)
+        del body["CustomerMetadataProperties"]
+        return body
+
+    result, _, calls = run({("sagemaker", "DescribeModelPackage"): [foreign]})
+    assert result["status"] == "FAILED" and result["error"] == "NotDeployable", result
+    assert "model_manifest_sha256" in message(calls)
+    assert sagemaker(calls) == ["DescribeModelPackage"] and calls.of("lambda", "Invoke") == []
