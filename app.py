@@ -10,23 +10,18 @@ import sys
 import aws_cdk as cdk
 from cdk_nag import AwsSolutionsChecks
 
-from ftstack.infra.config import CONTEXT_KEYS, InfraConfigError, load_config
-from ftstack.infra.images import inference_image, pinned_by_digest, training_base_image
-from ftstack.infra.stack import FineTuningStack
+from ftstack.infra import FineTuningStack, InfraConfigError, PropsError
+from ftstack.infra.config import CONTEXT_KEYS, load_config
 
 
 def build_app(app: cdk.App) -> FineTuningStack:
-    """Creates the stack on ``app`` from its context; raises InfraConfigError on bad values."""
+    """Creates the stack on ``app`` from its context; raises InfraConfigError (or PropsError)
+    on bad values."""
     context = {key: app.node.try_get_context(key) for key in CONTEXT_KEYS}
     config = load_config(context)
-    base = config.base_image or training_base_image(config.region, config.pytorch_version, config.python_version)
-    if config.base_image_digest:
-        base = pinned_by_digest(base, config.base_image_digest)
-    inference = config.inference_image or inference_image(config.region)
     account = os.environ.get("CDK_DEFAULT_ACCOUNT")
     stack = FineTuningStack(
-        app, config.stack_name, config=config, base_image=base, inference_image=inference,
-        env=cdk.Environment(account=account, region=config.region),
+        app, config.stack_name, config=config, env=cdk.Environment(account=account, region=config.region),
         description="ftstack: fine-tune Hugging Face causal LMs on SageMaker",
     )
     cdk.Validations.of(app).add_plugins(AwsSolutionsChecks(app))
@@ -37,7 +32,7 @@ def main() -> int:
     app = cdk.App()
     try:
         stack = build_app(app)
-    except InfraConfigError as exc:
+    except (InfraConfigError, PropsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     app.synth()

@@ -16,7 +16,10 @@ from typing import Any
 
 from ftstack_train.contract import FINAL_EVAL_CE, FINAL_METRICS_FILE, MANIFEST_SHA256, METRICS_FILE
 
-from .layout import JOB_MODEL_DIR
+from .extensions import (
+    EVALUATED, STATE_NAMES, evaluation_checks, extension_state, gate_rules,
+)
+from .layout import JOB_MODEL_DIR, Layout
 from .stage_data.fields import MODEL_PACKAGE_DESCRIPTION
 from .settings import WorkflowSettings
 from .training_states import attempt_states, fallback_states, train_states
@@ -24,7 +27,7 @@ from .training_states import attempt_states, fallback_states, train_states
 __all__ = ["PLACEHOLDERS", "WorkflowSettings", "build_definition", "render"]
 
 PLACEHOLDERS = (
-    "Bucket", "KeyArn", "TrainingRoleArn", "TrainingImage", "InferenceImage", "StagingFunctionArn",
+    "Bucket", "KeyArn", "BucketKeyArn", "TrainingRoleArn", "TrainingImage", "InferenceImage", "StagingFunctionArn",
     "TopicArn", "ModelPackageGroupName",
 )
 
@@ -42,7 +45,7 @@ STAGING_RETRY = [
 ]
 
 
-def _input_checks(max_instance_count: int) -> list[tuple[str, dict[str, Any], str]]:
+def _input_checks(max_instance_count: int, prefix: str) -> list[tuple[str, dict[str, Any], str]]:
     """(field, condition that makes the input invalid, message) in the order they are checked."""
     def present(path: str) -> dict[str, Any]:
         return {"Variable": path, "IsPresent": True}
@@ -53,15 +56,16 @@ def _input_checks(max_instance_count: int) -> list[tuple[str, dict[str, Any], st
     def when_present(path: str, *bad: dict[str, Any]) -> dict[str, Any]:
         return {"And": [present(path), {"Or": list(bad)} if len(bad) > 1 else bad[0]]}
 
-    incoming = "s3://${Bucket}/incoming/*"
+    folder = f"s3://${{Bucket}}/{Layout(prefix).incoming}"
+    incoming = folder + "*"
     return [
         ("train_data", missing_or("$.train_data", {"Not": {"Variable": "$.train_data", "IsString": True}}),
-         "train_data is required: the s3:// URI of the training JSONL, uploaded under s3://${Bucket}/incoming/"),
+         f"train_data is required: the s3:// URI of the training JSONL, uploaded under {folder}"),
         ("train_data", {"Not": {"Variable": "$.train_data", "StringMatches": incoming}},
-         "train_data must be under s3://${Bucket}/incoming/; upload the file there"),
+         f"train_data must be under {folder}; upload the file there"),
         ("test_data", when_present("$.test_data", {"Not": {"Variable": "$.test_data", "IsString": True}},
                                    {"Not": {"Variable": "$.test_data", "StringMatches": incoming}}),
-         "test_data must be an s3:// URI under s3://${Bucket}/incoming/"),
+         f"test_data must be an s3:// URI under {folder}"),
         ("test_split", when_present("$.test_split", {"Not": {"Variable": "$.test_split", "IsNumeric": True}},
                                     {"Variable": "$.test_split", "NumericLessThanEquals": 0},
                                     {"Variable": "$.test_split", "NumericGreaterThan": 0.5}),
@@ -163,7 +167,7 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
                 {"Variable": EVAL_CE, "IsNumeric": True},
                 {"Variable": MANIFEST_DIGEST, "IsPresent": True},
                 {"Variable": MANIFEST_DIGEST, "IsString": True},
-            ], "Next": "QualityGate" if s.quality_threshold is not None else "Register"}],
+            ], "Next": _after_metrics(s)}],
             "Default": "MetricsIncomplete",
         },
         "MetricsIncomplete": {
@@ -210,13 +214,13 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
                     f"{FINAL_EVAL_CE}.$": f"States.Format('{{}}', {EVAL_CE})",
                     # Deployment and `ftstack verify` check the model files against it before use.
                     f"{MANIFEST_SHA256}.$": MANIFEST_DIGEST,
-                },
+                } | {f"evaluate.{c.metric}.$": f"States.Format('{{}}', {EVALUATED}.{c.metric})" for c in s.gate},
             },
             "ResultSelector": {"arn.$": "$.ModelPackageArn"},
             "ResultPath": "$.registered",
             "Retry": [{"ErrorEquals": ["SageMaker.ThrottlingException", "SageMaker.SageMakerException"], "IntervalSeconds": 5, "BackoffRate": 2.0, "MaxAttempts": 4}],
             "Catch": _catch_all("NotifyError"),
-            "Next": "NotifySuccess",
+            "Next": STATE_NAMES["after_registration"] if "after_registration" in s.extensions else "NotifySuccess",
         },
         "NotifySuccess": {
             "Type": "Task",
@@ -233,17 +237,62 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
         },
         "Succeeded": {"Type": "Succeed"},
     }
-    if s.quality_threshold is not None:
+    rules = gate_rules(s.quality_threshold, s.gate)
+    if rules:
         states["QualityGate"] = {
             "Type": "Choice",
-            "Choices": [{"Variable": EVAL_CE, "NumericLessThanEquals": s.quality_threshold, "Next": "Register"}],
+            "Choices": [dict(rules[0] if len(rules) == 1 else {"And": rules}, Next="Register")],
             "Default": "QualityGateFailed",
         }
         states["QualityGateFailed"] = {
             "Type": "Pass",
+            "Parameters": {"Error": "QualityGateFailed", "Cause.$": _gate_failed_cause(s)},
+            "ResultPath": "$.error",
+            "Next": "NotifyError",
+        }
+    return states
+
+
+def _after_metrics(s: WorkflowSettings) -> str:
+    """Where the run goes once the training's final metrics are read."""
+    if "evaluate" in s.extensions:
+        return STATE_NAMES["evaluate"]
+    return "QualityGate" if gate_rules(s.quality_threshold, s.gate) else "Register"
+
+
+def _gate_failed_cause(s: WorkflowSettings) -> str:
+    """What the gate's failure notification says: each figure the gate read, and its bound."""
+    bounds, paths = [], []
+    if s.quality_threshold is not None:
+        bounds.append(f"final eval cross-entropy {{}} (at most {s.quality_threshold})")
+        paths.append(EVAL_CE)
+    for c in s.gate:
+        limits = " and ".join(f"{word} {value}" for word, value in (("at least", c.at_least), ("at most", c.at_most))
+                              if value is not None)
+        bounds.append(f"{c.metric} {{}} ({limits})")
+        paths.append(f"{EVALUATED}.{c.metric}")
+    return (f"States.Format('the model of training job {{}} is outside the quality gate: {'; '.join(bounds)}; "
+            f"nothing was registered', $.job.name, {', '.join(paths)})")
+
+
+def _extension_states(s: WorkflowSettings) -> dict[str, Any]:
+    """The Parallel state of each extension point in use, and what follows ``evaluate``."""
+    states: dict[str, Any] = {}
+    follows = {"after_staging": "PrepareAttempt", "evaluate": "EvaluationComplete?",
+               "after_registration": "NotifySuccess"}
+    for point, graph in s.extensions.items():
+        on_error = "AfterRegistrationFailed" if point == "after_registration" else "NotifyError"
+        states[STATE_NAMES[point]] = extension_state(point, graph, follows[point], on_error)
+    if "evaluate" in s.extensions:
+        next_state = "QualityGate" if gate_rules(s.quality_threshold, s.gate) else "Register"
+        states |= evaluation_checks([c.metric for c in s.gate], next_state)
+    if "after_registration" in s.extensions:
+        states["AfterRegistrationFailed"] = {
+            "Type": "Pass",
             "Parameters": {
-                "Error": "QualityGateFailed",
-                "Cause.$": f"States.Format('final eval cross-entropy {{}} of training job {{}} is above the threshold {s.quality_threshold}; nothing was registered', {EVAL_CE}, $.job.name)",
+                "Error.$": "$.error.Error",
+                "Cause.$": "States.Format('the after_registration step failed ({}); model package {} is registered all "
+                           "the same', $.error.Cause, $.registered.arn)",
             },
             "ResultPath": "$.error",
             "Next": "NotifyError",
@@ -253,7 +302,7 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
 
 def build_definition(s: WorkflowSettings) -> dict[str, Any]:
     """The whole state machine; ``${...}`` placeholders stand for the stack's resources."""
-    checks = _input_checks(s.max_instance_count)
+    checks = _input_checks(s.max_instance_count, s.prefix)
     states: dict[str, Any] = {
         "CheckInput": {
             "Type": "Choice",
@@ -278,13 +327,14 @@ def build_definition(s: WorkflowSettings) -> dict[str, Any]:
     states["Staged"] = {
         "Type": "Pass",
         "Parameters": {"staged.$": "$.staging.value", "attempt": {"index": 0}, "notes": {"quotas": ""}},
-        "Next": "PrepareAttempt",
+        "Next": STATE_NAMES["after_staging"] if "after_staging" in s.extensions else "PrepareAttempt",
     }
     states |= attempt_states(s)
     states |= train_states(s)
     states |= fallback_states(s)
     states |= _failure_states(s)
     states |= _result_states(s)
+    states |= _extension_states(s)
     return {
         "Comment": "ftstack: validate and stage data, fine-tune on SageMaker, gate, register, notify",
         "StartAt": "CheckInput",

@@ -28,6 +28,35 @@ def wildcard(detail: str) -> str:
     return f"{PLUGIN}-IAM5[{detail}]"
 
 
+def in_finding(scope: Construct, value: str) -> str:
+    """How cdk-nag writes ``value`` (a string that may hold tokens) in a finding: its resolved form
+    flattened as cdk-nag 3's ``flattenCfnReference`` does (lib/utils/flatten-cfn-reference.js):
+    ``Ref`` as ``<Id>``, ``Fn::GetAtt`` as ``<Id.Attr>``, joins concatenated. Unlike ``arn_of`` it
+    also covers imported resources (``Bucket.from_bucket_name``), whose ARNs are joins of literals."""
+    def visit(node) -> str:
+        if node is None:
+            return ""
+        if isinstance(node, str):
+            return node.replace("${", "<").replace("}", ">")
+        if isinstance(node, list):
+            return "".join(visit(item) for item in node)
+        if "Fn::Join" in node:
+            delimiter, items = node["Fn::Join"]
+            return delimiter.join(visit(item) for item in items)
+        if "Fn::Sub" in node:
+            return visit(node["Fn::Sub"])
+        if "Fn::GetAtt" in node:
+            resource, attribute = node["Fn::GetAtt"]
+            return f"<{visit(resource)}.{visit(attribute)}>"
+        if "Fn::ImportValue" in node:
+            return visit(node["Fn::ImportValue"])
+        if "Ref" in node:
+            return f"<{visit(node['Ref'])}>"
+        raise ValueError(f"no finding text for {node!r}")
+
+    return visit(cdk.Stack.of(scope).resolve(value))
+
+
 def arn_of(resource: Construct) -> str:
     """How cdk-nag writes a resource's ARN in a finding: ``<LogicalId.Arn>``."""
     return f"<{cdk.Stack.of(resource).get_logical_id(resource.node.default_child)}.Arn>"

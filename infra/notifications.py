@@ -19,12 +19,15 @@ class Notifications(Construct):
     principal that publishes directly (EventBridge, CloudWatch alarms) needs a key policy statement.
     """
 
-    def __init__(self, scope: Construct, construct_id: str, *, key: kms.IKey, emails: Sequence[str]) -> None:
+    def __init__(self, scope: Construct, construct_id: str, *, key: kms.IKey, emails: Sequence[str],
+                 name: str | None = None, topic: sns.ITopic | None = None) -> None:
+        """``topic``: a brought topic, which gets the subscriptions; ``name``: the pipeline's (the
+        stack's by default), shown as the created topic's display name."""
         super().__init__(scope, construct_id)
-        self.topic = sns.Topic(
+        self.topic = topic or sns.Topic(
             self,
             "Topic",
-            display_name=f"{cdk.Stack.of(self).stack_name} fine-tuning",
+            display_name=f"{name or cdk.Stack.of(self).stack_name} fine-tuning",
             master_key=key,
             enforce_ssl=True,
         )

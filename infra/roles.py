@@ -10,9 +10,9 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
-from . import layout
-from .access import ENCRYPT_OBJECTS, grant_key, grant_list, grant_objects
-from .nag import acknowledge, arn_in_finding, arn_of, wildcard
+from .layout import Layout
+from .access import ENCRYPT_OBJECTS, SAME, Same, grant_key, grant_list, grant_objects
+from .nag import acknowledge, arn_in_finding, in_finding, wildcard
 from .stage_data.request import training_jobs
 
 TRAINING_LOG_GROUP = "/aws/sagemaker/TrainingJobs"
@@ -25,7 +25,9 @@ class TrainingRole(Construct):
     """``self.role``: assumed by SageMaker for the training jobs of this stack."""
 
     def __init__(self, scope: Construct, construct_id: str, *, bucket: s3.IBucket, key: kms.IKey, repository: ecr.IRepository,
-                 in_vpc: bool, job_prefix: str) -> None:
+                 in_vpc: bool, job_prefix: str, layout: Layout = Layout(), bucket_key: kms.IKey | None | Same = SAME) -> None:
+        """``key`` encrypts the training volumes; ``bucket_key`` the bucket's objects (the same key by
+        default; None: the bucket's default encryption, which needs no grant of ours)."""
         super().__init__(scope, construct_id)
         stack = cdk.Stack.of(self)
         # Only SageMaker acting for this stack's training jobs may assume the role (confused-deputy
@@ -35,13 +37,16 @@ class TrainingRole(Construct):
         self.role = iam.Role(self, "Role", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com", conditions={
             "StringEquals": {"aws:SourceAccount": stack.account}, "ArnLike": {"aws:SourceArn": jobs}}),
             description="ftstack training jobs: staged data, checkpoints, model output, image, logs")
-        data, checkpoints = f"{layout.SCRATCH}*/data/*", f"{layout.SCRATCH}*/checkpoints/*"
-        models, outputs = f"{layout.BASE_MODELS}*", f"{layout.EXECUTIONS}*/model/*"
+        data, checkpoints = f"{layout.scratch}*/data/*", f"{layout.scratch}*/checkpoints/*"
+        models, outputs = f"{layout.base_models}*", f"{layout.executions}*/model/*"
         grant_objects(self.role, bucket, read=(data, models, checkpoints), write=(checkpoints, outputs),
                       delete=(checkpoints,))  # SageMaker's checkpoint sync mirrors pruned checkpoints
-        grant_list(self.role, bucket, data, models, checkpoints, f"{layout.SCRATCH}*/checkpoints", outputs)
-        # kms:Encrypt: OutputDataConfig.KmsKeyId's documentation asks the execution role for it.
-        grant_key(self.role, key, *ENCRYPT_OBJECTS, "kms:Encrypt", "kms:DescribeKey")
+        grant_list(self.role, bucket, data, models, checkpoints, f"{layout.scratch}*/checkpoints", outputs)
+        bucket_key = key if bucket_key is SAME else bucket_key
+        if bucket_key is not None:
+            # kms:Encrypt: OutputDataConfig.KmsKeyId's documentation asks the execution role for it.
+            grant_key(self.role, bucket_key, *ENCRYPT_OBJECTS, "kms:Encrypt", "kms:DescribeKey")
+        grant_key(self.role, key, "kms:DescribeKey")
         # SageMaker creates KMS grants for the job's encrypted volume; only AWS services may use this.
         self.role.add_to_policy(iam.PolicyStatement(
             actions=["kms:CreateGrant"], resources=[key.key_arn],
@@ -64,13 +69,13 @@ class TrainingRole(Construct):
                          "ec2:DescribeDhcpOptions", "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"],
                 resources=["*"],
             ))
-        bucket_arn = arn_of(bucket)
+        bucket_arn = in_finding(self, bucket.bucket_arn)
         acknowledge(self.role, {
             wildcard(f"Resource::{bucket_arn}/{data}"): SHARED_ROLE + "staged data of any execution",
             wildcard(f"Resource::{bucket_arn}/{checkpoints}"): SHARED_ROLE + "checkpoints of any execution (its attempts share them)",
             wildcard(f"Resource::{bucket_arn}/{outputs}"): SHARED_ROLE + "model output of any execution; registered "
                 "packages carry the SHA-256 of their model's manifest, so a later overwrite is detected",
-            wildcard(f"Resource::{bucket_arn}/{layout.BASE_MODELS}*"): "base models uploaded for jobs without network access",
+            wildcard(f"Resource::{bucket_arn}/{models}"): "base models uploaded for jobs without network access",
             wildcard("Resource::" + arn_in_finding(self, "logs", f"log-group:{TRAINING_LOG_GROUP}:*")):
                 "SageMaker names one log stream per training job and instance",
             wildcard("Resource::*"): "cloudwatch:PutMetricData and ecr:GetAuthorizationToken (and the VPC network-interface "

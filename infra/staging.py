@@ -11,13 +11,12 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
-from . import layout
 from .stage_data.execution import STATE_MACHINE_VARIABLE
 from .assets import lambda_code
 from .stage_data.handler import ASSET_MODULES, FUNCTION_TIMEOUT_S, HANDLER
 from .stage_data.request import Settings
-from .access import ENCRYPT_OBJECTS, grant_key, grant_list, grant_objects
-from .nag import acknowledge, arn_in_finding, arn_of, wildcard
+from .access import ENCRYPT_OBJECTS, SAME, Same, grant_key, grant_list, grant_objects
+from .nag import acknowledge, arn_in_finding, in_finding, wildcard
 from .workflow import execution_arns, state_machine_arn, state_machine_name
 
 MEMORY_MB = 2048
@@ -49,17 +48,24 @@ def python_function(scope: Construct, *, key: kms.IKey, handler: str, descriptio
 
 
 class StagingFunction(Construct):
-    """``self.function``: stages a running execution of the stack's workflow (``state_machine_name``):
-    reads ``incoming/``, writes new objects under ``scratch/<execution>/data/``."""
+    """``self.function``: stages a running execution of pipeline ``name``'s workflow
+    (``state_machine_name``): reads ``<prefix>incoming/``, writes new objects under
+    ``<prefix>scratch/<execution>/data/``."""
 
     def __init__(self, scope: Construct, construct_id: str, *, bucket: s3.IBucket, key: kms.IKey, settings: Settings,
-                 reserved_concurrency: int) -> None:
+                 reserved_concurrency: int, name: str | None = None, bucket_key: kms.IKey | None | Same = SAME) -> None:
+        """``key`` encrypts the function's logs; ``bucket_key`` the bucket's objects (the same key
+        by default; None: the bucket's default encryption). ``name``: the pipeline's (the stack's
+        by default)."""
         super().__init__(scope, construct_id)
+        stack = cdk.Stack.of(self)
+        name = name or stack.stack_name
+        layout = settings.layout
         # Reserved so that a burst of executions (each staging for up to 15 minutes) cannot take
         # the account's whole Lambda concurrency, and other functions cannot starve staging.
         self.function = python_function(
             self, key=key, handler=HANDLER,
-            environment=settings.environment() | {STATE_MACHINE_VARIABLE: state_machine_arn(cdk.Stack.of(self))},
+            environment=settings.environment() | {STATE_MACHINE_VARIABLE: state_machine_arn(stack, name)},
             memory_size=MEMORY_MB, ephemeral_storage_size=cdk.Size.gibibytes(10),
             timeout=cdk.Duration.seconds(FUNCTION_TIMEOUT_S),
             reserved_concurrent_executions=reserved_concurrency,
@@ -67,24 +73,24 @@ class StagingFunction(Construct):
             role_description="ftstack data staging: read incoming data, write staged channels, log",
         )
         role = self.function.role
-        staged = f"{layout.SCRATCH}*/data/*"
+        incoming, configs, staged = f"{layout.incoming}*", f"{layout.base_models}*/config.json", f"{layout.scratch}*/data/*"
         # No delete: each invocation writes new objects in a folder of its own, and a folder that a
         # failed or killed one leaves is never referenced (it expires with scratch/).
-        grant_objects(role, bucket, read=(f"{layout.INCOMING}*", f"{layout.BASE_MODELS}*/config.json"),  # a model's config only
-                      write=(staged,))
+        grant_objects(role, bucket, read=(incoming, configs), write=(staged,))  # of a base model, its config only
         # Listing lets S3 answer a missing upload with 404 (without it: 403, which the handler also
         # names); resume_from lists the checkpoints it continues from.
-        grant_list(role, bucket, f"{layout.INCOMING}*", f"{layout.BASE_MODELS}*", f"{layout.SCRATCH}*/checkpoints/*")
-        grant_key(role, key, *ENCRYPT_OBJECTS)
+        grant_list(role, bucket, incoming, f"{layout.base_models}*", f"{layout.scratch}*/checkpoints/*")
+        bucket_key = key if bucket_key is SAME else bucket_key
+        if bucket_key is not None:
+            grant_key(role, bucket_key, *ENCRYPT_OBJECTS)
         # The execution it stages, its name and its input come from Step Functions (issue 11, item 4).
-        stack = cdk.Stack.of(self)
         role.add_to_principal_policy(iam.PolicyStatement(actions=["states:DescribeExecution"],
-                                                         resources=[execution_arns(stack)]))
-        bucket_arn = arn_of(bucket)
+                                                         resources=[execution_arns(stack, name)]))
+        bucket_arn = in_finding(self, bucket.bucket_arn)
         acknowledge(role, {
-            wildcard(f"Resource::{bucket_arn}/{layout.INCOMING}*"): "the user's data files, named by the execution input",
-            wildcard(f"Resource::{bucket_arn}/{layout.BASE_MODELS}*/config.json"): "checks that an s3:// base model exists (its config.json only)",
-            wildcard(f"Resource::{bucket_arn}/{layout.SCRATCH}*/data/*"): "writes the staged channels of the running execution",
-            wildcard("Resource::" + arn_in_finding(self, "states", f"execution:{state_machine_name(stack)}:*")):
+            wildcard(f"Resource::{bucket_arn}/{incoming}"): "the user's data files, named by the execution input",
+            wildcard(f"Resource::{bucket_arn}/{configs}"): "checks that an s3:// base model exists (its config.json only)",
+            wildcard(f"Resource::{bucket_arn}/{staged}"): "writes the staged channels of the running execution",
+            wildcard("Resource::" + arn_in_finding(self, "states", f"execution:{state_machine_name(name)}:*")):
                 "describes the execution that invoked it, whose name is known at run time only (its own state machine's only)",
         })

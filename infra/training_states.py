@@ -157,19 +157,20 @@ def train_states(s: WorkflowSettings) -> dict[str, Any]:
         "AlgorithmSpecification": {
             "TrainingImage": "${TrainingImage}",
             "TrainingInputMode": "File",
-            "MetricDefinitions": [{"Name": d.name, "Regex": d.regex} for d in METRIC_DEFINITIONS],
+            "MetricDefinitions": [{"Name": d.name, "Regex": d.regex} for d in (*METRIC_DEFINITIONS, *s.extra_metrics)],
             "EnableSageMakerMetricsTimeSeries": True,
         },
         "HyperParameters.$": "$.staged.hyperparameters",
         "InputDataConfig.$": "$.job.channels.list",
-        "OutputDataConfig": {"S3OutputPath.$": "$.staged.output_uri", "KmsKeyId": "${KeyArn}", "CompressionType": "NONE"},
+        "OutputDataConfig": {"S3OutputPath.$": "$.staged.output_uri", "CompressionType": "NONE"}
+        | ({"KmsKeyId": "${BucketKeyArn}"} if s.encrypt_output else {}),
         "ResourceConfig.$": "$.job.resource",
         "StoppingCondition.$": "$.job.stopping",
         "EnableManagedSpotTraining.$": "$.staged.spot",
         "CheckpointConfig": {"S3Uri.$": "$.staged.checkpoint_uri", "LocalPath": str(CONTAINER_PATHS.checkpoints)},
         "EnableInterContainerTrafficEncryption.$": "$.job.encrypt_traffic",
         "EnableNetworkIsolation": s.network_isolation,
-        "Tags": [{"Key": "ftstack:execution", "Value.$": "$$.Execution.Name"}],
+        "Tags": [{"Key": "ftstack:execution", "Value.$": "$$.Execution.Name"}] + [{"Key": k, "Value": v} for k, v in s.tags],
     }
     if s.subnets:
         params["VpcConfig"] = {"Subnets": list(s.subnets), "SecurityGroupIds": list(s.security_groups)}

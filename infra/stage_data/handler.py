@@ -39,7 +39,6 @@ from typing import Any
 from ftstack_train import validation
 from ftstack_train.contract import TEST_CHANNEL, TRAIN_CHANNEL, hold_out_every
 
-from ..layout import checkpoint_prefix, model_prefix, staged_data_prefix
 
 # Re-exported: infra and the tests import the input checks from this module too.
 from .request import (  # noqa: F401
@@ -114,11 +113,11 @@ def stage(run: Execution, settings: Settings, s3: Any, deadline: Deadline | None
     request = check_input(run.input, settings)
     check_sagemaker_fields(execution, request)
     bucket = settings.bucket
-    size = _check_objects(s3, bucket, request)
+    size = _check_objects(s3, settings, request)
     # Before the data is read: a run that fits no instance type fails in seconds, not minutes.
     preflight = check_memory(request, settings, *base_model_shape(s3, bucket, request))
     attempt = _attempt_id()  # a new folder per invocation: a retry never writes where another did
-    prefixes = {channel: staged_data_prefix(execution, attempt, channel) for channel in (TRAIN_CHANNEL, TEST_CHANNEL)}
+    prefixes = {channel: settings.layout.staged_data_prefix(execution, attempt, channel) for channel in (TRAIN_CHANNEL, TEST_CHANNEL)}
     every = hold_out_every(request.test_split)
     with tempfile.TemporaryDirectory(prefix=_WORK_PREFIX) as tmp:
         train, test = _StagedFile(Path(tmp) / "train.jsonl"), _StagedFile(Path(tmp) / "test.jsonl")
@@ -139,7 +138,9 @@ def stage(run: Execution, settings: Settings, s3: Any, deadline: Deadline | None
                 f"train_data {_uri(bucket, request.train_key)}: {train.records + test.records} records are too few "
                 f"to hold out every {every}th as test data (test_split {request.test_split}); give test_data, a "
                 f"larger test_split, or at least {every} records")
-        extra = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": settings.key_arn, "ContentType": "application/jsonlines"}
+        extra = {"ContentType": "application/jsonlines"}
+        if settings.key_arn:  # else the bucket's default encryption (a brought bucket without a key of ours)
+            extra |= {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": settings.key_arn}
         for staged, channel in ((train, TRAIN_CHANNEL), (test, TEST_CHANNEL)):
             upload_new(s3, bucket, prefixes[channel] + staged.path.name, staged.path, extra, deadline)
     return {
@@ -154,9 +155,9 @@ def stage(run: Execution, settings: Settings, s3: Any, deadline: Deadline | None
         "instance_count": request.instance_count,
         "spot": request.spot,
         "job_name_prefix": job_name_prefix(settings.job_prefix, execution),
-        "output_uri": _uri(bucket, model_prefix(execution)),
-        "output_prefix": model_prefix(execution),
-        "checkpoint_uri": _uri(bucket, checkpoint_prefix(request.resume_from or execution)),
+        "output_uri": _uri(bucket, settings.layout.model_prefix(execution)),
+        "output_prefix": settings.layout.model_prefix(execution),
+        "checkpoint_uri": _uri(bucket, settings.layout.checkpoint_prefix(request.resume_from or execution)),
         "preflight": preflight,
     }
 
@@ -173,11 +174,12 @@ def _execution_name(run: Execution) -> str:
     return run.name
 
 
-def _check_objects(s3: Any, bucket: str, request: Request) -> int:
+def _check_objects(s3: Any, settings: Settings, request: Request) -> int:
     """Fails fast on a missing file or model, and on data over the limit or more than /tmp holds;
     returns the data's size."""
     from botocore.exceptions import ClientError
 
+    bucket = settings.bucket
     checks = [("train_data", request.train_key, "the file does not exist; upload it there, or check the URI "
                                                 "(keys are case-sensitive)")]
     if request.test_key is not None:
@@ -187,10 +189,10 @@ def _check_objects(s3: Any, bucket: str, request: Request) -> int:
                        "has no config.json; give the folder of a Hugging Face model directory (config.json, "
                        "tokenizer and weights)"))
     if request.resume_from is not None:
-        listed = s3.list_objects_v2(Bucket=bucket, Prefix=checkpoint_prefix(request.resume_from), MaxKeys=1)
+        listed = s3.list_objects_v2(Bucket=bucket, Prefix=settings.layout.checkpoint_prefix(request.resume_from), MaxKeys=1)
         if not listed.get("KeyCount"):
             raise InvalidInput(f"resume_from: execution {request.resume_from!r} left no checkpoints in "
-                               f"{_uri(bucket, checkpoint_prefix(request.resume_from))} (none was saved, or they "
+                               f"{_uri(bucket, settings.layout.checkpoint_prefix(request.resume_from))} (none was saved, or they "
                                "expired); start without resume_from")
     sizes = {}
     for field, key, fix in checks:

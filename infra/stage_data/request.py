@@ -21,7 +21,7 @@ from ftstack_train.config import MODEL_KEY, TOKENIZER_KEY, TrainConfig, batch_sp
 from ftstack_train.contract import is_hub_id
 from ftstack_train.errors import ConfigError
 
-from ..layout import BASE_MODELS, INCOMING
+from ..layout import BASE_MODELS, Layout
 from .fields import (
     DESCRIPTION, HYPERPARAMETER_KEY, HYPERPARAMETER_VALUE, LINE_TERMINATORS, METADATA_VALUE, MODEL_PACKAGE_DESCRIPTION,
     S3_URI, TAG_VALUE, Field,
@@ -72,13 +72,22 @@ class Settings:
     base_model: str
     test_split: float
     key_arn: str
-    """The stack's KMS key: staged data is encrypted with it, not with the account's aws/s3 key."""
+    """The bucket's KMS key: staged data is encrypted with it, not with the account's aws/s3 key;
+    empty for a brought bucket without one, whose default encryption then applies."""
     network_isolation: bool
-    """Training jobs have no network: a hub base model is refused here, before any instance starts."""
+    """Training jobs cannot reach the hub (network isolation, or a VPC without a route out): a hub
+    base model is refused here, before any instance starts."""
+    prefix: str = ""
+    """The pipeline's key prefix in the bucket (``infra.layout``)."""
 
     def __post_init__(self) -> None:
         for name in ("fallback_instance_types", "allowed_instance_types"):  # JSON gives lists: make them comparable
             object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @property
+    def layout(self) -> Layout:
+        """Where the pipeline's objects live in the bucket."""
+        return Layout(self.prefix)
 
     def environment(self) -> dict[str, str]:
         """The function's environment variables that ``from_env`` reads back (the stack sets them)."""
@@ -100,6 +109,10 @@ class Settings:
             raise fail(f"SETTINGS is not the expected JSON object ({exc})") from None
         if not _JOB_PREFIX.match(settings.job_prefix) or len(settings.job_prefix) > MAX_JOB_NAME_PREFIX - 10:
             raise fail(f"job_prefix {settings.job_prefix!r} must be 1-42 letters, digits or single hyphens")
+        try:
+            settings.layout
+        except ValueError as exc:
+            raise fail(str(exc)) from None
         return settings
 
 
@@ -155,7 +168,7 @@ def check_input(data: Any, settings: Settings) -> Request:
     """Checks everything about the execution input that needs no S3 access; raises InvalidInput."""
     if not isinstance(data, Mapping):
         raise InvalidInput('the execution input must be a JSON object, e.g. {"train_data": '
-                           f'"s3://{settings.bucket}/{INCOMING}train.jsonl"}}')
+                           f'"s3://{settings.bucket}/{settings.layout.incoming}train.jsonl"}}')
     unknown = sorted(set(data) - set(INPUT_KEYS))
     if unknown:
         close = difflib.get_close_matches(unknown[0], INPUT_KEYS, n=1)
@@ -163,13 +176,13 @@ def check_input(data: Any, settings: Settings) -> Request:
         raise InvalidInput(f"{unknown[0]}: unknown key in the execution input; {hint}")
     if not isinstance(data.get("train_data"), str):
         raise InvalidInput(f"train_data is required: the s3:// URI of the training JSONL, uploaded under "
-                           f"s3://{settings.bucket}/{INCOMING}")
-    train_key = _data_key("train_data", data["train_data"], settings.bucket)
+                           f"s3://{settings.bucket}/{settings.layout.incoming}")
+    train_key = _data_key("train_data", data["train_data"], settings)
     test_key = None
     if "test_data" in data:
         if "test_split" in data:
             raise InvalidInput("test_split: give test_data or test_split, not both")
-        test_key = _data_key("test_data", data["test_data"], settings.bucket)
+        test_key = _data_key("test_data", data["test_data"], settings)
         if test_key == train_key:
             raise InvalidInput("test_data: is the same file as train_data; give a separate test file, "
                                "or leave test_data out to hold out part of train_data")
@@ -177,10 +190,10 @@ def check_input(data: Any, settings: Settings) -> Request:
     if isinstance(test_split, bool) or not isinstance(test_split, (int, float)) or not 0 < test_split <= 0.5:
         raise InvalidInput(f"test_split: {test_split!r} is not a number above 0 and at most 0.5; e.g. 0.05 "
                            "holds out every 20th record")
-    base_model, base_model_key = _base_model(data.get("base_model", settings.base_model), settings.bucket)
+    base_model, base_model_key = _base_model(data.get("base_model", settings.base_model), settings)
     hyperparameters, cfg = _hyperparameters(data.get("hyperparameters", {}), base_model)
     if settings.network_isolation:
-        _check_isolated(cfg, base_model_key, settings.bucket)
+        _check_isolated(cfg, base_model_key, settings)
     instance_types = _instance_types(data.get("instance_type", settings.instance_type), settings)
     instance_count = _instance_count(data.get("instance_count", settings.instance_count), settings)
     _check_batches(cfg, instance_types, instance_count)
@@ -241,15 +254,16 @@ def _check_batches(cfg: TrainConfig, instance_types: list[str], instance_count: 
             ) from None
 
 
-def _data_key(field: str, value: Any, bucket: str) -> str:
-    example = f"s3://{bucket}/{INCOMING}{'train' if field == 'train_data' else 'test'}.jsonl"
+def _data_key(field: str, value: Any, settings: Settings) -> str:
+    bucket, incoming = settings.bucket, settings.layout.incoming
+    example = f"s3://{bucket}/{incoming}{'train' if field == 'train_data' else 'test'}.jsonl"
     if not isinstance(value, str):
-        raise InvalidInput(f"{field}: must be an s3:// URI of a JSONL file under s3://{bucket}/{INCOMING}, e.g. {example}")
+        raise InvalidInput(f"{field}: must be an s3:// URI of a JSONL file under s3://{bucket}/{incoming}, e.g. {example}")
     got_bucket, key = _split_uri(value)
-    if got_bucket != bucket or not key.startswith(INCOMING):
-        raise InvalidInput(f"{field}: {value!r} is not under s3://{bucket}/{INCOMING}, the only place the "
+    if got_bucket != bucket or not key.startswith(incoming):
+        raise InvalidInput(f"{field}: {value!r} is not under s3://{bucket}/{incoming}, the only place the "
                            f"workflow reads data from; upload the file there and give its URI, e.g. {example}")
-    if key == INCOMING or key.endswith("/"):
+    if key == incoming or key.endswith("/"):
         raise InvalidInput(f"{field}: {value!r} is a folder; give the URI of one JSONL file, e.g. {example}")
     return key
 
@@ -259,25 +273,26 @@ def _split_uri(value: str) -> tuple[str | None, str]:
     return (match.group(1), match.group(2)) if match else (None, "")
 
 
-def _base_model(value: Any, bucket: str) -> tuple[str, str | None]:
+def _base_model(value: Any, settings: Settings) -> tuple[str, str | None]:
     """(name, key prefix in the bucket or None for a hub id)."""
+    bucket, base_models = settings.bucket, settings.layout.base_models
     if isinstance(value, str) and value.startswith("s3://"):
         got_bucket, key = _split_uri(value)
-        if got_bucket != bucket or not key.startswith(BASE_MODELS) or not key[len(BASE_MODELS):].strip("/"):
-            raise InvalidInput(f"base_model: {value!r} is not a folder under s3://{bucket}/{BASE_MODELS}, where the "
+        if got_bucket != bucket or not key.startswith(base_models) or not key[len(base_models):].strip("/"):
+            raise InvalidInput(f"base_model: {value!r} is not a folder under s3://{bucket}/{base_models}, where the "
                                f"training jobs read base models; copy the Hugging Face model directory to "
-                               f"s3://{bucket}/{BASE_MODELS}<name>/ and give that URI")
+                               f"s3://{bucket}/{base_models}<name>/ and give that URI")
         key = key.rstrip("/") + "/"
         return _uri(bucket, key), key
     if not is_hub_id(value):
         raise InvalidInput(f"base_model: {value!r} is neither a Hugging Face hub id (e.g. mosaicml/mpt-7b) nor an "
-                           f"s3:// URI of a model directory under s3://{bucket}/{BASE_MODELS}")
+                           f"s3:// URI of a model directory under s3://{bucket}/{base_models}")
     return value, None
 
 
-def _check_isolated(cfg: TrainConfig, base_model_key: str | None, bucket: str) -> None:
+def _check_isolated(cfg: TrainConfig, base_model_key: str | None, settings: Settings) -> None:
     """With network isolation the job cannot reach the hub: every source must be in S3."""
-    fix = (f"copy the Hugging Face model directory to s3://{bucket}/{BASE_MODELS}<name>/ (`ftstack stage-model`) "
+    fix = (f"copy the Hugging Face model directory to s3://{settings.bucket}/{settings.layout.base_models}<name>/ (`ftstack stage-model`) "
            "and give that URI as base_model; this deployment runs training with network_isolation")
     if base_model_key is None:
         raise InvalidInput(f"base_model: {cfg.model!r} is a hub id, which a training job without network "

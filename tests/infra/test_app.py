@@ -136,7 +136,7 @@ def test_channels_paths_and_output_agree_with_the_training_code(definition):
     assert f"/output/model/{METRICS_FILE}'" in located["metrics_uri.$"]
     source = states["Register"]["Parameters"]["InferenceSpecification"]["Containers"][0]["ModelDataSource"]["S3DataSource"]
     assert source["S3DataType"] == "S3Prefix" and source["CompressionType"] == "None" and source["S3Uri.$"] == "$.model.uri"
-    assert layout.model_prefix("x").startswith(layout.EXECUTIONS) and layout.checkpoint_prefix("x").startswith(layout.SCRATCH)
+    assert layout.Layout().model_prefix("x").startswith(layout.EXECUTIONS) and layout.Layout().checkpoint_prefix("x").startswith(layout.SCRATCH)
 
 
 def test_the_workflows_hyperparameters_parse_with_the_training_config():

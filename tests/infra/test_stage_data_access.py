@@ -21,6 +21,6 @@ def test_a_forbidden_head_names_the_file_and_the_fix(code):
         stub.add_client_error("head_object", service_error_code=code, http_status_code=403,
                               expected_params={"Bucket": BUCKET, "Key": "incoming/missing.jsonl"})
         with pytest.raises(InvalidInput) as error:
-            handler._check_objects(s3, BUCKET, request)
+            handler._check_objects(s3, staging_settings(), request)
     assert str(error.value).startswith(f"train_data: s3://{BUCKET}/incoming/missing.jsonl: S3 refused it (403): it does "
                                        "not exist, or it is encrypted with a KMS key other than the stack's")

@@ -14,7 +14,8 @@ from aws_cdk.assertions import Match, Template
 
 from ftstack.infra.definition import PLACEHOLDERS, WorkflowSettings
 from ftstack.infra.storage import Storage
-from ftstack.infra.workflow import TASK_ACTIONS, FineTuningWorkflow
+from ftstack.infra.layout import Layout
+from ftstack.infra.workflow import TASK_ACTIONS, FineTuningWorkflow, WorkflowResources
 
 SETTINGS = WorkflowSettings(region="us-east-1", volume_size_gb=200, max_runtime_s=3600, max_wait_s=7200, max_instance_count=2,
                             network_isolation=True, subnets=("subnet-1",), security_groups=("sg-1",),
@@ -29,10 +30,12 @@ def build(stack: cdk.Stack) -> FineTuningWorkflow:
     role = iam.Role(stack, "TrainingRole", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"))
     function = lambda_.Function(stack, "Fn", runtime=lambda_.Runtime.PYTHON_3_14, handler="x.handler", code=lambda_.Code.from_inline("def handler(e, c): pass"))
     return FineTuningWorkflow(
-        stack, "Workflow", settings=SETTINGS, bucket=storage.bucket, key=storage.key, training_role=role,
-        training_image="123456789012.dkr.ecr.us-east-1.amazonaws.com/train:1", inference_image="763104351884.dkr.ecr.us-east-1.amazonaws.com/tgi:1",
-        staging_function=function, topic=sns.Topic(stack, "Topic"), model_package_group="FtStack-Models", job_prefix="ftstack",
-        instance_types=INSTANCE_TYPES,
+        stack, "Workflow", name="ftstack", layout=Layout(), settings=SETTINGS, job_prefix="ftstack", instance_types=INSTANCE_TYPES,
+        resources=WorkflowResources(
+            bucket=storage.bucket, key=storage.key, bucket_key=storage.bucket_key, training_role=role,
+            training_image="123456789012.dkr.ecr.us-east-1.amazonaws.com/train:1",
+            inference_image="763104351884.dkr.ecr.us-east-1.amazonaws.com/tgi:1", staging_function=function,
+            topic=sns.Topic(stack, "Topic"), model_package_group="FtStack-Models"),
     )
 
 
@@ -84,7 +87,7 @@ def test_assumed_by_step_functions_only_for_this_state_machine(template):
     (trust,) = role["Properties"]["AssumeRolePolicyDocument"]["Statement"]
     assert set(trust["Condition"]) == {"StringEquals", "ArnLike"}
     assert set(trust["Condition"]["StringEquals"]) == {"aws:SourceAccount"}
-    assert json.dumps(trust["Condition"]["ArnLike"]["aws:SourceArn"]).endswith(':stateMachine:Test-workflow"]]}')
+    assert json.dumps(trust["Condition"]["ArnLike"]["aws:SourceArn"]).endswith(':stateMachine:ftstack-workflow"]]}')
 
 
 def test_the_execution_log_is_kept_when_the_stack_is_deleted(template):

@@ -39,7 +39,7 @@ SETTINGS = WorkflowSettings(
     volume_kms_instance_types=("ml.p3.16xlarge", "ml.p3.2xlarge"),
 )
 VALUES = {
-    "Bucket": BUCKET, "KeyArn": KEY_ARN,
+    "Bucket": BUCKET, "KeyArn": KEY_ARN, "BucketKeyArn": KEY_ARN,
     "TrainingRoleArn": f"arn:aws:iam::{ACCOUNT}:role/ftstack-TrainingRole",
     "TrainingImage": f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/cdk-hnb659fds-container-assets:abc123",
     "InferenceImage": f"763104351884.dkr.ecr.{REGION}.amazonaws.com/huggingface-pytorch-tgi-inference:2.4.0-tgi2.3.1-gpu-py311-cu124-ubuntu22.04",
