@@ -28,6 +28,9 @@ OUTPUTS = {
 }
 """The stack's CfnOutputs (infra/stack.py) the CLI reads, by attribute of ``StackOutputs``."""
 
+DATA_PREFIX = "DataPrefix"
+"""The optional output with the pipeline's folder in a shared bucket (none: the bucket's root)."""
+
 TRAINING_LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 """Where SageMaker writes every training job's logs, one stream per host: ``<job>/algo-N-...``."""
 
@@ -126,6 +129,8 @@ class StackOutputs:
     """Where successful runs register their models."""
     topic_arn: str
     """Run notifications."""
+    prefix: str = ""
+    """The pipeline's folder in the bucket (``DataPrefix``; '' when the bucket is its own)."""
 
     def execution_arn(self, name: str) -> str:
         """The ARN of this workflow's execution ``name``."""
@@ -155,7 +160,8 @@ def find_stack(boto: Any, stack: str) -> StackOutputs:
         hint = (f"it is {status}; wait for the deployment to finish" if status.endswith("IN_PROGRESS")
                 else "it was deployed by an older ftstack; redeploy it from this version (`npx cdk deploy`)")
         raise AwsError(f"stack {stack!r} in {region} has no output {', '.join(missing)}: {hint}")
-    return StackOutputs(stack=stack, region=region, **{attr: outputs[key] for attr, key in OUTPUTS.items()})
+    return StackOutputs(stack=stack, region=region, prefix=outputs.get(DATA_PREFIX, ""),
+                        **{attr: outputs[key] for attr, key in OUTPUTS.items()})
 
 
 def execution_console_link(region: str, execution_arn: str) -> str:

@@ -84,10 +84,10 @@ def check_local(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
 
 def _data_uri(s3: Any, outputs: StackOutputs, option: str, value: str) -> str:
     if _is_uri(value):
-        check_data_uri(option, value, outputs.bucket)
+        check_data_uri(option, value, outputs.bucket, outputs.prefix)
         object_exists(s3, option, value)
         return value
-    done = upload_file(s3, outputs.bucket, Path(value))
+    done = upload_file(s3, outputs.bucket, Path(value), prefix=outputs.prefix)
     print(f"{'uploaded' if done.uploaded else 'already in S3 (same SHA-256)'}: {value} -> {done.uri}", file=sys.stderr)
     return done.uri
 
@@ -112,7 +112,7 @@ def start_run(args: argparse.Namespace) -> int:
     outputs = find_stack(boto, args.stack)
     s3 = boto.client("s3")
     if args.base_model and _is_uri(args.base_model):
-        check_base_model_uri(args.base_model, outputs.bucket, s3)
+        check_base_model_uri(args.base_model, outputs.bucket, s3, outputs.prefix)
     train = _data_uri(s3, outputs, "--train", args.train)
     test = _data_uri(s3, outputs, "--test", args.test) if args.test else None
     execution_input = build_input(args, train, test, hyperparameters)

@@ -166,10 +166,10 @@ def _check_no_strangers(bucket: str, prefix: str, there: set[str], files: list[M
                        f"under another --name, or delete that folder first (`aws s3 rm --recursive s3://{bucket}/{prefix}`)")
 
 
-def stage(s3: Any, bucket: str, name: str, files: list[ModelFile], *, out: TextIO = sys.stderr) -> Staged:
-    """Uploads ``files`` to ``base-models/<name>/`` (skipping those already there with the same SHA-256),
-    checks every object, then writes the manifest."""
-    prefix = f"{BASE_MODELS}{name}/"
+def stage(s3: Any, bucket: str, name: str, files: list[ModelFile], *, out: TextIO = sys.stderr, pipeline_prefix: str = "") -> Staged:
+    """Uploads ``files`` to ``<prefix>base-models/<name>/`` (skipping those already there with the
+    same SHA-256), checks every object, then writes the manifest."""
+    prefix = f"{pipeline_prefix}{BASE_MODELS}{name}/"
     digests = {f.relative: sha256_file(f.path) for f in files}
     with aws_errors(f"staging the model in s3://{bucket}/{prefix}"):
         there = _staged_keys(s3, bucket, prefix)
@@ -205,7 +205,7 @@ def stage_model(args: argparse.Namespace) -> int:
     outputs = find_stack(boto, args.stack)
     if files is None:  # a hub id: downloaded once the stack is known to be there
         files = model_files(download(args.source, Path(BASE_MODELS) / name))
-    staged = stage(boto.client("s3"), outputs.bucket, name, files)
+    staged = stage(boto.client("s3"), outputs.bucket, name, files, pipeline_prefix=outputs.prefix)
     if args.json:
         print(json.dumps({"uri": staged.uri, "uploaded": list(staged.uploaded), "skipped": list(staged.skipped),
                           "bytes": staged.total_bytes}))

@@ -51,9 +51,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def incoming_key(path: Path, digest: str) -> str:
-    """``incoming/<digest[:16]>/<name>``: one key per content, keeping the file's name for people."""
-    return f"{INCOMING}{digest[:16]}/{path.name}"
+def incoming_key(path: Path, digest: str, prefix: str = "") -> str:
+    """``<prefix>incoming/<digest[:16]>/<name>``: one key per content, keeping the file's name for
+    people (``prefix``: the pipeline's folder in a shared bucket)."""
+    return f"{prefix}{INCOMING}{digest[:16]}/{path.name}"
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -62,11 +63,12 @@ def split_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def check_data_uri(option: str, uri: str, bucket: str) -> None:
+def check_data_uri(option: str, uri: str, bucket: str, prefix: str = "") -> None:
     """An s3:// data URI must name one object under the stack's ``incoming/``, as the workflow requires."""
     got, key = split_uri(uri)
-    if got != bucket or not key.startswith(INCOMING) or key.endswith("/") or key == INCOMING:
-        raise AwsError(f"{option} {uri}: the workflow reads data only from s3://{bucket}/{INCOMING}; give a local "
+    incoming = prefix + INCOMING
+    if got != bucket or not key.startswith(incoming) or key.endswith("/") or key == incoming:
+        raise AwsError(f"{option} {uri}: the workflow reads data only from s3://{bucket}/{incoming}; give a local "
                        f"file (ftstack uploads it there) or the URI of one JSONL object under that prefix")
 
 
@@ -75,17 +77,18 @@ STAGED_MANIFEST = ".ftstack-staged.json"
 partly staged (an interrupted or changing copy)."""
 
 
-def check_base_model_uri(uri: str, bucket: str, s3: Any | None = None) -> None:
+def check_base_model_uri(uri: str, bucket: str, s3: Any | None = None, prefix: str = "") -> None:
     """An s3:// base model must be a folder under the stack's ``base-models/``; with ``s3``, one
     that ``ftstack stage-model`` finished staging."""
     got, key = split_uri(uri)
-    if got != bucket or not key.startswith(BASE_MODELS) or not key[len(BASE_MODELS):].strip("/"):
-        raise AwsError(f"--base-model {uri}: training jobs read base models only from s3://{bucket}/{BASE_MODELS}<name>/; "
+    base_models = prefix + BASE_MODELS
+    if got != bucket or not key.startswith(base_models) or not key[len(base_models):].strip("/"):
+        raise AwsError(f"--base-model {uri}: training jobs read base models only from s3://{bucket}/{base_models}<name>/; "
                        "copy the model folder there (ftstack stage-model) or give a Hugging Face hub id")
     if s3 is not None:
-        name = key[len(BASE_MODELS):].strip("/")
+        name = key[len(base_models):].strip("/")
         with aws_errors(f"--base-model {uri}"):
-            if not s3.list_objects_v2(Bucket=bucket, Prefix=f"{BASE_MODELS}{name}/{STAGED_MANIFEST}", MaxKeys=1).get("KeyCount"):
+            if not s3.list_objects_v2(Bucket=bucket, Prefix=f"{base_models}{name}/{STAGED_MANIFEST}", MaxKeys=1).get("KeyCount"):
                 raise AwsError(f"--base-model {uri}: not completely staged (no {STAGED_MANIFEST}: the copy was interrupted, "
                                f"is changing, or was not made by ftstack); run ftstack stage-model DIR --name {name}")
 
@@ -113,14 +116,14 @@ def stored_digest(s3: Any, bucket: str, key: str) -> str | None:
     return head.get("Metadata", {}).get(DIGEST_METADATA)
 
 
-def upload_file(s3: Any, bucket: str, path: Path, *, out: TextIO = sys.stderr) -> Uploaded:
-    """Uploads ``path`` under ``incoming/`` unless the same content is there already.
+def upload_file(s3: Any, bucket: str, path: Path, *, out: TextIO = sys.stderr, prefix: str = "") -> Uploaded:
+    """Uploads ``path`` under ``<prefix>incoming/`` unless the same content is there already.
 
     boto3's managed transfer splits files over its threshold (8 MB) into parts sent in parallel
     and retried one by one; a progress line goes to ``out`` when it is a terminal.
     """
     digest = sha256_file(path)
-    key = incoming_key(path, digest)
+    key = incoming_key(path, digest, prefix)
     uri = f"s3://{bucket}/{key}"
     with aws_errors(f"uploading {path} to {uri}"):
         if stored_digest(s3, bucket, key) == digest:

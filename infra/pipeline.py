@@ -13,7 +13,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
-from ftstack.aws import OUTPUTS
+from ftstack.aws import DATA_PREFIX, OUTPUTS
 from ftstack_train.contract import DEFAULT_TEST_SPLIT
 
 from .assets import training_context
@@ -36,8 +36,6 @@ from .storage import Storage, scratch_days_for
 from .training_image import TrainingImage
 from .workflow import FineTuningWorkflow, WorkflowResources
 
-DATA_PREFIX_OUTPUT = "DataPrefix"
-"""The output with the pipeline's prefix in the bucket (only when it has one)."""
 
 
 class FineTuningPipeline(Construct):
@@ -146,7 +144,7 @@ class FineTuningPipeline(Construct):
         ):
             cdk.CfnOutput(stack, name, value=value, description=description)
         if self.layout.prefix:  # CloudFormation takes no empty output; the CLI reads a missing one as ''
-            cdk.CfnOutput(stack, DATA_PREFIX_OUTPUT, value=self.layout.prefix, description="The pipeline's folder in the bucket")
+            cdk.CfnOutput(stack, DATA_PREFIX, value=self.layout.prefix, description="The pipeline's folder in the bucket")
         registry = registry_of(self.base_image) if self.base_image else None
         if registry:  # the image asset builds FROM the base image: Docker must be logged in to its registry
             cdk.CfnOutput(stack, "BaseImageLogin", value=registry.login_command,

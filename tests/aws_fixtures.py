@@ -15,7 +15,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from ftstack.aws import OUTPUTS
+from ftstack.aws import DATA_PREFIX, OUTPUTS
 from ftstack.cli import main
 
 REGION = "us-east-1"
@@ -49,7 +49,8 @@ def _definition(role: str) -> dict:
 
 def _template(state_machine: str, outputs: tuple[str, ...]) -> str:
     values = {"BucketName": BUCKET, "StateMachineArn": state_machine, "ModelPackageGroupName": "ftstack-models",
-              "TrainingImageUri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/t:1", "TopicArn": {"Ref": "Topic"}}
+              "TrainingImageUri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/t:1", "TopicArn": {"Ref": "Topic"},
+              "DataPrefix": "team-a/"}
     return json.dumps({"Resources": {"Topic": {"Type": "AWS::SNS::Topic"}},
                        "Outputs": {key: {"Value": values[key]} for key in outputs}})
 
@@ -75,6 +76,9 @@ def stack(monkeypatch, tmp_path):
         cloudformation.create_stack(StackName="ftstack", TemplateBody=_template(machine, tuple(OUTPUTS.values()) + (
             "TrainingImageUri",)))
         cloudformation.create_stack(StackName="old", TemplateBody=_template(machine, ("BucketName",)))
+        # A pipeline in a folder of a shared bucket (FineTuningPipelineProps.prefix).
+        cloudformation.create_stack(StackName="team-a", TemplateBody=_template(machine, tuple(OUTPUTS.values()) + (
+            "TrainingImageUri", DATA_PREFIX)))
         yield boto, machine, key
 
 

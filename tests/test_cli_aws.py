@@ -413,3 +413,19 @@ def test_following_logs_shows_an_event_that_arrives_after_a_later_one(stack, cap
     logs.put_log_events(logGroupName=group, logStreamName="job-a0/algo-2-1", logEvents=[{"timestamp": now + 5, "message": "earlier"}])
     executions.print_log_events(logs, "job-a0", start, seen)
     assert capsys.readouterr().out.splitlines() == ["[algo-1-1] later", "[algo-2-1] earlier"]
+
+
+def test_a_pipeline_in_a_shared_bucket_gets_its_uploads_in_its_folder(stack, tmp_path, capsys):
+    """A stack whose pipeline has a prefix (its DataPrefix output): uploads go under
+    <prefix>incoming/, and a URI outside that folder is refused before anything starts."""
+    boto, machine, _ = stack
+    train, _ = _files(tmp_path)
+    code, out, err = run_cli(capsys, "start", "--stack", "team-a", "--train", str(train), "--name", "shared1")
+    assert code == 0, err
+    found = boto.client("stepfunctions").describe_execution(executionArn=f"{machine.replace(':stateMachine:', ':execution:')}:shared1")
+    assert re.fullmatch(f"s3://{BUCKET}/team-a/incoming/[0-9a-f]{{16}}/train.jsonl", json.loads(found["input"])["train_data"])
+    code, _, err = run_cli(capsys, "start", "--stack", "team-a", "--train", f"s3://{BUCKET}/incoming/other.jsonl")
+    assert code != 0 and f"s3://{BUCKET}/team-a/incoming/" in err
+    code, _, err = run_cli(capsys, "start", "--stack", "team-a", "--train", str(train),
+                           "--base-model", f"s3://{BUCKET}/base-models/tiny/")
+    assert code != 0 and f"s3://{BUCKET}/team-a/base-models/<name>/" in err
