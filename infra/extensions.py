@@ -78,7 +78,9 @@ def reads_outside_input(point: str, graph: Mapping[str, Any]) -> list[str]:
     if start.get("InputPath") not in (None, "$"):
         texts = [start["InputPath"]]
     else:
-        texts = [value for key, value in _strings(start) if key.endswith(".$") or key in ("Variable", "ItemsPath")]
+        # A ResultSelector reads the task's result (a LambdaInvoke's $.Payload), not its input.
+        reads = {k: v for k, v in start.items() if k != "ResultSelector"}
+        texts = [value for key, value in _strings(reads) if key.endswith(".$") or key in ("Variable", "ItemsPath")]
     return [f"{graph['StartAt']}: $.{name}" for text in texts for name in _READ.findall(text) if name not in given]
 
 
