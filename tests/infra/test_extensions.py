@@ -1,0 +1,153 @@
+"""The extension points, driven in moto's interpreter with their real Parameters.
+
+A platform team's steps are real CDK chainables (``LambdaInvoke`` on imported functions, a
+``Pass``), turned into state graphs exactly as ``FineTuningPipeline`` does (``_extension_graphs``
+on real props), and run inside the deployed definition (``test_workflow_behaviour.run``): the
+staging Lambda is the real handler, every request is checked against botocore's model, and the
+extension functions answer by their FunctionName. Then: the synth-time check of what a first step
+reads, and the permissions the workflow role gets for the steps' tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+
+import aws_cdk as cdk
+import pytest
+from aws_cdk import aws_ecr as ecr
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_stepfunctions as sfn
+from aws_cdk import aws_stepfunctions_tasks as tasks
+from aws_cdk.assertions import Template
+from botocore.response import StreamingBody
+
+from ftstack.infra.extensions import EXTENSION_INPUTS, input_keys
+from ftstack.infra.options import PropsError
+from ftstack.infra.pipeline import FineTuningPipeline, _extension_graphs
+from ftstack.infra.props import EcrImage, FineTuningPipelineProps
+from ftstack.infra.settings import ExtraMetric, GateCondition
+
+from conftest import TEST_ENV
+from iam_model import allows, resolve, resolved_resources, role_assumed_by, role_statements
+from test_workflow_behaviour import (  # noqa: F401 (step_functions_as_documented: an autouse fixture)
+    ACCOUNT, BUCKET, GOOD_INPUT, MANIFEST_DIGEST, REGION, RUN1, SETTINGS, VALUES, entered, messages, run, staging_lambda,
+    step_functions_as_documented,
+)
+
+SCAN = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:pii-scan"
+EVALUATE = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:evaluate"
+TICKET = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:open-ticket"
+GATE = (GateCondition(metric="accuracy", at_least=0.8),)
+TAGS = {"team": "search", "cost-center": "ml-42"}
+EXTRA = (ExtraMetric(name="pii_rate", regex=r"pii_rate=([0-9.]+)"),)
+FINAL = {"eval_cross_entropy": 1.2, "eval_perplexity": 3.32, "step": 90, "model_manifest_sha256": MANIFEST_DIGEST}
+"""What the training job writes to final-metrics.json (``run``'s default)."""
+MODEL_URI = f"s3://{BUCKET}/executions/run1/model/{RUN1}-a0/output/model/"
+PACKAGE = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:model-package/ftstack-models/1"
+
+
+def stack() -> cdk.Stack:
+    return cdk.Stack(cdk.App(), "Team", env=TEST_ENV)
+
+
+def steps(scope: cdk.Stack) -> dict[str, sfn.IChainable]:
+    """One step per point, as a platform team writes them."""
+    def function(name: str, arn: str) -> lambda_.IFunction:
+        return lambda_.Function.from_function_arn(scope, name, arn)
+
+    return {
+        # The function's answer is the step's output; it receives the state as it is.
+        "after_staging": tasks.LambdaInvoke(scope, "ScanForPii", lambda_function=function("Scan", SCAN),
+                                            payload_response_only=True),
+        # The Lambda integration (lambda:invoke): the payload is the state, the metrics are picked out.
+        "evaluate": tasks.LambdaInvoke(scope, "RunEvaluation", lambda_function=function("Evaluate", EVALUATE),
+                                       result_selector={"metrics.$": "$.Payload.metrics"}),
+        # Two steps: the first shapes the ticket from the documented input, the second opens it.
+        "after_registration": sfn.Pass(scope, "DescribeTicket", parameters={
+            "title": sfn.JsonPath.format("Review {}", sfn.JsonPath.string_at("$.model_package_arn")),
+            "model.$": "$.model_uri", "eval_cross_entropy.$": "$.training_metrics.eval_cross_entropy",
+        }).next(tasks.LambdaInvoke(scope, "OpenTicket", lambda_function=function("Ticket", TICKET),
+                                   payload_response_only=True)),
+    }
+
+
+@pytest.fixture(scope="module")
+def props() -> FineTuningPipelineProps:
+    return FineTuningPipelineProps(name="ftstack", gate=GATE, tags=TAGS, extra_metrics=EXTRA, **steps(stack()))
+
+
+@pytest.fixture(scope="module")
+def settings(props):
+    """The workflow settings of ``props``, as the pipeline makes them from its props."""
+    graphs, _ = _extension_graphs(props)
+    return dataclasses.replace(SETTINGS, extensions=graphs, gate=props.gate, tags=tuple(props.tags.items()),
+                               extra_metrics=props.extra_metrics)
+
+
+# --- the extension functions, answered by FunctionName --------------------------------------------
+
+def answered(body, error: str | None = None):
+    payload = json.dumps(body).encode()
+    response = {"StatusCode": 200, "Payload": StreamingBody(io.BytesIO(payload), len(payload)), "ExecutedVersion": "$LATEST"}
+    return response | ({"FunctionError": error} if error else {})
+
+
+def functions(**by_arn):
+    """The Invoke answer: the real staging handler for the staging function, ``by_arn[...]``'s
+    answer (a callable on the payload) for an extension function."""
+    staging = staging_lambda()
+    replies = {SCAN: by_arn.get("scan", lambda event: {"pii_found": 0}),
+               EVALUATE: by_arn.get("evaluate", lambda event: {"metrics": {"accuracy": 0.91, "bleu": 31.5}}),
+               TICKET: by_arn.get("ticket", lambda event: {"ticket": "OPS-7"})}
+
+    def invoke(request: dict) -> dict:
+        if request["FunctionName"] == VALUES["StagingFunctionArn"]:
+            return staging(request)
+        reply = replies[request["FunctionName"]](json.loads(request["Payload"]))
+        return answered(*reply) if isinstance(reply, tuple) else answered(reply)
+    return invoke
+
+
+def failing(error: str, message: str):
+    return lambda event: ({"errorType": error, "errorMessage": message}, "Unhandled")
+
+
+def payloads(calls, arn: str) -> list[dict]:
+    return [json.loads(c.params["Payload"]) for c in calls.of("lambda", "Invoke") if c.params["FunctionName"] == arn]
+
+
+def exited(events: list[dict], state: str) -> dict:
+    (output,) = [json.loads(e["stateExitedEventDetails"]["output"]) for e in events
+                 if e.get("stateExitedEventDetails", {}).get("name") == state]
+    return output
+
+
+# --- in the interpreter ---------------------------------------------------------------------------
+
+def test_each_point_runs_in_order_with_its_documented_input_and_evaluate_reaches_the_gate(settings):
+    result, events, calls = run({"invoke": [functions()]}, GOOD_INPUT, settings=settings)
+    assert result["status"] == "SUCCEEDED", result
+    states = entered(events)
+    order = ["StageData", "AfterStaging", "ScanForPii", "Train", "PollJob", "ReadMetrics", "Evaluate", "RunEvaluation",
+             "QualityGate", "Register", "AfterRegistration", "DescribeTicket", "OpenTicket", "NotifySuccess"]
+    assert list(dict.fromkeys(s for s in states if s in order)) == order, states
+    assert all(states.count(s) == 1 for s in order if s != "PollJob"), states
+    staged = exited(events, "Staged")["staged"]
+    assert payloads(calls, SCAN) == [{
+        "execution": "run1", "bucket": BUCKET, "train": staged["train"], "test": staged["test"],
+        "dataset_sha256": staged["dataset_sha256"], "base_model": staged["base_model"]["name"],
+        "hyperparameters": staged["hyperparameters"],
+    }]
+    assert payloads(calls, EVALUATE) == [{
+        "execution": "run1", "bucket": BUCKET, "training_job": f"{RUN1}-a0", "model_uri": MODEL_URI,
+        "training_metrics": FINAL, "test": staged["test"], "base_model": staged["base_model"]["name"],
+    }]
+    assert payloads(calls, TICKET) == [{"title": f"Review {PACKAGE}", "model": MODEL_URI, "eval_cross_entropy": 1.2}]
+    (register,) = calls.of("sagemaker", "CreateModelPackage")
+    metadata = register.params["CustomerMetadataProperties"]
+    assert metadata["evaluate.accuracy"] == "0.91" and "evaluate.bleu" not in metadata  # only what the gate reads
+    final = json.loads(result["output"])
+    assert final["after_staging"] == {"output": {"pii_found": 0}}
+    assert final["after_registration"] == {"output": {"ticket": "OPS-7"}}
