@@ -115,6 +115,8 @@ def extension_state(point: str, graph: Mapping[str, Any], next_state: str, on_er
 def evaluation_checks(metrics: list[str], next_state: str) -> dict[str, Any]:
     """Whether ``evaluate`` returned each metric the gate reads, as a number."""
     missing = "EvaluationIncomplete"
+    # No literal braces in the Cause's template: they are States.Format's placeholders (AWS needs
+    # them escaped, and moto's interpreter cannot take them at all).
     states: dict[str, Any] = {
         "EvaluationComplete?": {
             "Type": "Choice",
@@ -128,7 +130,7 @@ def evaluation_checks(metrics: list[str], next_state: str) -> dict[str, Any]:
             "Parameters": {
                 "Error": "EvaluationIncomplete",
                 "Cause.$": "States.Format('the evaluate step returned {}, which lacks a number for one of: "
-                           + ", ".join(metrics) + "; it must return {\"metrics\": {\"<name>\": <number>}}; nothing was "
+                           + ", ".join(metrics) + "; it must return a metrics object of names to numbers; nothing was "
                            "registered', States.JsonToString($.evaluation.output))",
             },
             "ResultPath": "$.error",
