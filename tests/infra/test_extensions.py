@@ -28,6 +28,7 @@ from ftstack.infra.options import PropsError
 from ftstack.infra.pipeline import FineTuningPipeline, _extension_graphs
 from ftstack.infra.props import EcrImage, FineTuningPipelineProps
 from ftstack.infra.settings import ExtraMetric, GateCondition
+from ftstack_train.metrics import METRIC_DEFINITIONS
 
 from conftest import TEST_ENV
 from iam_model import allows, resolve, resolved_resources, role_assumed_by, role_statements
@@ -151,3 +152,90 @@ def test_each_point_runs_in_order_with_its_documented_input_and_evaluate_reaches
     final = json.loads(result["output"])
     assert final["after_staging"] == {"output": {"pii_found": 0}}
     assert final["after_registration"] == {"output": {"ticket": "OPS-7"}}
+
+
+@pytest.fixture(scope="module")
+def happy(settings):
+    """One run in which every step succeeds: ``(result, events, calls)``."""
+    return run({"invoke": [functions()]}, GOOD_INPUT, settings=settings)
+
+
+def test_the_tags_and_extra_metrics_of_the_props_are_on_the_training_job_request(happy):
+    _, _, calls = happy  # run() checked every request against botocore's model, Tags included
+    (create,) = calls.of("sagemaker", "CreateTrainingJob")
+    assert create.params["Tags"] == [{"Key": "ftstack:execution", "Value": "run1"},
+                                     {"Key": "team", "Value": "search"}, {"Key": "cost-center", "Value": "ml-42"}]
+    definitions = create.params["AlgorithmSpecification"]["MetricDefinitions"]
+    assert {"Name": "pii_rate", "Regex": r"pii_rate=([0-9.]+)"} in definitions
+    assert {d.name for d in METRIC_DEFINITIONS} <= {d["Name"] for d in definitions}  # ftstack's own stay
+
+
+@pytest.mark.parametrize(("accuracy", "cause"), [
+    (0.5, "accuracy 0.5 (at least 0.8)"),
+    (0.79, "accuracy 0.79 (at least 0.8)"),
+])
+def test_a_metric_outside_the_gate_fails_the_run_naming_it_and_registers_nothing(settings, accuracy, cause):
+    evaluate = lambda event: {"metrics": {"accuracy": accuracy}}  # noqa: E731
+    result, events, calls = run({"invoke": [functions(evaluate=evaluate)]}, GOOD_INPUT, settings=settings)
+    assert result["status"] == "FAILED" and result["error"] == "QualityGateFailed", result
+    assert cause in result["cause"] and f"{RUN1}-a0" in result["cause"], result["cause"]
+    assert calls.of("sagemaker", "CreateModelPackage") == [] and payloads(calls, TICKET) == []
+    assert "QualityGateFailed" in entered(events) and "AfterRegistration" not in entered(events)
+    (message,) = messages(calls)
+    assert "QualityGateFailed" in message and cause in message
+
+
+def test_the_gate_bound_itself_registers(settings):
+    result, _, calls = run({"invoke": [functions(evaluate=lambda event: {"metrics": {"accuracy": 0.8}})]}, GOOD_INPUT,
+                           settings=settings)
+    assert result["status"] == "SUCCEEDED", result
+    (register,) = calls.of("sagemaker", "CreateModelPackage")
+    assert register.params["CustomerMetadataProperties"]["evaluate.accuracy"] == "0.8"
+
+
+@pytest.mark.parametrize("returned", [
+    {"metrics": {"bleu": 31.5}},           # not the gated metric
+    {"metrics": {"accuracy": "0.91"}},     # a string, not a number
+    {"metrics": {"accuracy": None}},
+    {"metrics": {}},
+    {"score": 0.91},                       # not under "metrics" (the selector then finds nothing)
+])
+def test_evaluate_without_a_number_for_a_gated_metric_fails_as_incomplete(returned):
+    # The steps' own selector would fail on a missing $.Payload.metrics (States.Runtime); this
+    # evaluate step returns the function's answer as it is, which is the contract's shape or not.
+    scope = stack()
+    evaluate = tasks.LambdaInvoke(scope, "RunEvaluation", payload_response_only=True,
+                                  lambda_function=lambda_.Function.from_function_arn(scope, "Evaluate", EVALUATE))
+    props = FineTuningPipelineProps(name="ftstack", gate=GATE, evaluate=evaluate)
+    graphs, _ = _extension_graphs(props)
+    settings = dataclasses.replace(SETTINGS, extensions=graphs, gate=props.gate)
+    result, events, calls = run({"invoke": [functions(evaluate=lambda event: returned)]}, GOOD_INPUT, settings=settings)
+    assert result["status"] == "FAILED" and result["error"] == "EvaluationIncomplete", result
+    assert "accuracy" in result["cause"] and json.dumps(returned, separators=(",", ":")) in result["cause"], result["cause"]
+    assert "QualityGate" not in entered(events)
+    assert calls.of("sagemaker", "CreateModelPackage") == []
+    (message,) = messages(calls)
+    assert "EvaluationIncomplete" in message
+
+
+def test_a_failing_after_staging_step_stops_the_run_before_any_job_with_its_error_in_the_notification(settings):
+    scan = failing("PiiFound", "train.jsonl:3 holds an e-mail address")
+    result, events, calls = run({"invoke": [functions(scan=scan)]}, GOOD_INPUT, settings=settings)
+    assert result["status"] == "FAILED" and result["error"] == "PiiFound", result
+    assert "train.jsonl:3 holds an e-mail address" in result["cause"]
+    assert calls.of("sagemaker", "CreateTrainingJob") == [] and payloads(calls, EVALUATE) == []
+    assert "Train" not in entered(events)
+    (message,) = messages(calls)
+    assert message.startswith("Execution run1 failed: PiiFound.") and "train.jsonl:3 holds an e-mail address" in message
+
+
+def test_a_failing_after_registration_step_fails_the_run_saying_the_model_is_registered(settings):
+    ticket = failing("TicketSystemDown", "503 from the ticket system")
+    result, events, calls = run({"invoke": [functions(ticket=ticket)]}, GOOD_INPUT, settings=settings)
+    assert result["status"] == "FAILED" and result["error"] == "TicketSystemDown", result
+    assert "503 from the ticket system" in result["cause"]
+    assert f"model package {PACKAGE} is registered all the same" in result["cause"], result["cause"]
+    assert len(calls.of("sagemaker", "CreateModelPackage")) == 1
+    assert "NotifySuccess" not in entered(events)
+    (message,) = messages(calls)
+    assert "TicketSystemDown" in message and f"{PACKAGE} is registered all the same" in message
