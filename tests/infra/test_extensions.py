@@ -154,14 +154,9 @@ def test_each_point_runs_in_order_with_its_documented_input_and_evaluate_reaches
     assert final["after_registration"] == {"output": {"ticket": "OPS-7"}}
 
 
-@pytest.fixture(scope="module")
-def happy(settings):
-    """One run in which every step succeeds: ``(result, events, calls)``."""
-    return run({"invoke": [functions()]}, GOOD_INPUT, settings=settings)
-
-
-def test_the_tags_and_extra_metrics_of_the_props_are_on_the_training_job_request(happy):
-    _, _, calls = happy  # run() checked every request against botocore's model, Tags included
+def test_the_tags_and_extra_metrics_of_the_props_are_on_the_training_job_request(settings):
+    result, _, calls = run({"invoke": [functions()]}, GOOD_INPUT, settings=settings)
+    assert result["status"] == "SUCCEEDED", result  # and run() checked every request against botocore's model
     (create,) = calls.of("sagemaker", "CreateTrainingJob")
     assert create.params["Tags"] == [{"Key": "ftstack:execution", "Value": "run1"},
                                      {"Key": "team", "Value": "search"}, {"Key": "cost-center", "Value": "ml-42"}]
@@ -239,3 +234,115 @@ def test_a_failing_after_registration_step_fails_the_run_saying_the_model_is_reg
     assert "NotifySuccess" not in entered(events)
     (message,) = messages(calls)
     assert "TicketSystemDown" in message and f"{PACKAGE} is registered all the same" in message
+
+
+# --- at synth -------------------------------------------------------------------------------------
+
+def pipeline_props(scope: cdk.Stack, **extensions) -> FineTuningPipelineProps:
+    """Props that synthesize offline: a brought image, a given inference image."""
+    image = EcrImage(repository=ecr.Repository.from_repository_name(scope, "Image", "team-training"), tag_or_digest="v1")
+    return FineTuningPipelineProps(name="team-a", training_image=image, inference_image=VALUES["InferenceImage"],
+                                   **extensions)
+
+
+def invoke_with(scope: cdk.Stack, payload: dict) -> tasks.LambdaInvoke:
+    function = lambda_.Function.from_function_arn(scope, "Evaluate", EVALUATE)
+    return tasks.LambdaInvoke(scope, "ReadModel", lambda_function=function, payload=sfn.TaskInput.from_object(payload),
+                              result_selector={"metrics.$": "$.Payload.metrics"})
+
+
+def test_a_first_step_reading_outside_its_input_is_refused_naming_the_point_state_and_path():
+    scope = stack()
+    evaluate = invoke_with(scope, {"model": sfn.JsonPath.string_at("$.modle_uri"), "job": sfn.JsonPath.string_at("$.training_job")})
+    with pytest.raises(PropsError) as raised:
+        FineTuningPipeline(scope, "Pipeline", pipeline_props(scope, evaluate=evaluate, gate=GATE))
+    message = str(raised.value)
+    assert message.startswith("FineTuningPipelineProps.evaluate: ") and "ReadModel: $.modle_uri" in message, message
+    assert "training_job" not in message.split("not given")[0]  # a documented member is not named
+    assert ", ".join(input_keys("evaluate")) in message  # what it does receive
+
+
+def outside(point: str, build) -> list[str]:
+    """What ``_extension_graphs`` refuses of a first step built by ``build(scope)`` at ``point``."""
+    scope = stack()
+    try:
+        _extension_graphs(FineTuningPipelineProps(name="team-a", **{point: build(scope)}))
+    except PropsError as exc:
+        return [str(exc)]
+    return []
+
+
+@pytest.mark.parametrize(("point", "build", "read"), [
+    ("after_staging", lambda s: sfn.Pass(s, "Scan", parameters={"uri.$": "States.Format('{}', $.staged.train)"}),
+     "Scan: $.staged"),  # the run's state, not the step's input
+    ("evaluate", lambda s: sfn.Pass(s, "Pick", input_path="$.metrics"), "Pick: $.metrics"),
+    ("after_registration", lambda s: sfn.Choice(s, "Approved?").when(
+        sfn.Condition.string_equals("$.registered.arn", "x"), sfn.Succeed(s, "Yes")).otherwise(sfn.Succeed(s, "No")),
+     "Approved?: $.registered"),
+])
+def test_each_way_a_first_step_reads_its_input_is_checked(point, build, read):
+    (message,) = outside(point, build)
+    assert message.startswith(f"FineTuningPipelineProps.{point}: ") and read in message, message
+
+
+@pytest.mark.parametrize(("point", "build"), [
+    ("after_staging", lambda s: sfn.Pass(s, "Scan", parameters={"uri.$": "States.Format('{}', $.train)",
+                                                                 "run.$": "$$.Execution.Name"})),
+    ("after_staging", lambda s: sfn.Pass(s, "Scan", input_path="$.hyperparameters")),
+    ("evaluate", lambda s: invoke_with(s, {"model": sfn.JsonPath.string_at("$.model_uri"),
+                                           "ce": sfn.JsonPath.number_at("$.training_metrics.eval_cross_entropy")})),
+    ("evaluate", lambda s: tasks.LambdaInvoke(s, "Whole", lambda_function=lambda_.Function.from_function_arn(
+        s, "Evaluate", EVALUATE), result_selector={"metrics.$": "$.Payload.metrics"})),  # Payload.$: "$"
+    ("after_registration", lambda s: sfn.Choice(s, "Good?").when(
+        sfn.Condition.number_less_than("$.training_metrics.eval_cross_entropy", 1), sfn.Succeed(s, "Yes"))
+     .otherwise(sfn.Pass(s, "Later", parameters={"arn.$": "$.anything"}))),  # a later step reads what it is given
+])
+def test_a_first_step_reading_documented_members_passes(point, build):
+    assert outside(point, build) == []
+
+
+def test_the_check_knows_every_documented_member():
+    for point, inputs in EXTENSION_INPUTS.items():
+        reads = {f"{key}.$": f"$.{key}" for key in input_keys(point)}
+        assert outside(point, lambda s: sfn.Pass(s, "ReadAll", parameters=reads)) == [], point
+        assert len(reads) == len(inputs)
+
+
+@pytest.fixture(scope="module")
+def synthesized_pipeline():
+    """A pipeline with an imported function at evaluate and one of the stack's own at
+    after_registration: ``(stack, template, ticket function, pipeline)``."""
+    scope = stack()
+    ticket = lambda_.Function(scope, "Ticket", runtime=lambda_.Runtime.PYTHON_3_12, handler="index.handler",
+                              code=lambda_.Code.from_inline("def handler(event, context):\n    return {}\n"))
+    evaluate = tasks.LambdaInvoke(scope, "RunEvaluation", result_selector={"metrics.$": "$.Payload.metrics"},
+                                  lambda_function=lambda_.Function.from_function_arn(scope, "Evaluate", EVALUATE))
+    opened = tasks.LambdaInvoke(scope, "OpenTicket", lambda_function=ticket, payload_response_only=True)
+    pipeline = FineTuningPipeline(scope, "Pipeline", pipeline_props(scope, evaluate=evaluate, after_registration=opened,
+                                                                     gate=GATE))
+    return scope, Template.from_stack(scope), ticket, pipeline
+
+
+def test_the_workflow_role_may_invoke_the_extension_functions_and_no_others(synthesized_pipeline):
+    scope, template, ticket, _ = synthesized_pipeline
+    resources = resolved_resources(scope, template)
+    statements = role_statements(resources, role_assumed_by(resources, "states.amazonaws.com"))
+    own = resolve(scope.resolve(ticket.function_arn), scope)
+    for arn in (EVALUATE, f"{EVALUATE}:live", own, f"{own}:1"):
+        assert allows(statements, "lambda:InvokeFunction", arn), arn
+    for arn in (SCAN, TICKET, f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:evaluate-other"):
+        assert not allows(statements, "lambda:InvokeFunction", arn), arn
+
+
+def test_the_synthesized_definition_runs_the_steps_in_their_parallel_states(synthesized_pipeline):
+    scope, template, ticket, pipeline = synthesized_pipeline
+    (machine,) = template.find_resources("AWS::StepFunctions::StateMachine").values()
+    states = json.loads(resolve(machine["Properties"]["DefinitionString"], scope))["States"]
+    (evaluate,) = states["Evaluate"]["Branches"]
+    bucket = resolve(scope.resolve(pipeline.bucket.bucket_name), scope)
+    assert states["Evaluate"]["Type"] == "Parallel"
+    assert states["Evaluate"]["Parameters"] == EXTENSION_INPUTS["evaluate"]  # ${Bucket}: CloudFormation substitutes it
+    assert resolve(machine["Properties"]["DefinitionSubstitutions"]["Bucket"], scope) == bucket
+    assert evaluate["States"]["RunEvaluation"]["Parameters"]["FunctionName"] == EVALUATE
+    (registration,) = states["AfterRegistration"]["Branches"]
+    assert registration["States"]["OpenTicket"]["Resource"] == resolve(scope.resolve(ticket.function_arn), scope)
