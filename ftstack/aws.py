@@ -28,6 +28,9 @@ OUTPUTS = {
 }
 """The stack's CfnOutputs (infra/stack.py) the CLI reads, by attribute of ``StackOutputs``."""
 
+SERVING_ROLE = "ServingRoleArn"
+"""The output with the role SageMaker assumes to serve the stack's models (``ftstack deploy``)."""
+
 DATA_PREFIX = "DataPrefix"
 """The optional output with the pipeline's folder in a shared bucket (none: the bucket's root)."""
 

@@ -13,15 +13,13 @@ from typing import Any
 
 from ftstack_train.contract import MANIFEST_SHA256
 
-from .aws import AwsError, aws_errors, error_code, session
+from .aws import SERVING_ROLE, AwsError, aws_errors, error_code, session
 from .models import MODEL_PACKAGE_ARN
 from .serving import (
     DEFAULT_INSTANCE_TYPE, VARIANT_NAME, ServingError, answer_text, check_endpoint_name, deploy_environment,
     instance_gpus, invoke_body, invoke_command, resource_name, verify_s3_model,
 )
 
-SERVING_ROLE_OUTPUT = "ServingRoleArn"
-"""The stack output with the serving role's ARN (the stack declares it when deploy_on_approval is on)."""
 _WAITING = ("Creating", "Updating", "SystemUpdating")
 
 
@@ -59,10 +57,10 @@ def _serving_role(boto: Any, args: argparse.Namespace) -> str:
                                "(a role SageMaker can assume that reads the model)") from None
             raise
     outputs = {o["OutputKey"]: o["OutputValue"] for o in stacks[0].get("Outputs", [])}
-    if SERVING_ROLE_OUTPUT not in outputs:
-        raise AwsError(f"stack {args.stack!r} has no {SERVING_ROLE_OUTPUT} output: deploy it with the context key "
-                       "deploy_on_approval set to true, or give --role ARN (a role SageMaker can assume that reads the model)")
-    return outputs[SERVING_ROLE_OUTPUT]
+    if SERVING_ROLE not in outputs:
+        raise AwsError(f"stack {args.stack!r} has no {SERVING_ROLE} output: it was deployed by an older ftstack; "
+                       "redeploy it (`npx cdk deploy`), or give --role ARN (a role SageMaker can assume that reads the model)")
+    return outputs[SERVING_ROLE]
 
 
 def _create(sagemaker: Any, args: argparse.Namespace, package: dict[str, Any], role: str, name: str) -> None:

@@ -11,7 +11,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ftstack.aws import DEFAULT_STACK
+from ftstack.serving import DEFAULT_INSTANCE_TYPE
 
+from .instances import INSTANCE_TYPE
 from .options import TRAINING_KEYS, TrainingOptions, check_training, doc
 
 REMOVAL_POLICIES = ("retain", "destroy")
@@ -51,6 +53,8 @@ class InfraConfig(TrainingOptions):
     pytorch_version: str = doc("PyTorch version of the resolved training base image.", default="2.8")
     python_version: str = doc("Python version of the resolved training base image.", default="py312")
     inference_image: str | None = doc("Inference image URI of registered models; empty: the Hugging Face vLLM image for the region.", default=None)
+    deploy_on_approval: bool = doc("Serve each approved model behind the model package group's endpoint (named after the group), replacing the model it served.", default=False)
+    endpoint_instance_type: str = doc("Instance type of that endpoint (and `ftstack deploy`'s default).", default=DEFAULT_INSTANCE_TYPE)
 
     def __post_init__(self) -> None:
         check_training(self, _fail)
@@ -93,6 +97,8 @@ def _check(cfg: InfraConfig) -> None:
             fail("notification_emails", f"{email!r} is not an e-mail address")
     if cfg.removal_policy not in REMOVAL_POLICIES:
         fail("removal_policy", f"use one of {', '.join(REMOVAL_POLICIES)}")
+    if not INSTANCE_TYPE.match(cfg.endpoint_instance_type):
+        fail("endpoint_instance_type", f"{cfg.endpoint_instance_type!r} is not a SageMaker instance type, e.g. {DEFAULT_INSTANCE_TYPE}")
     if cfg.permissions_boundary is not None and not _POLICY_ARN.match(cfg.permissions_boundary):
         fail("permissions_boundary", f"{cfg.permissions_boundary!r} is not a managed policy ARN, e.g. "
              "arn:aws:iam::123456789012:policy/team-boundary")

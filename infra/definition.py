@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ftstack.serving import registration_environment
 from ftstack_train.contract import FINAL_EVAL_CE, FINAL_METRICS_FILE, MANIFEST_SHA256, METRICS_FILE
 
 from .extensions import (
@@ -196,7 +197,8 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
                     "Containers": [{
                         "Image": "${InferenceImage}",
                         "ModelDataSource": {"S3DataSource": {"S3Uri.$": "$.model.uri", "S3DataType": "S3Prefix", "CompressionType": "None"}},
-                        "Environment": {"HF_MODEL_ID": "/opt/ml/model"},
+                        # vLLM, serving the model as trained: bf16, its max_seq_len, its chat template.
+                        "Environment": registration_environment("$.staged.max_seq_len"),
                     }],
                     "SupportedContentTypes": ["application/json"],
                     "SupportedResponseMIMETypes": ["application/json"],

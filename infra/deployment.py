@@ -22,7 +22,7 @@ from .access import DECRYPT, grant_key, grant_list, grant_objects
 from .assets import lambda_code
 from .deploy_definition import DeploySettings, build_deploy_definition, render
 from .model_check import ASSET_MODULES, HANDLER, TIMEOUT_S
-from .nag import acknowledge, arn_in_finding, arn_of, grant_wildcards, wildcard
+from .nag import acknowledge, arn_in_finding, arn_of, grant_wildcards, in_finding, wildcard
 
 DETAIL_TYPE = "SageMaker Model Package State Change"
 
@@ -33,18 +33,59 @@ def approval_pattern(group_name: str) -> events.EventPattern:
                                detail={"ModelPackageGroupName": [group_name], "ModelApprovalStatus": ["Approved"]})
 
 
+class ServingRole(Construct):
+    """``self.role``: what SageMaker assumes to serve the pipeline's models: it reads only the
+    models (``model_objects``), pulls the image and writes endpoint ``name``'s logs. Both the
+    deploy-on-approval workflow and ``ftstack deploy`` (the ``ServingRoleArn`` output) pass it."""
+
+    def __init__(self, scope: Construct, construct_id: str, *, bucket: s3.IBucket, bucket_key: kms.IKey | None,
+                 model_objects: str, name: str) -> None:
+        super().__init__(scope, construct_id)
+        stack = cdk.Stack.of(self)
+        role = iam.Role(self, "Role", description=f"ftstack endpoint {name}: read the models, pull the image, log",
+                        assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com", conditions={
+                            "StringEquals": {"aws:SourceAccount": stack.account}}))
+        grant_objects(role, bucket, read=(model_objects,))
+        grant_list(role, bucket, model_objects)  # an S3Prefix model source is listed, then copied
+        if bucket_key is not None:
+            grant_key(role, bucket_key, *DECRYPT)
+        repositories = stack.format_arn(service="ecr", account="*", resource="repository", resource_name="*")
+        role.add_to_principal_policy(iam.PolicyStatement(
+            actions=["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
+            resources=[repositories]))
+        role.add_to_principal_policy(iam.PolicyStatement(actions=["ecr:GetAuthorizationToken"], resources=["*"]))
+        endpoint_logs = stack.format_arn(service="logs", resource="log-group", resource_name=f"/aws/sagemaker/Endpoints/{name}:*",
+                                         arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)
+        role.add_to_principal_policy(iam.PolicyStatement(
+            actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
+            resources=[endpoint_logs]))
+        acknowledge(role, {
+            wildcard(f"Resource::{in_finding(self, bucket.bucket_arn)}/{model_objects}"): "reads the approved model, whose execution and job are known at run time only",
+            wildcard("Resource::" + _any_account(self, arn_in_finding(self, "ecr", "repository/*"))):
+                "pulls the package's image, by default the region's Hugging Face vLLM container, kept in an AWS account that differs by region",
+            wildcard("Resource::*"): "ecr:GetAuthorizationToken supports no resource scoping",
+            wildcard("Resource::" + arn_in_finding(self, "logs", f"log-group:/aws/sagemaker/Endpoints/{name}:*")):
+                "the endpoint's own log group and its streams (one per instance, named at run time)",
+        })
+        self.role = role
+
+
+
 class DeployOnApproval(Construct):
     """``self.state_machine`` (started by ``self.rule``), ``self.serving_role``, ``self.function``."""
 
     def __init__(self, scope: Construct, construct_id: str, *, group_name: str, topic: sns.ITopic, key: kms.IKey,
-                 bucket: s3.IBucket, bucket_key: kms.IKey | None, model_objects: str, instance_type: str, name: str) -> None:
+                 bucket: s3.IBucket, bucket_key: kms.IKey | None, model_objects: str, instance_type: str, name: str,
+                 serving_role: iam.IRole | None = None) -> None:
         """``key`` encrypts the logs; ``bucket_key`` the bucket's objects (None: S3-managed);
         ``model_objects`` is the key pattern of the models (``executions/*/model/*``); ``name`` is the
-        endpoint's, and the start of every physical name here."""
+        endpoint's, and the start of every physical name here; ``serving_role``: the models' (a
+        ``ServingRole`` is created when none is given)."""
         super().__init__(scope, construct_id)
         stack = cdk.Stack.of(self)
         settings = DeploySettings(endpoint=name, region=stack.region, instance_type=instance_type)
-        self.serving_role = self._serving_role(bucket, bucket_key, model_objects, name)
+        self.serving_role = serving_role or ServingRole(self, "ServingRole", bucket=bucket, bucket_key=bucket_key,
+                                                        model_objects=model_objects, name=name).role
         self.function = self._function(key, bucket, bucket_key, model_objects, name)
         log_group = logs.LogGroup(self, "Logs", encryption_key=key, retention=logs.RetentionDays.ONE_YEAR,
                                   removal_policy=cdk.RemovalPolicy.RETAIN)
@@ -65,39 +106,18 @@ class DeployOnApproval(Construct):
         )
         self._grant(role, group_name, name, topic)
         # A rule name takes 64 characters, an endpoint name 63: the short prefix keeps it in bounds.
-        self.rule = events.Rule(self, "Approved", rule_name=f"{resource_prefix(name)}-approved",
+        rule_name = f"{resource_prefix(name)}-approved"
+        # Only EventBridge acting for this very rule may start the workflow (confused-deputy
+        # prevention, EventBridge user guide); the rule's name is fixed, so its ARN is known.
+        rule_arn = stack.format_arn(service="events", resource="rule", resource_name=rule_name)
+        events_role = iam.Role(self, "EventsRole", description=f"ftstack: start the deploy workflow of {name}",
+                               assumed_by=iam.ServicePrincipal("events.amazonaws.com", conditions={
+                                   "StringEquals": {"aws:SourceAccount": stack.account},
+                                   "ArnLike": {"aws:SourceArn": rule_arn}}))
+        self.rule = events.Rule(self, "Approved", rule_name=rule_name,
                                 event_pattern=approval_pattern(group_name),
                                 description=f"ftstack: deploy approved models of {group_name} to endpoint {name}",
-                                targets=[targets.SfnStateMachine(self.state_machine)])
-
-    def _serving_role(self, bucket, bucket_key, model_objects: str, name: str) -> iam.Role:
-        stack = cdk.Stack.of(self)
-        role = iam.Role(self, "ServingRole", description=f"ftstack endpoint {name}: read the models, pull the image, log",
-                        assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com", conditions={
-                            "StringEquals": {"aws:SourceAccount": stack.account}}))
-        grant_objects(role, bucket, read=(model_objects,))
-        grant_list(role, bucket, model_objects)  # an S3Prefix model source is listed, then copied
-        if bucket_key is not None:
-            grant_key(role, bucket_key, *DECRYPT)
-        repositories = stack.format_arn(service="ecr", account="*", resource="repository", resource_name="*")
-        role.add_to_principal_policy(iam.PolicyStatement(
-            actions=["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
-            resources=[repositories]))
-        role.add_to_principal_policy(iam.PolicyStatement(actions=["ecr:GetAuthorizationToken"], resources=["*"]))
-        endpoint_logs = stack.format_arn(service="logs", resource="log-group", resource_name=f"/aws/sagemaker/Endpoints/{name}:*",
-                                         arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)
-        role.add_to_principal_policy(iam.PolicyStatement(
-            actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
-            resources=[endpoint_logs]))
-        acknowledge(role, {
-            wildcard(f"Resource::{arn_of(bucket)}/{model_objects}"): "reads the approved model, whose execution and job are known at run time only",
-            wildcard("Resource::" + _any_account(self, arn_in_finding(self, "ecr", "repository/*"))):
-                "pulls the package's image, by default the region's Hugging Face vLLM container, kept in an AWS account that differs by region",
-            wildcard("Resource::*"): "ecr:GetAuthorizationToken supports no resource scoping",
-            wildcard("Resource::" + arn_in_finding(self, "logs", f"log-group:/aws/sagemaker/Endpoints/{name}:*")):
-                "the endpoint's own log group and its streams (one per instance, named at run time)",
-        })
-        return role
+                                targets=[targets.SfnStateMachine(self.state_machine, role=events_role)])
 
     def _function(self, key, bucket, bucket_key, model_objects: str, name: str) -> lambda_.Function:
         scope = Construct(self, "ModelCheck")
@@ -117,7 +137,7 @@ class DeployOnApproval(Construct):
         if bucket_key is not None:
             grant_key(role, bucket_key, *DECRYPT)
         acknowledge(role, {
-            wildcard(f"Resource::{arn_of(bucket)}/{model_objects}"): "reads the approved model's manifest and sizes, known at run time only",
+            wildcard(f"Resource::{in_finding(self, bucket.bucket_arn)}/{model_objects}"): "reads the approved model's manifest and sizes, known at run time only",
         })
         return function
 

@@ -13,15 +13,18 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
-from ftstack.aws import DATA_PREFIX, OUTPUTS
+from ftstack.aws import DATA_PREFIX, OUTPUTS, SERVING_ROLE
+from ftstack.serving import check_endpoint_name
 from ftstack_train.contract import DEFAULT_TEST_SPLIT
 
 from .assets import training_context
 from .config import InfraConfigError
+from .deployment import DeployOnApproval, ServingRole
 from .extensions import reads_outside_input
 from .images import inference_image, pinned_by_digest, registry_of, training_base_image
 from .instances import volume_kms_instance_types
 from .job_reaper import JobReaper
+from .layout import JOB_MODEL_DIR
 from .network import TrainingNetwork
 from .notifications import Notifications
 from .options import PropsError
@@ -43,7 +46,8 @@ class FineTuningPipeline(Construct):
 
     Attributes: ``bucket``, ``key``, ``bucket_key``, ``topic``, ``state_machine``,
     ``training_role``, ``staging_function``, ``model_package_group_name``, ``training_image_uri``,
-    ``layout`` (where its objects live in the bucket) and ``props``.
+    ``serving_role``, ``deployment`` (the ``DeployOnApproval``, or None), ``layout`` (where its
+    objects live in the bucket) and ``props``.
     """
 
     def __init__(self, scope: Construct, construct_id: str, props: FineTuningPipelineProps) -> None:
@@ -103,9 +107,24 @@ class FineTuningPipeline(Construct):
         if registry is not None:
             workflow.node.add_dependency(registry)
         self.state_machine = workflow.state_machine
+        self._serving(props)
         JobReaper(self, "JobReaper", state_machine=workflow.state_machine, key=self.key, job_prefix=props.job_prefix)
         constrain(self, name=props.name, permissions_boundary=props.permissions_boundary,
                   role_name_prefix=props.role_name_prefix, tags=props.tags)
+
+    def _serving(self, props: FineTuningPipelineProps) -> None:
+        """The role SageMaker serves the models with, and (``deploy_on_approval``) the workflow
+        that serves each approved one behind the group's endpoint, named after the group."""
+        models = f"{self.layout.model_prefix('*')}*/{JOB_MODEL_DIR}*"
+        endpoint = check_endpoint_name(self.model_package_group_name)
+        self.serving_role = ServingRole(self, "Serving", bucket=self.bucket, bucket_key=self.bucket_key,
+                                        model_objects=models, name=endpoint).role
+        self.deployment = None
+        if props.deploy_on_approval:
+            self.deployment = DeployOnApproval(
+                self, "DeployOnApproval", group_name=self.model_package_group_name, topic=self.topic, key=self.key,
+                bucket=self.bucket, bucket_key=self.bucket_key, model_objects=models,
+                instance_type=props.endpoint_instance_type, name=endpoint, serving_role=self.serving_role)
 
     def _training_image(self, stack: cdk.Stack) -> tuple[str, ecr.IRepository, str | None]:
         """(URI, repository, base image or None): built from training_code/, or brought."""
@@ -141,6 +160,7 @@ class FineTuningPipeline(Construct):
             (OUTPUTS["model_package_group"], self.model_package_group_name, "Registered models"),
             ("TrainingImageUri", self.training_image_uri, "The training image"),
             (OUTPUTS["topic_arn"], self.topic.topic_arn, "Run notifications"),
+            (SERVING_ROLE, self.serving_role.role_arn, "The role endpoints serve the models with (ftstack deploy)"),
         ):
             cdk.CfnOutput(stack, name, value=value, description=description)
         if self.layout.prefix:  # CloudFormation takes no empty output; the CLI reads a missing one as ''

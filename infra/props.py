@@ -24,8 +24,10 @@ from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_stepfunctions as sfn
 
+from ftstack.serving import DEFAULT_INSTANCE_TYPE
 from ftstack_train.metrics import METRIC_DEFINITIONS
 
+from .instances import INSTANCE_TYPE
 from .layout import Layout
 from .options import PropsError, TrainingOptions, doc
 from .settings import ExtraMetric, GateCondition
@@ -132,7 +134,11 @@ class FineTuningPipelineProps:
     training_image: BuiltImage | EcrImage = doc("`BuiltImage` (built from training_code/ at deploy) or "
                                                 "`EcrImage` (an existing image).", default=BuiltImage())
     inference_image: str | None = doc("Inference image of registered models; None: the region's Hugging Face "
-                                      "serving image.", default=None)
+                                      "vLLM image.", default=None)
+    deploy_on_approval: bool = doc("Serve each approved model behind the group's endpoint (named after the "
+                                   "group), replacing the model it served.", default=False)
+    endpoint_instance_type: str = doc("Instance type of that endpoint (and `ftstack deploy`'s default).",
+                                      default=DEFAULT_INSTANCE_TYPE)
     permissions_boundary: iam.IManagedPolicy | None = doc("Set as the permissions boundary of every role "
                                                           "the pipeline creates.", default=None)
     role_name_prefix: str | None = doc("Prefix of every role name the pipeline creates "
@@ -211,6 +217,8 @@ def _check(p: FineTuningPipelineProps) -> None:
              "starting and ending with a letter or digit")
     if not isinstance(p.training_image, (BuiltImage, EcrImage)):
         fail("training_image", "give BuiltImage(...) or EcrImage(repository, tag_or_digest)")
+    if not INSTANCE_TYPE.match(p.endpoint_instance_type):
+        fail("endpoint_instance_type", f"{p.endpoint_instance_type!r} is not a SageMaker instance type, e.g. {DEFAULT_INSTANCE_TYPE}")
     if p.role_name_prefix is not None and not ROLE_NAME_PREFIX.match(p.role_name_prefix):
         fail("role_name_prefix", f"{p.role_name_prefix!r}: use 1-32 of letters, digits and + = , . @ _ -")
     _check_tags(p.tags)

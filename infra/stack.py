@@ -46,6 +46,8 @@ def props_from_config(scope: Construct, config: InfraConfig) -> FineTuningPipeli
         training_image=BuiltImage(base_image=config.base_image, base_image_digest=config.base_image_digest,
                                   pytorch_version=config.pytorch_version, python_version=config.python_version),
         inference_image=config.inference_image,
+        deploy_on_approval=config.deploy_on_approval,
+        endpoint_instance_type=config.endpoint_instance_type,
         permissions_boundary=boundary,
         role_name_prefix=config.role_name_prefix,
         tags=config.tag_map,

@@ -149,6 +149,8 @@ def stage(run: Execution, settings: Settings, s3: Any, deadline: Deadline | None
                  "source": "split" if request.test_key is None else "test_data"},
         "dataset_sha256": train.sha256,
         "hyperparameters": staged_hyperparameters(request, preflight),
+        # The serving container's maximum length (the registered vLLM environment).
+        "max_seq_len": request.config.max_seq_len,
         "base_model": {"name": request.base_model,
                        "s3_uri": "" if request.base_model_key is None else _uri(bucket, request.base_model_key)},
         "instance_types": request.instance_types,

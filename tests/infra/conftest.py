@@ -32,7 +32,7 @@ def synthesized(tmp_path_factory):
 
     context = json.loads((ROOT / "cdk.json").read_text())["context"]
     outdir = tmp_path_factory.mktemp("cdk.out")
-    app = cdk.App(outdir=str(outdir), context=context | {"quality_threshold": 1.5, "notification_emails": ["ml@example.com"]})
+    app = cdk.App(outdir=str(outdir), context=context | {"quality_threshold": 1.5, "notification_emails": ["ml@example.com"], "deploy_on_approval": True})
     stack = ftstack_app.build_app(app)
     assembly = app.synth()
     return outdir, stack, Template.from_stack(stack), assembly

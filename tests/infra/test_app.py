@@ -32,7 +32,8 @@ CDK_CONTEXT = json.loads((ROOT / "cdk.json").read_text())["context"]
 @pytest.fixture(scope="module")
 def definition(synthesized) -> dict:
     _, _, template, _ = synthesized
-    (machine,) = template.find_resources("AWS::StepFunctions::StateMachine").values()
+    (machine,) = [m for m in template.find_resources("AWS::StepFunctions::StateMachine").values()
+                  if m["Properties"]["StateMachineName"].endswith("-workflow")]  # not the deploy workflow
     text = machine["Properties"]["DefinitionString"]
     assert isinstance(text, str), "the definition stays one string; resources come in as DefinitionSubstitutions"
     assert set(machine["Properties"]["DefinitionSubstitutions"]) == set(PLACEHOLDERS)

@@ -71,7 +71,8 @@ def encrypted_log_group_arns(resources: dict, key_arn: str, stack) -> dict[str, 
 def test_every_log_group_is_encrypted_with_the_key(resources, key, stack):
     key_arn, _ = key
     groups = encrypted_log_group_arns(resources, key_arn, stack)
-    assert len(groups) == 3, "the state machine's, the staging Lambda's and the job reaper's log groups"
+    assert sorted(g.rstrip("0123456789ABCDEF") for g in groups) == [
+        "DeployOnApprovalLogs", "DeployOnApprovalModelCheckLogs", "JobReaperLogs", "StagingLogs", "WorkflowLogs"]
     assert len(of_type(resources, "AWS::Logs::LogGroup")) == len(groups), "every log group of the stack is encrypted"
 
 
@@ -154,7 +155,7 @@ def test_every_role_that_publishes_to_the_topic_may_encrypt_with_the_key(resourc
     key_arn, _ = key
     (topic,) = encrypted_topics(resources, key_arn)
     publishers = [r for r in of_type(resources, "AWS::IAM::Role") if allows(role_statements(resources, r), "sns:Publish", topic)]
-    assert publishers == [role_assumed_by(resources, "states.amazonaws.com")]
+    assert sorted(p.rstrip("0123456789ABCDEF") for p in publishers) == ["DeployOnApprovalRole", "WorkflowRole"]
     for role in publishers:
         for action in ("kms:GenerateDataKey", "kms:Decrypt"):
             assert allows(role_statements(resources, role), action, key_arn), (role, action)
@@ -195,17 +196,18 @@ def test_every_role_that_uses_objects_of_the_bucket_may_use_the_key(resources, k
 # SageMaker: the training volume (VolumeKmsKeyId) and the model output (OutputDataConfig.KmsKeyId)
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("service", "actions"), [
+@pytest.mark.parametrize(("role", "actions"), [
     # The job's execution role encrypts the output: kms:Encrypt per OutputDataConfig.KmsKeyId's documentation.
-    ("sagemaker.amazonaws.com", ("kms:DescribeKey", "kms:GenerateDataKey", "kms:Decrypt", "kms:Encrypt")),
+    ("TrainingRole", ("kms:DescribeKey", "kms:GenerateDataKey", "kms:Decrypt", "kms:Encrypt")),
     # The caller of CreateTrainingJob; it also reads the final metrics and publishes to the encrypted topic.
-    ("states.amazonaws.com", ("kms:DescribeKey", "kms:GenerateDataKey", "kms:Decrypt")),
+    ("WorkflowRole", ("kms:DescribeKey", "kms:GenerateDataKey", "kms:Decrypt")),
 ], ids=["training role", "state machine role"])
-def test_sagemaker_callers_may_use_the_key_and_create_grants_only_for_aws_resources(resources, key, service, actions):
+def test_sagemaker_callers_may_use_the_key_and_create_grants_only_for_aws_resources(resources, key, role, actions):
     """SageMaker creates grants on the key for the job's volume, with the caller's and the
     execution role's permissions: only grants for AWS resources. No role may re-encrypt."""
     key_arn, _ = key
-    statements = role_statements(resources, role_assumed_by(resources, service))
+    (role_id,) = [r for r in of_type(resources, "AWS::IAM::Role") if r.startswith(role)]
+    statements = role_statements(resources, role_id)
     for action in actions:
         assert allows(statements, action, key_arn), action
     for action in ("kms:ReEncryptFrom", "kms:ReEncryptTo", *({"kms:Encrypt"} - set(actions))):

@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 from iam_model import ACCOUNT, allows, as_list, of_type, resolved_resources, role_statements
 
-ROLES = {"training": "TrainingRole", "workflow": "WorkflowRole", "staging": "StagingRole", "reaper": "JobReaperRole"}
+ROLES = {"training": "TrainingRole", "workflow": "WorkflowRole", "staging": "StagingRole", "reaper": "JobReaperRole",
+         "serving": "ServingRole", "deploy": "DeployOnApprovalRole", "model_check": "DeployOnApprovalModelCheckRole",
+         "deploy_events": "DeployOnApprovalEventsRole"}
 """Each role of the stack by the start of its logical id."""
 
 REGION = "us-east-1"
@@ -165,21 +167,29 @@ def test_the_workflow_starts_only_this_stacks_jobs(policies):
 
 
 def test_service_trust_policies_carry_the_confused_deputy_conditions(resources):
-    """SageMaker and Step Functions send aws:SourceAccount and aws:SourceArn when they assume a role
-    (each service's "Cross-service confused deputy prevention" page); Lambda documents neither for
-    its execution roles, so its roles trust lambda.amazonaws.com alone."""
+    """SageMaker, Step Functions and EventBridge send aws:SourceAccount and aws:SourceArn when they
+    assume a role (each service's "Cross-service confused deputy prevention" page); Lambda
+    documents neither for its execution roles, so its roles trust lambda.amazonaws.com alone. The
+    serving role is assumed for models and endpoints named at deploy time: the account only."""
+    sources = {}
     for role_id, role in of_type(resources, "AWS::IAM::Role").items():
         trust = trust_of(role)
         service = trust["Principal"]["Service"]
         if service == "lambda.amazonaws.com":
             continue
-        assert service in ("sagemaker.amazonaws.com", "states.amazonaws.com"), role_id
+        assert service in ("sagemaker.amazonaws.com", "states.amazonaws.com", "events.amazonaws.com"), role_id
         assert trust["Condition"]["StringEquals"] == {"aws:SourceAccount": ACCOUNT}, role_id
+        if role_id.startswith(ROLES["serving"]):
+            assert set(trust["Condition"]) == {"StringEquals"}, role_id
+            continue
         assert set(trust["Condition"]["ArnLike"]) == {"aws:SourceArn"}, role_id
-    sources = {trust_of(role)["Principal"]["Service"]: trust_of(role)["Condition"]["ArnLike"]["aws:SourceArn"]
-               for role in of_type(resources, "AWS::IAM::Role").values() if "Condition" in trust_of(role)}
-    assert sources == {"sagemaker.amazonaws.com": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/ftstack--*",
-                       "states.amazonaws.com": f"arn:aws:states:{REGION}:{ACCOUNT}:stateMachine:ftstack-workflow"}
+        sources[role_id.rstrip("0123456789ABCDEF")] = trust["Condition"]["ArnLike"]["aws:SourceArn"]
+    assert sources == {
+        "TrainingRole": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/ftstack--*",
+        "WorkflowRole": f"arn:aws:states:{REGION}:{ACCOUNT}:stateMachine:ftstack-workflow",
+        "DeployOnApprovalRole": f"arn:aws:states:{REGION}:{ACCOUNT}:stateMachine:ftstack-models-deploy",
+        "DeployOnApprovalEventsRole": f"arn:aws:events:{REGION}:{ACCOUNT}:rule/ftstack-models-approved",
+    }
 
 
 def trust_of(role: dict) -> dict:

@@ -146,7 +146,8 @@ def test_the_function_may_describe_its_own_workflows_executions_only(synthesized
     that no reference makes a cycle) and may describe that machine's executions, nothing else."""
     _, stack, template, _ = synthesized
     resources = resolved_resources(stack, template)
-    (machine,) = of_type(resources, "AWS::StepFunctions::StateMachine").values()
+    (machine,) = [m for m in of_type(resources, "AWS::StepFunctions::StateMachine").values()
+                  if m["Properties"]["StateMachineName"].endswith("-workflow")]  # not the deploy workflow
     name = machine["Properties"]["StateMachineName"]
     assert name == state_machine_name(stack.stack_name) == f"{stack.stack_name}-workflow"
     (function,) = [f for f in of_type(resources, "AWS::Lambda::Function").values()
