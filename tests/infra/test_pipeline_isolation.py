@@ -18,6 +18,8 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from aws_cdk.assertions import Template
 
+from ftstack.serving import resource_name
+
 from ftstack.infra.options import TrainingOptions
 from ftstack.infra.pipeline import FineTuningPipeline
 from ftstack.infra.props import EcrImage, FineTuningPipelineProps
@@ -94,15 +96,17 @@ class Pair:
         return f"<{self.stack.resolve(construct.node.default_child.logical_id)}.{attribute}>"
 
 
-@pytest.fixture(scope="module")
-def pair() -> Pair:
+def two_pipelines(a: Team, b: Team) -> Pair:
+    """Pipelines ``a`` and ``b`` on one brought bucket and key, each deploying its approved models."""
+    # A role is a pipeline's when its logical id starts with the pipeline's construct id.
+    assert not a.construct_id.startswith(b.construct_id) and not b.construct_id.startswith(a.construct_id)
     app = cdk.App()
     stack = cdk.Stack(app, "Platform", env=TEST_ENV)
     bucket_key = kms.Key(stack, "DataKey", enable_key_rotation=True)
     bucket = s3.Bucket(stack, "Shared", encryption=s3.BucketEncryption.KMS, encryption_key=bucket_key, enforce_ssl=True,
                        versioned=True)
     pipelines = {}
-    for team in (A, B):
+    for team in (a, b):
         image = EcrImage(ecr.Repository.from_repository_name(stack, f"{team.construct_id}Repo", f"{team.name}/train"), "v1")
         pipelines[team.name] = FineTuningPipeline(stack, team.construct_id, FineTuningPipelineProps(
             name=team.name, prefix=team.prefix, bucket=bucket, bucket_key=bucket_key, training_image=image,
@@ -112,6 +116,11 @@ def pair() -> Pair:
     bucket_id = stack.resolve(bucket.node.default_child.logical_id)
     key_id = stack.resolve(bucket_key.node.default_child.logical_id)
     return Pair(stack, resources, pipelines, f"<{bucket_id}.Arn>", f"<{key_id}.Arn>")
+
+
+@pytest.fixture(scope="module")
+def pair() -> Pair:
+    return two_pipelines(A, B)
 
 
 def test_every_role_of_the_stack_belongs_to_one_of_the_pipelines(pair):
@@ -278,3 +287,33 @@ def test_no_role_may_publish_to_the_other_pipelines_topic_or_register_in_its_gro
         for action in ("sagemaker:CreateModelPackage", "sagemaker:DescribeModelPackage", "sagemaker:UpdateModelPackage"):
             assert not allows(statements, action, packages), (role_id, action)
             assert not allows(statements, action, f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:model-package-group/{group}"), (role_id, action)
+
+
+def deploy_reach(pair: Pair, mine: Team, theirs: Team) -> list[tuple[str, str, str]]:
+    """What the roles of ``mine`` may do to the endpoint, models and configs that ``theirs``
+    deploys its approved models with (the endpoint is named after its model package group)."""
+    endpoint = pair.pipelines[theirs.name].model_package_group_name
+    arn = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:"
+    made = resource_name(endpoint, "execution-1")
+    requests = [("sagemaker:CreateModel", f"{arn}model/{made}"), ("sagemaker:CreateEndpointConfig", f"{arn}endpoint-config/{made}")] + [
+        (action, f"{arn}endpoint/{endpoint}") for action in
+        ("sagemaker:CreateEndpoint", "sagemaker:UpdateEndpoint", "sagemaker:DescribeEndpoint", "sagemaker:DeleteEndpoint")]
+    return [(role_id, action, resource) for role_id, statements in pair.roles(mine).items()
+            for action, resource in requests if allows(statements, action, resource)]
+
+
+@pytest.mark.parametrize(("mine", "theirs"), PAIRS, ids=PAIR_IDS)
+def test_no_role_may_deploy_to_the_other_pipelines_endpoint(pair, mine, theirs):
+    assert deploy_reach(pair, mine, mine), "the pipeline deploys to its own endpoint"
+    assert deploy_reach(pair, mine, theirs) == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "DeployOnApproval grants CreateModel and CreateEndpointConfig on '<endpoint>-*': pipeline 'team' (endpoint "
+    "team-models) may create the models and configs that pipeline 'team-models' (endpoint team-models-models) names "
+    "'team-models-models-<md5>', and so take their names first. The names are '<prefix>-' and 32 hex digits "
+    "(ftstack.serving.resource_name): '<prefix>-' followed by 32 '?' would keep them apart."))
+def test_no_role_may_deploy_to_the_endpoint_of_a_pipeline_named_after_its_group():
+    team, models = Team("First", "team", "team/"), Team("Second", "team-models", "team-models/")
+    near = two_pipelines(team, models)
+    assert deploy_reach(near, team, models) == []
