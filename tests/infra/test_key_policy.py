@@ -11,7 +11,7 @@ encryption context that the service sends.
 from __future__ import annotations
 
 import pytest
-from iam_model import ACCOUNT, allows, as_list, of_type, resolved_resources, role_assumed_by, role_statements
+from iam_model import ACCOUNT, allows, as_list, of_type, resolved_resources, role_statements
 
 # The calls CloudWatch Logs makes on the key of a log group ("Encrypt log data in CloudWatch Logs
 # using AWS KMS": it associates, encrypts new events, decrypts on read, re-encrypts on rotation).
