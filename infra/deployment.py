@@ -16,7 +16,7 @@ from aws_cdk import aws_sns as sns
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
-from ftstack.serving import resource_prefix
+from ftstack.serving import SUFFIX_CHARS, resource_prefix
 
 from .access import DECRYPT, grant_key, grant_list, grant_objects
 from .assets import lambda_code
@@ -149,7 +149,10 @@ class DeployOnApproval(Construct):
             return stack.format_arn(service="sagemaker", resource=resource, resource_name=resource_name)
 
         packages = arn("model-package", f"{group_name.lower()}/*")
-        models, configs, endpoint = arn("model", f"{prefix}-*"), arn("endpoint-config", f"{prefix}-*"), arn("endpoint", name.lower())
+        # Exactly '<prefix>-' and the 32 hex digits of resource_name: with '*' a pipeline whose
+        # endpoint name starts another's ('team' and 'team-models') could take that one's names.
+        own = f"{prefix}-{'?' * SUFFIX_CHARS}"
+        models, configs, endpoint = arn("model", own), arn("endpoint-config", own), arn("endpoint", name.lower())
         for actions, resources in (
             (["sagemaker:DescribeModelPackage"], [packages]),
             (["sagemaker:CreateModel"], [models]),
@@ -166,8 +169,6 @@ class DeployOnApproval(Construct):
         acknowledge(role, grant_wildcards("Action::kms:GenerateDataKey*") | {
             wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"model-package/{group_name.lower()}/*")):
                 "describes the approved version of the group, known at run time only",
-            wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"model/{prefix}-*")): "each deployment creates a model named after its execution",
-            wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"endpoint-config/{prefix}-*")): "each deployment creates a config named after its execution",
             wildcard(f"Resource::{arn_of(self.function)}:*"): "grant_invoke covers the function's versions",
             wildcard("Resource::*"): "X-Ray and CloudWatch Logs delivery (the state machine's logging) support no resource scoping",
         })

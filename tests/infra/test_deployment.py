@@ -150,7 +150,7 @@ def test_the_workflow_role_touches_only_this_endpoint_its_models_and_configs(bui
     found = statements(built[2], "DeployRole")
     by_action = {a: s for s in found for a in actions_of(s)}
     text = json.dumps(by_action["sagemaker:CreateModel"]["Resource"])
-    assert f":model/{NAME}-*" in text
+    assert f":model/{NAME}-{'?' * 32}\"" in text  # exactly the names resource_name makes
     assert f":endpoint/{NAME}" in json.dumps(by_action["sagemaker:UpdateEndpoint"]["Resource"])
     assert f"model-package/{GROUP}/*" in json.dumps(by_action["sagemaker:DescribeModelPackage"]["Resource"])
     assert by_action["iam:PassRole"]["Condition"] == {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}

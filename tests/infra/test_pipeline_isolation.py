@@ -308,11 +308,6 @@ def test_no_role_may_deploy_to_the_other_pipelines_endpoint(pair, mine, theirs):
     assert deploy_reach(pair, mine, theirs) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DeployOnApproval grants CreateModel and CreateEndpointConfig on '<endpoint>-*': pipeline 'team' (endpoint "
-    "team-models) may create the models and configs that pipeline 'team-models' (endpoint team-models-models) names "
-    "'team-models-models-<md5>', and so take their names first. The names are '<prefix>-' and 32 hex digits "
-    "(ftstack.serving.resource_name): '<prefix>-' followed by 32 '?' would keep them apart."))
 def test_no_role_may_deploy_to_the_endpoint_of_a_pipeline_named_after_its_group():
     team, models = Team("First", "team", "team/"), Team("Second", "team-models", "team-models/")
     near = two_pipelines(team, models)
