@@ -28,7 +28,7 @@ SCRATCH = "scratch/"
 JOB_MODEL_DIR = "output/model/"
 """Where SageMaker puts a job's uncompressed model under ``<S3OutputPath><job name>/``."""
 
-PREFIX = re.compile(r"^([a-z0-9][a-z0-9-]{0,61}[a-z0-9]/)*$")
+PREFIX = re.compile(r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?/)*$")
 """A pipeline's prefix: empty, or folders of lower-case letters, digits and hyphens, each ending
 in ``/``. No wildcard characters (``*``, ``?``), which IAM would read as patterns, and no ``.``
 or ``..``, which cannot name a folder."""

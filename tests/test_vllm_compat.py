@@ -76,3 +76,5 @@ def test_the_model_card_says_how_to_serve_it(exported):
     card = (model_dir / "README.md").read_text()
     assert "vllm serve path/to/model --dtype bfloat16 --max-model-len 256" in card
     assert "ftstack deploy MODEL_PACKAGE_ARN" in card and 'ftstack invoke ENDPOINT "your question"' in card
+    # The chat template itself, as exported: what vLLM formats a chat request with.
+    assert (model_dir / CHAT_TEMPLATE_FILE).read_text().strip() in card

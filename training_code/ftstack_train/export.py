@@ -242,7 +242,7 @@ def _write_metadata(model, tokenizer, cfg: TrainConfig, out: Path, dtype: torch.
     _drop_remote_code(out / "tokenizer_config.json")
     (out / METRICS_FILE).write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
     example = format_prompt(cfg.prompt_template, "<your question>")
-    (out / "README.md").write_text(render_model_card(cfg, metrics, lineage, example))
+    (out / "README.md").write_text(render_model_card(cfg, metrics, lineage, example, chat_template=tokenizer.chat_template))
     # Last: the manifest lists every file above, and the final figures carry its digest, which the
     # workflow registers with the package.
     final = json_safe(metrics.get("final", {})) | {MANIFEST_SHA256: write_manifest(out)}
