@@ -530,3 +530,25 @@ print(json.dumps({{"hp": request.hyperparameters, "fits": memory["instance_types
     assert out["fits"] is True  # the memory estimate runs in the asset too
     assert any(f.endswith("ftstack/estimate.py") for f in out["files"])
     assert out["files"] and all(f.startswith(str(asset)) for f in out["files"])
+
+
+def test_a_pipeline_in_a_folder_of_a_shared_bucket_stages_only_within_it(s3, monkeypatch):
+    """With a prefix (FineTuningPipelineProps.prefix), the function reads data and base models
+    from the pipeline's folder only, and writes its channels and names its output there."""
+    monkeypatch.setenv("SETTINGS", json.dumps(SETTINGS | {"prefix": "team-a/"}))
+    mine, theirs = f"s3://{BUCKET}/team-a/incoming/train.jsonl", f"s3://{BUCKET}/team-b/incoming/train.jsonl"
+    put(s3, mine, records(40))
+    put(s3, theirs, records(40))
+    put(s3, f"s3://{BUCKET}/team-b/base-models/mpt/config.json", b"{}")
+    result = invoke({"train_data": mine})
+    for channel in ("train", "test"):
+        assert result[channel]["s3_uri"].startswith(f"s3://{BUCKET}/team-a/scratch/run-1/data/")
+    assert result["output_uri"] == f"s3://{BUCKET}/team-a/executions/run-1/model/"
+    assert result["checkpoint_uri"] == f"s3://{BUCKET}/team-a/scratch/run-1/checkpoints/"
+    assert all(k.startswith("team-") for k in written(s3))
+    for attempt, (input_, says) in enumerate((({"train_data": theirs}, f"is not under s3://{BUCKET}/team-a/incoming/"),
+                         ({"train_data": TRAIN}, f"is not under s3://{BUCKET}/team-a/incoming/"),
+                         ({"train_data": mine, "base_model": f"s3://{BUCKET}/team-b/base-models/mpt/"},
+                          f"is not a folder under s3://{BUCKET}/team-a/base-models/")), start=2):
+        with pytest.raises(stage_data.InvalidInput, match=re.escape(says)):
+            invoke(input_, execution=f"run-{attempt}")
