@@ -423,7 +423,9 @@ def test_a_pipeline_in_a_shared_bucket_gets_its_uploads_in_its_folder(stack, tmp
     code, out, err = run_cli(capsys, "start", "--stack", "team-a", "--train", str(train), "--name", "shared1")
     assert code == 0, err
     found = boto.client("stepfunctions").describe_execution(executionArn=f"{machine.replace(':stateMachine:', ':execution:')}:shared1")
-    assert re.fullmatch(f"s3://{BUCKET}/team-a/incoming/[0-9a-f]{{16}}/train.jsonl", json.loads(found["input"])["train_data"])
+    execution_input = json.loads(found["input"])
+    assert re.fullmatch(f"s3://{BUCKET}/team-a/incoming/[0-9a-f]{{16}}/train.jsonl", execution_input["train_data"])
+    jsonschema.validate(execution_input, json.loads((ROOT / "infra" / "execution_input.schema.json").read_text()))
     code, _, err = run_cli(capsys, "start", "--stack", "team-a", "--train", f"s3://{BUCKET}/incoming/other.jsonl")
     assert code != 0 and f"s3://{BUCKET}/team-a/incoming/" in err
     code, _, err = run_cli(capsys, "start", "--stack", "team-a", "--train", str(train),
