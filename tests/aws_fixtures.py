@@ -15,7 +15,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from ftstack.aws import DATA_PREFIX, OUTPUTS
+from ftstack.aws import DATA_PREFIX, OUTPUTS, SERVING_ROLE
 from ftstack.cli import main
 
 REGION = "us-east-1"
@@ -50,7 +50,7 @@ def _definition(role: str) -> dict:
 def _template(state_machine: str, outputs: tuple[str, ...]) -> str:
     values = {"BucketName": BUCKET, "StateMachineArn": state_machine, "ModelPackageGroupName": "ftstack-models",
               "TrainingImageUri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/t:1", "TopicArn": {"Ref": "Topic"},
-              "DataPrefix": "team-a/"}
+              "DataPrefix": "team-a/", "ServingRoleArn": "arn:aws:iam::123456789012:role/ftstack-Serving"}
     return json.dumps({"Resources": {"Topic": {"Type": "AWS::SNS::Topic"}},
                        "Outputs": {key: {"Value": values[key]} for key in outputs}})
 
@@ -74,7 +74,7 @@ def stack(monkeypatch, tmp_path):
             name="ftstack-workflow", definition=json.dumps(_definition(role)), roleArn=role)["stateMachineArn"]
         cloudformation = boto.client("cloudformation")
         cloudformation.create_stack(StackName="ftstack", TemplateBody=_template(machine, tuple(OUTPUTS.values()) + (
-            "TrainingImageUri",)))
+            "TrainingImageUri", SERVING_ROLE)))
         cloudformation.create_stack(StackName="old", TemplateBody=_template(machine, ("BucketName",)))
         # A pipeline in a folder of a shared bucket (FineTuningPipelineProps.prefix).
         cloudformation.create_stack(StackName="team-a", TemplateBody=_template(machine, tuple(OUTPUTS.values()) + (
@@ -87,3 +87,24 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     out, err = capsys.readouterr()
     assert "Traceback" not in err
     return code, out, err
+
+
+@pytest.fixture
+def model_packages_as_documented(monkeypatch):
+    """moto's UpdateModelPackage replaces a package's CustomerMetadataProperties with the request's
+    (none, for an approval), where SageMaker adds the request's to them and removes only those named
+    in CustomerMetadataPropertiesToRemove (the API reference of UpdateModelPackage). An approval
+    there keeps model_manifest_sha256, which deploying checks."""
+    from moto.sagemaker.models import SageMakerModelBackend
+
+    original = SageMakerModelBackend.update_model_package
+
+    def update(self, model_package_arn, model_approval_status, approval_description, customer_metadata_properties,
+               customer_metadata_properties_to_remove, additional_inference_specifications_to_add):
+        name = self.model_package_name_mapping.get(model_package_arn, model_package_arn)
+        kept = dict(getattr(self.model_packages.get(name), "customer_metadata_properties", None) or {})
+        return original(self, model_package_arn, model_approval_status, approval_description,
+                        kept | (customer_metadata_properties or {}), customer_metadata_properties_to_remove,
+                        additional_inference_specifications_to_add)
+
+    monkeypatch.setattr(SageMakerModelBackend, "update_model_package", update)
