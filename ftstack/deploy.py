@@ -16,7 +16,7 @@ from ftstack_train.contract import MANIFEST_SHA256
 from .aws import SERVING_ROLE, AwsError, aws_errors, error_code, session
 from .models import MODEL_PACKAGE_ARN
 from .serving import (
-    DEFAULT_INSTANCE_TYPE, VARIANT_NAME, ServingError, answer_text, check_endpoint_name, deploy_environment,
+    VARIANT_NAME, ServingError, answer_text, check_endpoint_name, deploy_environment,
     instance_gpus, invoke_body, invoke_command, resource_name, verify_s3_model,
 )
 

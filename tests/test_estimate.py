@@ -19,7 +19,7 @@ import json
 import pytest
 
 from ftstack.cli import main
-from ftstack.estimate import CHUNK_TOKENS, Setup, attn_path_for, estimate_memory, shard_size, smallest_changes
+from ftstack.estimate import Setup, attn_path_for, estimate_memory, shard_size, smallest_changes
 from ftstack.instances import INSTANCE_TYPES, instance_type
 from ftstack.model_shapes import model_shape
 

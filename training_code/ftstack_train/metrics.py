@@ -13,7 +13,6 @@ Standard library only.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 PREFIX = "ftstack-metrics"
