@@ -26,7 +26,7 @@ from ftstack_train.manifest import manifest_bytes
 from aws_fixtures import BUCKET, REGION, run_cli, stack  # noqa: F401 (stack: a fixture)
 
 sys.path.insert(0, str(Path(__file__).parent / "infra"))  # botocore's contracts, shared with the workflow tests
-from aws_contract import AwsCalls, AwsError  # noqa: E402
+from aws_contract import AwsCalls, arn_answer, endpoint_answer, endpoint_missing  # noqa: E402
 
 ACCOUNT, GROUP = "123456789012", "ftstack-models"
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/ftstack-Serving"
@@ -56,21 +56,16 @@ def register(boto, status: str = "Approved", digest: str | None = None) -> str:
 
 def endpoint(status: str, config: str | None = None, reason: str | None = None):
     """A DescribeEndpoint answer; ``config`` None: the config the command created last."""
-    def describe(request: dict) -> dict:
-        name = config or contract.of("sagemaker", "CreateEndpointConfig")[-1].params["EndpointConfigName"]
-        body = {"EndpointName": request["EndpointName"], "EndpointArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/x",
-                "EndpointConfigName": name, "EndpointStatus": status, "CreationTime": "2026-11-29T10:00:00Z",
-                "LastModifiedTime": "2026-11-29T10:00:00Z"}
-        return body | ({"FailureReason": reason} if reason else {})
-    return describe
+    def created() -> str:
+        return contract.of("sagemaker", "CreateEndpointConfig")[-1].params["EndpointConfigName"]
+    return endpoint_answer(status, config or created, reason, arn=f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/x")
 
 
-def missing(request: dict) -> dict:
-    raise AwsError("ValidationException", f'Could not find endpoint "{request["EndpointName"]}".')
+missing = endpoint_missing
 
 
 def arn(kind: str, key: str, resource: str):
-    return lambda request: {f"{kind}Arn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:{resource}/{request[key]}"}
+    return arn_answer(kind, key, f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:{resource}")
 
 
 contract: AwsCalls

@@ -200,3 +200,38 @@ class AwsCalls:
         events = boto3._get_default_session()._session.get_component("event_emitter")
         events.unregister("before-parameter-build", unique_id="ftstack-record")
         events.unregister("before-call", unique_id="ftstack-answer")
+
+
+def run_execution(sfn: Any, machine_arn: str, name: str, execution_input: Any, timeout_s: float = 60) -> tuple[dict, list[dict], str]:
+    """Starts an execution in moto's interpreter and waits for its end: (DescribeExecution, its
+    history, its ARN)."""
+    import json
+    import time
+
+    execution = sfn.start_execution(stateMachineArn=machine_arn, name=name, input=json.dumps(execution_input))["executionArn"]
+    deadline = time.monotonic() + timeout_s
+    while (result := sfn.describe_execution(executionArn=execution))["status"] == "RUNNING":
+        assert time.monotonic() < deadline, "the execution did not end"
+        time.sleep(0.02)
+    return result, sfn.get_execution_history(executionArn=execution, maxResults=1000)["events"], execution
+
+
+def endpoint_answer(status: str, config: str | Callable[[], str], reason: str | None = None, *, arn: str) -> Answer:
+    """A DescribeEndpoint answer of the real shape: the endpoint on ``config`` (or on what
+    ``config()`` names when asked), in ``status``, with SageMaker's ``reason`` if any."""
+    def describe(request: dict[str, Any]) -> dict[str, Any]:
+        body = {"EndpointName": request["EndpointName"], "EndpointArn": arn,
+                "EndpointConfigName": config() if callable(config) else config, "EndpointStatus": status,
+                "CreationTime": "2026-11-29T10:00:00Z", "LastModifiedTime": "2026-11-29T10:05:00Z"}
+        return body | ({"FailureReason": reason} if reason else {})
+    return describe
+
+
+def endpoint_missing(request: dict[str, Any]) -> dict[str, Any]:
+    """DescribeEndpoint's answer for an endpoint that does not exist."""
+    raise AwsError("ValidationException", f'Could not find endpoint "{request["EndpointName"]}".')
+
+
+def arn_answer(kind: str, key: str, arn_prefix: str) -> Answer:
+    """A Create* answer: ``{"<kind>Arn": "<arn_prefix>/<the request's key>"}``."""
+    return lambda request: {f"{kind}Arn": f"{arn_prefix}/{request[key]}"}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import time
 
 import boto3
 import pytest
@@ -24,7 +23,7 @@ from ftstack.infra.model_check import handler as model_check
 from ftstack.serving import ENV_TENSOR_PARALLEL, resource_name, resource_prefix, vllm_environment
 from ftstack_train.manifest import ModelIntegrityError, manifest_bytes
 
-from aws_contract import AwsCalls, AwsError, operation, problems
+from aws_contract import AwsCalls, AwsError, arn_answer, endpoint_answer, endpoint_missing, operation, problems, run_execution
 from test_workflow_behaviour import step_functions_as_documented  # noqa: F401 (an autouse fixture)
 
 ACCOUNT, REGION, BUCKET, GROUP, ENDPOINT = "123456789012", "us-east-1", "ftstack-bucket", "ftstack-models", "ftstack-serve"
@@ -72,21 +71,16 @@ def package(group: str = GROUP, status: str = "Approved", digest: str = DIGEST):
 
 def endpoint(status: str, config: str | None = None, reason: str | None = None):
     """DescribeEndpoint answers: ``config`` None means the config this execution created."""
-    def describe(request: dict) -> dict:
-        name = config or calls_made.of("sagemaker", "CreateEndpointConfig")[-1].params["EndpointConfigName"]
-        body = {"EndpointName": request["EndpointName"], "EndpointArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/{ENDPOINT}",
-                "EndpointConfigName": name, "EndpointStatus": status, "CreationTime": "2026-11-29T10:00:00Z",
-                "LastModifiedTime": "2026-11-29T10:05:00Z"}
-        return body | ({"FailureReason": reason} if reason else {})
-    return describe
+    def created() -> str:
+        return calls_made.of("sagemaker", "CreateEndpointConfig")[-1].params["EndpointConfigName"]
+    return endpoint_answer(status, config or created, reason, arn=f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/{ENDPOINT}")
 
 
-def missing(request: dict) -> dict:
-    raise AwsError("ValidationException", f'Could not find endpoint "{request["EndpointName"]}".')
+missing = endpoint_missing
 
 
 def arn_of(kind: str, key: str, resource: str):
-    return lambda request: {f"{kind}Arn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:{resource}/{request[key]}"}
+    return arn_answer(kind, key, f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:{resource}")
 
 
 def invoke_model_check(request: dict) -> dict:
@@ -124,12 +118,7 @@ def run(answers: dict, *, files: dict[str, bytes] = FILES, event: dict = EVENT) 
             s3.put_object(Bucket=BUCKET, Key=MODEL_PREFIX + name, Body=body)
         sfn = boto3.client("stepfunctions", region_name=REGION)
         machine = sfn.create_state_machine(name=f"{ENDPOINT}-deploy", definition=text, roleArn=f"arn:aws:iam::{ACCOUNT}:role/sfn")
-        execution = sfn.start_execution(stateMachineArn=machine["stateMachineArn"], name="approval-3", input=json.dumps(event))["executionArn"]
-        deadline = time.monotonic() + 60
-        while (result := sfn.describe_execution(executionArn=execution))["status"] == "RUNNING":
-            assert time.monotonic() < deadline, "the execution did not end"
-            time.sleep(0.02)
-        events = sfn.get_execution_history(executionArn=execution, maxResults=1000)["events"]
+        result, events, execution = run_execution(sfn, machine["stateMachineArn"], "approval-3", event)
     assert calls.problems() == []
     return result | {"executionArn": execution}, events, calls
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import time
 import uuid
 
 import boto3
@@ -28,7 +27,7 @@ from ftstack.infra.stage_data.handler import (
 )
 from ftstack.infra.training_states import poll_seconds
 
-from aws_contract import AwsCalls, AwsError, operation, problems
+from aws_contract import AwsCalls, AwsError, operation, problems, run_execution
 from staging_samples import staging_settings
 
 ACCOUNT, REGION, BUCKET = "123456789012", "us-east-1", "ftstack-bucket"
@@ -188,12 +187,7 @@ def run(sagemaker: dict, execution_input: dict, *, name: str = "run1", final_met
         sfn = boto3.client("stepfunctions", region_name=REGION)
         arn = sfn.create_state_machine(name="ftstack", definition=definition(settings), roleArn=f"arn:aws:iam::{ACCOUNT}:role/sfn")["stateMachineArn"]
         assert arn == STATE_MACHINE_ARN
-        execution = sfn.start_execution(stateMachineArn=arn, name=name, input=json.dumps(execution_input))["executionArn"]
-        deadline = time.monotonic() + 60
-        while (result := sfn.describe_execution(executionArn=execution))["status"] == "RUNNING":
-            assert time.monotonic() < deadline, "the execution did not end"
-            time.sleep(0.02)
-        events = sfn.get_execution_history(executionArn=execution, maxResults=1000)["events"]
+        result, events, _ = run_execution(sfn, arn, name, execution_input)
     assert calls.problems() == []
     return result, events, calls
 
