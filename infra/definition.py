@@ -18,9 +18,10 @@ from ftstack.serving import registration_environment
 from ftstack_train.contract import FINAL_EVAL_CE, FINAL_METRICS_FILE, MANIFEST_SHA256, METRICS_FILE
 
 from .extensions import (
-    EVALUATED, STATE_NAMES, evaluation_checks, extension_state, gate_rules,
+    EVALUATED, STATE_NAMES, clashing_state_names, evaluation_checks, extension_state, gate_rules,
 )
 from .layout import JOB_MODEL_DIR, Layout
+from .options import PropsError
 from .stage_data.fields import MODEL_PACKAGE_DESCRIPTION
 from .settings import WorkflowSettings
 from .training_states import attempt_states, fallback_states, train_states
@@ -337,6 +338,9 @@ def build_definition(s: WorkflowSettings) -> dict[str, Any]:
     states |= _failure_states(s)
     states |= _result_states(s)
     states |= _extension_states(s)
+    clashes = clashing_state_names(states, s.extensions)
+    if clashes:
+        raise PropsError("; ".join(clashes))
     return {
         "Comment": "ftstack: validate and stage data, fine-tune on SageMaker, gate, register, notify",
         "StartAt": "CheckInput",

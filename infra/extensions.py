@@ -117,14 +117,18 @@ def evaluation_checks(metrics: list[str], next_state: str) -> dict[str, Any]:
     missing = "EvaluationIncomplete"
     # No literal braces in the Cause's template: they are States.Format's placeholders (AWS needs
     # them escaped, and moto's interpreter cannot take them at all).
+    if not metrics:
+        # No EvaluationIncomplete state then: Step Functions refuses a definition with a state that
+        # nothing transitions to (MISSING_TRANSITION_TARGET: State "..." is not reachable).
+        return {"EvaluationComplete?": {"Type": "Pass", "Next": next_state}}
     states: dict[str, Any] = {
         "EvaluationComplete?": {
             "Type": "Choice",
             "Choices": [{"And": [rule for m in metrics for rule in (
                 {"Variable": f"{EVALUATED}.{m}", "IsPresent": True}, {"Variable": f"{EVALUATED}.{m}", "IsNumeric": True})],
-                "Next": next_state}] if metrics else [],
+                "Next": next_state}],
             "Default": missing,
-        } if metrics else {"Type": "Pass", "Next": next_state},
+        },
         missing: {
             "Type": "Pass",
             "Parameters": {
@@ -138,6 +142,31 @@ def evaluation_checks(metrics: list[str], next_state: str) -> dict[str, Any]:
         },
     }
     return states
+
+
+def state_names(states: Mapping[str, Any]) -> list[str]:
+    """Every state name in ``states``, with those inside Parallel branches and Map iterators."""
+    names = []
+    for name, state in states.items():
+        names.append(name)
+        inner = [*state.get("Branches", []), *(state[k] for k in ("Iterator", "ItemProcessor") if k in state)]
+        for graph in inner:
+            names += state_names(graph.get("States", {}))
+    return names
+
+
+def clashing_state_names(states: Mapping[str, Any], extensions: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """A message for each state of an extension point whose name the whole definition (``states``)
+    holds more than once. Step Functions wants every state name unique in the whole state machine,
+    Parallel branches included, and refuses the definition otherwise; a platform team's natural
+    names (``Evaluate``, ``Register``, ``NotifySuccess``) are ftstack's own."""
+    counts: dict[str, int] = {}
+    for name in state_names(states):
+        counts[name] = counts.get(name, 0) + 1
+    return [f"FineTuningPipelineProps.{point}: a step is named {name!r}, as another state of the workflow is; state "
+            "names must be unique in the whole state machine, so give the step another construct id (or state_name)"
+            for point, graph in extensions.items() for name in dict.fromkeys(state_names(graph.get("States", {})))
+            if counts.get(name, 0) > 1]
 
 
 def gate_rules(quality_threshold: float | None, gate: tuple) -> list[dict[str, Any]]:
