@@ -13,8 +13,7 @@ from typing import Any
 from ftstack.aws import DEFAULT_STACK
 from ftstack.serving import DEFAULT_INSTANCE_TYPE
 
-from .instances import INSTANCE_TYPE
-from .options import TRAINING_KEYS, TrainingOptions, check_training, doc
+from .options import TRAINING_KEYS, TrainingOptions, check_endpoint_instance_type, check_training, doc
 
 REMOVAL_POLICIES = ("retain", "destroy")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -97,8 +96,7 @@ def _check(cfg: InfraConfig) -> None:
             fail("notification_emails", f"{email!r} is not an e-mail address")
     if cfg.removal_policy not in REMOVAL_POLICIES:
         fail("removal_policy", f"use one of {', '.join(REMOVAL_POLICIES)}")
-    if not INSTANCE_TYPE.match(cfg.endpoint_instance_type):
-        fail("endpoint_instance_type", f"{cfg.endpoint_instance_type!r} is not a SageMaker instance type, e.g. {DEFAULT_INSTANCE_TYPE}")
+    check_endpoint_instance_type(cfg.endpoint_instance_type, fail)
     if cfg.permissions_boundary is not None and not _POLICY_ARN.match(cfg.permissions_boundary):
         fail("permissions_boundary", f"{cfg.permissions_boundary!r} is not a managed policy ARN, e.g. "
              "arn:aws:iam::123456789012:policy/team-boundary")

@@ -75,6 +75,18 @@ def _prop_error(owner: str) -> Fail:
 TRAINING_KEYS = tuple(f for f in TrainingOptions.__dataclass_fields__)
 
 
+def check_endpoint_instance_type(value: Any, fail: Fail) -> None:
+    """The deploy endpoint's instance type must be a GPU type ftstack knows: vLLM is given one
+    tensor-parallel shard per GPU (``ftstack.serving.instance_gpus``), which the deploy workflow
+    reads at synth; anything else would stop the synth with a bare ServingError."""
+    from ftstack.serving import ServingError, instance_gpus
+
+    try:
+        instance_gpus(value if isinstance(value, str) else repr(value))
+    except ServingError as exc:
+        fail("endpoint_instance_type", str(exc))
+
+
 def check_training(cfg: TrainingOptions, fail: Fail) -> None:
     """Rejects contradictory or out-of-range training options, naming the key."""
     for key, value in [("instance_type", cfg.instance_type)] + [("fallback_instance_types", t) for t in cfg.fallback_instance_types] \

@@ -27,9 +27,8 @@ from aws_cdk import aws_stepfunctions as sfn
 from ftstack.serving import DEFAULT_INSTANCE_TYPE
 from ftstack_train.metrics import METRIC_DEFINITIONS
 
-from .instances import INSTANCE_TYPE
 from .layout import Layout
-from .options import PropsError, TrainingOptions, doc
+from .options import PropsError, TrainingOptions, check_endpoint_instance_type, doc
 from .settings import ExtraMetric, GateCondition
 
 NAME = re.compile(r"^[A-Za-z](-?[A-Za-z0-9]){0,39}$")
@@ -39,8 +38,11 @@ ROLE_NAME_PREFIX = re.compile(r"^[\w+=,.@-]{1,32}$")
 """IAM role names take ``[\\w+=,.@-]``; 32 leaves room for the pipeline's part of the name."""
 GROUP_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 """SageMaker's ModelPackageGroupName (botocore's sagemaker model)."""
-TAG_TEXT = re.compile(r"^[\w\s.:/=+\-@]*$", re.UNICODE)
-"""SageMaker's Tag Key and Value pattern, ``^([\\p{L}\\p{Z}\\p{N}_.:/=+\\-@]*)$``."""
+TAG_TEXT = re.compile(r"^(?:[\w.:/=+\-@]|[^\S\t\n\r\v\f\x1c-\x1f\x85])*\Z")
+"""SageMaker's Tag Key and Value pattern, ``^([\\p{L}\\p{Z}\\p{N}_.:/=+\\-@]*)$``: ``\\w`` is
+``\\p{L}``, ``\\p{N}`` and ``_``; ``\\p{Z}`` is ``\\s`` without its control characters (tab, line
+feed...), which CloudFormation and CreateTrainingJob refuse. ``\\Z``: ``$`` would let a final line
+feed through."""
 METRIC_NAME = re.compile(r"^[A-Za-z0-9_.:/+=@-]{1,255}$")
 """What an extra metric may be called (a CloudWatch metric name)."""
 GATE_METRIC = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -217,8 +219,7 @@ def _check(p: FineTuningPipelineProps) -> None:
              "starting and ending with a letter or digit")
     if not isinstance(p.training_image, (BuiltImage, EcrImage)):
         fail("training_image", "give BuiltImage(...) or EcrImage(repository, tag_or_digest)")
-    if not INSTANCE_TYPE.match(p.endpoint_instance_type):
-        fail("endpoint_instance_type", f"{p.endpoint_instance_type!r} is not a SageMaker instance type, e.g. {DEFAULT_INSTANCE_TYPE}")
+    check_endpoint_instance_type(p.endpoint_instance_type, fail)
     if p.role_name_prefix is not None and not ROLE_NAME_PREFIX.match(p.role_name_prefix):
         fail("role_name_prefix", f"{p.role_name_prefix!r}: use 1-32 of letters, digits and + = , . @ _ -")
     _check_tags(p.tags)
