@@ -148,11 +148,24 @@ def _create_states(s: DeploySettings) -> dict[str, Any]:
         },
         "FindEndpoint": {
             "Type": "Task", "Resource": _sdk("describeEndpoint"), "Parameters": {"EndpointName": s.endpoint},
-            "ResultSelector": {"config.$": "$.EndpointConfigName", "status.$": "$.EndpointStatus"},
+            # EndpointStatus only: a ResultSelector path that is missing (EndpointConfigName is not
+            # a required member of the answer) would be States.Runtime, which no Catch handles.
+            "ResultSelector": {"status.$": "$.EndpointStatus"},
             "ResultPath": "$.previous", "Retry": SAGEMAKER_RETRY,
             "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.lookup", "Next": "NoEndpoint?"}],
-            "Next": "UpdateEndpoint",
+            "Next": "Updatable?",
         },
+        # SageMaker refuses to update a Failed endpoint ("Cannot update failed endpoint"): say so,
+        # with the fix, rather than pass its bare refusal on after every later approval.
+        "Updatable?": {
+            "Type": "Choice",
+            "Choices": [{"Variable": "$.previous.status", "StringEquals": "Failed", "Next": "PreviousEndpointFailed"}],
+            "Default": "UpdateEndpoint",
+        },
+        **_failure("PreviousEndpointFailed", "EndpointFailed",
+                   f"endpoint {s.endpoint} is Failed (an earlier deployment did not come up) and SageMaker cannot update a "
+                   f"failed endpoint; it serves nothing: delete it (ftstack undeploy {s.endpoint}) and approve the package "
+                   "again, or run ftstack deploy"),
         "NoEndpoint?": {
             "Type": "Choice",
             "Choices": [{"Variable": "$.lookup.Cause", "StringMatches": MISSING_ENDPOINT, "Next": "CreateEndpoint"}],

@@ -249,3 +249,13 @@ def test_a_package_ftstack_did_not_register_is_not_deployed():
     assert result["status"] == "FAILED" and result["error"] == "NotDeployable", result
     assert "model_manifest_sha256" in message(calls)
     assert sagemaker(calls) == ["DescribeModelPackage"] and calls.of("lambda", "Invoke") == []
+
+
+def test_an_endpoint_left_failed_by_an_earlier_deployment_is_reported_with_the_fix():
+    """SageMaker refuses UpdateEndpoint on a Failed endpoint: the run says so and how to recover,
+    and calls no update that would only be refused."""
+    old = resource_name(ENDPOINT, "an earlier execution")
+    result, _, calls = run({("sagemaker", "DescribeEndpoint"): [endpoint("Failed", old, "CUDA out of memory")]})
+    assert result["status"] == "FAILED" and result["error"] == "EndpointFailed", result
+    assert f"ftstack undeploy {ENDPOINT}" in message(calls)
+    assert calls.of("sagemaker", "UpdateEndpoint") == [] and calls.of("sagemaker", "CreateEndpoint") == []
