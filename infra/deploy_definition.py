@@ -38,8 +38,14 @@ DOWNLOAD_TIMEOUT_S = 1800
 """ModelDataDownloadTimeoutInSeconds and ContainerStartupHealthCheckTimeoutInSeconds: a 7B model
 is about 13.5 GB to copy and load (the defaults are sized for small models; the maximum is 3600)."""
 
-SAGEMAKER_RETRY = [{"ErrorEquals": ["SageMaker.ThrottlingException", "ThrottlingException"],
-                    "IntervalSeconds": 5, "BackoffRate": 2.0, "MaxAttempts": 5}]
+THROTTLE_RETRY = [{"ErrorEquals": ["SageMaker.ThrottlingException", "ThrottlingException"],
+                   "IntervalSeconds": 5, "BackoffRate": 2.0, "MaxAttempts": 5}]
+SAGEMAKER_RETRY = THROTTLE_RETRY + [
+    # SageMaker's model declares no ThrottlingException: a throttled call (or a passing 5xx)
+    # arrives as SageMakerException, as a refused request does. Two quick tries, as the training
+    # workflow's calls get (infra.training_states.API_RETRY), not a run of a bad request.
+    {"ErrorEquals": ["SageMaker.SageMakerException"], "IntervalSeconds": 5, "BackoffRate": 2.0, "MaxAttempts": 2},
+]
 LAMBDA_RETRY = [{"ErrorEquals": ["Lambda.ServiceException", "Lambda.AWSLambdaException", "Lambda.SdkClientException",
                                  "Lambda.TooManyRequestsException"], "IntervalSeconds": 2, "BackoffRate": 2.0, "MaxAttempts": 4}]
 
@@ -151,7 +157,8 @@ def _create_states(s: DeploySettings) -> dict[str, Any]:
             # EndpointStatus only: a ResultSelector path that is missing (EndpointConfigName is not
             # a required member of the answer) would be States.Runtime, which no Catch handles.
             "ResultSelector": {"status.$": "$.EndpointStatus"},
-            "ResultPath": "$.previous", "Retry": SAGEMAKER_RETRY,
+            # A missing endpoint is a SageMakerException too: only throttling is retried here.
+            "ResultPath": "$.previous", "Retry": THROTTLE_RETRY,
             "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.lookup", "Next": "NoEndpoint?"}],
             "Next": "Updatable?",
         },

@@ -232,3 +232,18 @@ def test_the_synthesized_definition_is_valid_asl_with_every_placeholder_substitu
         assert "${" + name + "}" in text  # Step Functions substitutes it from DefinitionSubstitutions
         text = text.replace("${" + name + "}", "arn:aws:sns:us-east-1:123456789012:placeholder")
     assert Linter.validate(json.loads(text)) == []
+
+
+def test_sagemaker_calls_retry_what_a_throttled_call_is_named():
+    """SageMaker's service model declares no ThrottlingException, and an aws-sdk task names an
+    error the model does not declare SageMaker.SageMakerException (as infra.training_states.API_RETRY
+    says for the training workflow): every SageMaker call retries that, twice, except the endpoint
+    lookup, where it also means "no such endpoint" (then CreateEndpoint)."""
+    states = build_deploy_definition(DeploySettings(endpoint="ftstack-models", region="us-east-1",
+                                                    instance_type="ml.g5.2xlarge"))["States"]
+    sagemaker = {name: s for name, s in states.items() if ":aws-sdk:sagemaker:" in s.get("Resource", "")}
+    assert {"CreateModel", "CreateEndpointConfig", "FindEndpoint", "CreateEndpoint", "UpdateEndpoint"} <= set(sagemaker)
+    for name, state in sagemaker.items():
+        retried = {error for retrier in state["Retry"] for error in retrier["ErrorEquals"]}
+        assert ("SageMaker.SageMakerException" in retried) == (name != "FindEndpoint"), name
+        assert "SageMaker.ThrottlingException" in retried, name
