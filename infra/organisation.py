@@ -20,11 +20,13 @@ AUTO_DELETE_PROVIDER = "Custom::S3AutoDeleteObjectsCustomResourceProvider"
 bucket of a created bucket with ``RemovalPolicy.DESTROY``); its role is one the pipeline makes."""
 
 
-def role_name(prefix: str, pipeline: str, path: list[str]) -> str:
-    """``<prefix><pipeline>-<path>``, e.g. ``app-team-a-Workflow``; shortened with a digest of the
-    whole name when it would pass IAM's 64 characters, so that it stays unique."""
+def role_name(prefix: str, pipeline: str, path: list[str], region: str | None = None) -> str:
+    """``<prefix><pipeline>-<region>-<path>``, e.g. ``app-team-a-eu-west-1-Workflow``: IAM role names
+    are account-wide, and one pipeline may be deployed to several regions (without a concrete
+    region, it is left out). Shortened with a digest of the whole name when it would pass IAM's
+    64 characters, so that it stays unique."""
     parts = [re.sub(r"[^\w+=,.@-]", "", p) for p in path if p not in ("Role", "Resource", "ServiceRole", "Default")] or path[-1:]
-    name = f"{prefix}{pipeline}-{'-'.join(parts)}"
+    name = f"{prefix}{pipeline}-{region + '-' if region else ''}{'-'.join(parts)}"
     if len(name) <= MAX_ROLE_NAME:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
@@ -37,11 +39,13 @@ class _RoleNames:
 
     def __init__(self, root: Construct, prefix: str, pipeline: str) -> None:
         self.root, self.prefix, self.pipeline = root, prefix, pipeline
+        region = cdk.Stack.of(root).region
+        self.region = None if cdk.Token.is_unresolved(region) else region
 
     def visit(self, node: IConstruct) -> None:
         if cdk.CfnResource.is_cfn_resource(node) and node.cfn_resource_type == _ROLE:
             below = node.node.path[len(self.root.node.path) + 1:].split("/")
-            node.add_property_override("RoleName", role_name(self.prefix, self.pipeline, below))
+            node.add_property_override("RoleName", role_name(self.prefix, self.pipeline, below, self.region))
 
 
 def constrain(pipeline: Construct, *, name: str, permissions_boundary: iam.IManagedPolicy | None,

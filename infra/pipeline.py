@@ -210,17 +210,23 @@ def _same_bucket(a: Any, b: Any) -> bool:
 
 
 def _claim(pipeline: FineTuningPipeline) -> None:
-    """Refuses a second pipeline of the app with the same name in the same account and region
-    (their state machines, jobs and groups would collide), or on the same bucket with an
-    overlapping prefix (IAM could not keep them apart)."""
+    """Refuses a second pipeline of the app with the same name or model package group in the same
+    account and region (their state machines, jobs, groups and endpoints would collide), or on the
+    same bucket with an overlapping prefix (IAM could not keep them apart)."""
     mine = pipeline.props
     for other in pipeline.node.root.node.find_all():
         if other is pipeline or not isinstance(other, FineTuningPipeline) or not hasattr(other, "bucket"):
             continue
         here, there = cdk.Stack.of(pipeline), cdk.Stack.of(other)
-        if other.props.name.lower() == mine.name.lower() and (here.account, here.region) == (there.account, there.region):
+        same_place = (here.account, here.region) == (there.account, there.region)
+        if other.props.name.lower() == mine.name.lower() and same_place:
             raise PropsError(f"FineTuningPipelineProps.name: {mine.name!r} is already the name of pipeline "
                              f"{other.node.path}; give each pipeline its own name")
+        group = mine.model_package_group_name or f"{mine.name}-models"
+        if same_place and getattr(other, "model_package_group_name", None) and other.model_package_group_name.lower() == group.lower():
+            raise PropsError(f"FineTuningPipelineProps.model_package_group_name: {group!r} is already the group of pipeline "
+                             f"{other.node.path} (its endpoint and deploy workflow are named after it); give each "
+                             "pipeline its own group")
         if _same_bucket(other.bucket, pipeline.bucket) and _overlaps(other.layout.prefix, mine.prefix):
             raise PropsError(f"FineTuningPipelineProps.prefix: {mine.prefix!r} overlaps {other.layout.prefix!r} of pipeline "
                              f"{other.node.path} on the same bucket; give each pipeline its own folder, e.g. 'team-a/' "

@@ -559,3 +559,29 @@ def test_without_constraints_roles_are_named_by_cloudformation_and_have_no_bound
     for role_id, role in created.roles().items():
         assert "RoleName" not in role["Properties"] and "PermissionsBoundary" not in role["Properties"], role_id
     assert created.training_job()["Tags"] == [{"Key": "ftstack:execution", "Value.$": "$$.Execution.Name"}]
+
+
+def test_two_pipelines_on_one_model_package_group_are_refused():
+    """The group names the endpoint and the deploy workflow: a second pipeline on it would collide
+    at deploy, whether it brings the group or would create one of the same name."""
+    stack = cdk.Stack(cdk.App(), "Platform", env=TEST_ENV)
+    _pipeline(stack, "A", name="team-a", prefix="a/")
+    with pytest.raises(PropsError, match=r"^FineTuningPipelineProps\.model_package_group_name: 'TEAM-A-models' is already the group"):
+        _pipeline(stack, "B", name="team-b", prefix="b/", model_package_group_name="TEAM-A-models")
+    _pipeline(stack, "C", name="team-c", prefix="c/", model_package_group_name="shared-models")
+    with pytest.raises(PropsError, match=r"is already the group of pipeline Platform/C"):
+        _pipeline(stack, "D", name="shared", prefix="d/")  # would create shared-models
+
+
+def test_role_names_differ_between_regions_since_iam_names_are_account_wide():
+    """One pipeline deployed to two regions of an account: with a name prefix, each region's
+    roles get names of their own (an IAM role name is unique in the whole account)."""
+    app = cdk.App()
+    stacks = {region: cdk.Stack(app, f"Team-{region}", env=cdk.Environment(account=ACCOUNT, region=region))
+              for region in ("us-east-1", "eu-west-1")}
+    for stack in stacks.values():
+        _pipeline(stack, "Pipeline", name="team-a", role_name_prefix="acme-")
+    names = {region: {r["Properties"]["RoleName"] for r in Template.from_stack(stack).find_resources("AWS::IAM::Role").values()}
+             for region, stack in stacks.items()}
+    assert names["us-east-1"] and not names["us-east-1"] & names["eu-west-1"]
+    assert all(n.startswith("acme-team-a-eu-west-1-") for n in names["eu-west-1"])
