@@ -42,7 +42,9 @@ def _package(sagemaker: Any, arn: str) -> dict[str, Any]:
     if not (container.get("Image") and uri and digest):
         raise AwsError(f"model package {arn} has no container image, uncompressed model data or {MANIFEST_SHA256}; "
                        "only packages registered by ftstack's workflow can be deployed")
-    return {"container": container, "uri": uri, "digest": digest}
+    # Not a required member (an unversioned package has no group): the ARN's group part then.
+    group = found.get("ModelPackageGroupName") or arn.split(":model-package/", 1)[1].split("/", 1)[0]
+    return {"container": container, "uri": uri, "digest": digest, "group": group}
 
 
 def _serving_role(boto: Any, args: argparse.Namespace) -> str:
@@ -108,15 +110,22 @@ def deploy(args: argparse.Namespace) -> int:
     if not match:
         raise AwsError(f"{args.model_package_arn!r} is not a model package ARN, e.g. arn:aws:sagemaker:us-east-1:"
                        "123456789012:model-package/ftstack-models/3 (ftstack status prints it)")
-    group = args.model_package_arn.split(":model-package/", 1)[1].split("/", 1)[0]
     try:
-        endpoint = check_endpoint_name(args.endpoint or group)
+        if args.endpoint:
+            check_endpoint_name(args.endpoint)
         instance_gpus(args.instance_type)
     except ServingError as exc:
         raise AwsError(str(exc)) from None
     boto = session(args.region or match.group(1))
     sagemaker = boto.client("sagemaker")
     package = _package(sagemaker, args.model_package_arn)
+    # The group's name as it was given (ARNs write it in lower case): the endpoint that
+    # deploy_on_approval serves the group's models behind.
+    endpoint = args.endpoint or check_endpoint_name(package["group"])
+    previous = _describe_endpoint(sagemaker, endpoint)
+    if previous and previous.get("EndpointStatus") == "Failed":  # SageMaker cannot update it
+        raise AwsError(f"endpoint {endpoint} is Failed ({previous.get('FailureReason', 'no reason given')}) and SageMaker "
+                       f"cannot update a failed endpoint; delete it first (ftstack undeploy {endpoint}), then deploy again")
     with aws_errors(f"checking the model files of {args.model_package_arn}"):
         try:
             summary = verify_s3_model(boto.client("s3"), package["uri"], package["digest"])
@@ -126,7 +135,6 @@ def deploy(args: argparse.Namespace) -> int:
     role = _serving_role(boto, args)
     name = resource_name(endpoint, f"{args.model_package_arn} {time.time_ns()}")
     _create(sagemaker, args, package, role, name)
-    previous = _describe_endpoint(sagemaker, endpoint)
     with aws_errors(f"{'updating' if previous else 'creating'} endpoint {endpoint}"):
         if previous:
             sagemaker.update_endpoint(EndpointName=endpoint, EndpointConfigName=name)

@@ -54,7 +54,8 @@ class ServingRole(Construct):
             actions=["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
             resources=[repositories]))
         role.add_to_principal_policy(iam.PolicyStatement(actions=["ecr:GetAuthorizationToken"], resources=["*"]))
-        endpoint_logs = stack.format_arn(service="logs", resource="log-group", resource_name=f"/aws/sagemaker/Endpoints/{name}:*",
+        # Any endpoint's: `ftstack deploy --endpoint NAME` serves under a name chosen at deploy time.
+        endpoint_logs = stack.format_arn(service="logs", resource="log-group", resource_name="/aws/sagemaker/Endpoints/*",
                                          arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)
         role.add_to_principal_policy(iam.PolicyStatement(
             actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
@@ -64,8 +65,9 @@ class ServingRole(Construct):
             wildcard("Resource::" + _any_account(self, arn_in_finding(self, "ecr", "repository/*"))):
                 "pulls the package's image, by default the region's Hugging Face vLLM container, kept in an AWS account that differs by region",
             wildcard("Resource::*"): "ecr:GetAuthorizationToken supports no resource scoping",
-            wildcard("Resource::" + arn_in_finding(self, "logs", f"log-group:/aws/sagemaker/Endpoints/{name}:*")):
-                "the endpoint's own log group and its streams (one per instance, named at run time)",
+            wildcard("Resource::" + arn_in_finding(self, "logs", "log-group:/aws/sagemaker/Endpoints/*")):
+                "the log groups of the endpoints it serves, named at deploy time (ftstack deploy --endpoint), and their "
+                "streams (one per instance); writing logs only",
         })
         self.role = role
 

@@ -202,3 +202,13 @@ def test_undeploy_of_a_missing_endpoint_says_so(stack, calls, capsys):
     calls.answers[("sagemaker", "DescribeEndpoint")] = [missing]
     code, _, err = run_cli(capsys, "undeploy", "nothing-here")
     assert code == 2 and "endpoint nothing-here not found" in err
+
+
+def test_a_failed_endpoint_is_reported_with_the_fix_before_anything_is_created(stack, calls, capsys):
+    """SageMaker cannot update a Failed endpoint: deploy says so and creates no model or config
+    that would be left behind."""
+    package = register(stack[0])
+    calls.answers[("sagemaker", "DescribeEndpoint")] = [endpoint("Failed", "old-config", "CUDA out of memory")]
+    code, _, err = deploy(capsys, package)
+    assert code == 2 and "is Failed (CUDA out of memory)" in err and f"ftstack undeploy {GROUP}" in err
+    assert [c for c in calls.calls if c.operation.startswith("Create")] == []
