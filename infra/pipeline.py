@@ -109,6 +109,10 @@ class FineTuningPipeline(Construct):
         self.state_machine = workflow.state_machine
         self._serving(props)
         JobReaper(self, "JobReaper", state_machine=workflow.state_machine, key=self.key, job_prefix=props.job_prefix)
+        if props.topic_key is not None:  # CDK cannot see an imported topic's key: grant_publish leaves it out
+            for machine in (workflow.state_machine, self.deployment.state_machine if self.deployment else None):
+                if machine is not None:
+                    props.topic_key.grant(machine.role, "kms:GenerateDataKey", "kms:Decrypt")
         constrain(self, name=props.name, permissions_boundary=props.permissions_boundary,
                   role_name_prefix=props.role_name_prefix, tags=props.tags)
 

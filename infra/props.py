@@ -128,6 +128,9 @@ class FineTuningPipelineProps:
                                             "are always kept).", default=cdk.RemovalPolicy.RETAIN)
     topic: sns.ITopic | None = doc("Brought: the SNS topic run notifications go to. Created: one encrypted "
                                    "with `key`.", default=None)
+    topic_key: kms.IKey | None = doc("With a brought topic encrypted with a KMS key (SSE): that key; the roles that "
+                                     "publish get the data-key actions on it (the key policy must delegate to IAM).",
+                                     default=None)
     notification_emails: tuple[str, ...] = doc("E-mail addresses subscribed to the topic.", default=())
     network: ExistingNetwork | CreatedNetwork | None = doc("`ExistingNetwork` (your subnets, security "
                                                            "groups), `CreatedNetwork`, or None: no VPC.", default=None)
@@ -202,6 +205,9 @@ def _check(p: FineTuningPipelineProps) -> None:
     if p.bucket_key is not None and p.bucket is None:
         fail("bucket_key", "is the key of a brought bucket; give bucket too, or leave bucket_key out (a created "
              "bucket is encrypted with key)")
+    if p.topic_key is not None and p.topic is None:
+        fail("topic_key", "is the key of a brought topic; give topic too, or leave topic_key out (a created topic is "
+             "encrypted with key)")
     if not isinstance(p.network, (ExistingNetwork, CreatedNetwork, type(None))):
         fail("network", "give ExistingNetwork(subnets=...), CreatedNetwork() or None")
     if isinstance(p.network, ExistingNetwork):

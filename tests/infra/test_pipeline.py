@@ -585,3 +585,24 @@ def test_role_names_differ_between_regions_since_iam_names_are_account_wide():
              for region, stack in stacks.items()}
     assert names["us-east-1"] and not names["us-east-1"] & names["eu-west-1"]
     assert all(n.startswith("acme-team-a-eu-west-1-") for n in names["eu-west-1"])
+
+
+def test_a_brought_topic_with_its_own_key_lets_the_publishers_use_that_key():
+    """An imported topic's encryption key is invisible to CDK's grant_publish: with topic_key, both
+    workflows that publish (the run's and the deploy's) may make data keys with it, nothing more."""
+    from iam_model import resolved_resources
+
+    stack = cdk.Stack(cdk.App(), "Platform", env=TEST_ENV)
+    key_arn = f"arn:aws:kms:us-east-1:{ACCOUNT}:key/22222222-3333-4444-5555-666666666666"
+    topic = sns.Topic.from_topic_arn(stack, "Topic", f"arn:aws:sns:us-east-1:{ACCOUNT}:ml-runs")
+    _pipeline(stack, "Team", name="team-a", topic=topic, topic_key=kms.Key.from_key_arn(stack, "TopicKey", key_arn),
+              deploy_on_approval=True)
+    resources = resolved_resources(stack, Template.from_stack(stack))
+    publishers = [r for r in of_type(resources, "AWS::IAM::Role")
+                  if allows(role_statements(resources, r), "sns:Publish", f"arn:aws:sns:us-east-1:{ACCOUNT}:ml-runs")]
+    assert len(publishers) == 2
+    for role in publishers:
+        assert allows(role_statements(resources, role), "kms:GenerateDataKey", key_arn), role
+        assert not allows(role_statements(resources, role), "kms:Encrypt", key_arn), role
+    with pytest.raises(PropsError, match=r"^FineTuningPipelineProps\.topic_key: is the key of a brought topic"):
+        FineTuningPipelineProps(name="x", topic_key=kms.Key.from_key_arn(stack, "Other", key_arn))
