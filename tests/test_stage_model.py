@@ -228,3 +228,15 @@ def test_a_file_rewritten_while_it_was_uploaded_is_caught_and_no_manifest_is_wri
     code, _, err = run_cli(capsys, "stage-model", str(folder))
     assert code == 2 and "model-00001-of-00002.safetensors changed while it was uploaded" in err, err
     assert stage_module.MANIFEST not in _puts(boto)
+
+
+def test_a_pipeline_in_a_folder_stages_its_base_models_there(stack, tmp_path, capsys):
+    """The stack's DataPrefix output (a pipeline in a shared bucket): base models go under
+    <prefix>base-models/, where that pipeline's jobs and staging read them."""
+    boto, _, _ = stack
+    folder = _model(tmp_path)
+    code, out, err = run_cli(capsys, "stage-model", str(folder), "--stack", "team-a", "--name", "tiny")
+    assert code == 0, err
+    assert f"s3://{BUCKET}/team-a/base-models/tiny/" in out
+    keys = [o["Key"] for o in boto.client("s3").list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+    assert keys and all(k.startswith("team-a/base-models/tiny/") for k in keys)
