@@ -99,10 +99,34 @@ def _check_states(s: DeploySettings) -> dict[str, Any]:
                 {"Variable": f"{PACKAGE}.ModelPackageGroupName", "IsPresent": True},
                 {"Variable": f"{PACKAGE}.ModelPackageGroupName", "StringEquals": "${ModelPackageGroupName}"},
                 {"Variable": f"{PACKAGE}.ModelApprovalStatus", "StringEquals": "Approved"},
-            ], "Next": "Deployable?"}],
+            ], "Next": "NewestApproved"}],
             "Default": "Ignored",
         },
         "Ignored": {"Type": "Succeed"},
+        # SageMaker sends the event for any change to a package (its description, say), with no
+        # status before it: only the group's newest approved package is served, so that a change to
+        # an old one does not take the endpoint back to it.
+        "NewestApproved": {
+            "Type": "Task", "Resource": _sdk("listModelPackages"),
+            "Parameters": {"ModelPackageGroupName": "${ModelPackageGroupName}", "ModelApprovalStatus": "Approved",
+                           "SortBy": "CreationTime", "SortOrder": "Descending", "MaxResults": 1},
+            "ResultPath": "$.newest", "Retry": SAGEMAKER_RETRY, "Catch": _catch(), "Next": "AnyApproved?",
+        },
+        "AnyApproved?": {
+            "Type": "Choice",
+            "Choices": [{"Variable": "$.newest.ModelPackageSummaryList[0]", "IsPresent": True, "Next": "NewestArn"}],
+            "Default": "NotNewest",
+        },
+        # The list has one summary (AnyApproved?), and ModelPackageArn is one of its required members.
+        "NewestArn": {"Type": "Pass", "Parameters": {"first.$": "States.ArrayGetItem($.newest.ModelPackageSummaryList, 0)"},
+                      "ResultPath": "$.newest", "Next": "Newest?"},
+        "Newest?": {
+            "Type": "Choice",
+            "Choices": [{"Variable": "$.newest.first.ModelPackageArn", "StringEqualsPath": f"{PACKAGE}.ModelPackageArn",
+                         "Next": "Deployable?"}],
+            "Default": "NotNewest",
+        },
+        "NotNewest": {"Type": "Succeed", "Comment": "a newer approved package of the group is the one to serve"},
         "Deployable?": {"Type": "Choice", "Choices": [{"And": present, "Next": "Container"}], "Default": "NotDeployable"},
         "Container": {"Type": "Pass", "InputPath": PACKAGE_CONTAINER, "ResultPath": CONTAINER, "Next": "VerifyModel"},
         **_failure("NotDeployable", "NotDeployable", "the package has no container image, model data source, environment or "

@@ -157,6 +157,7 @@ class DeployOnApproval(Construct):
         models, configs, endpoint = arn("model", own), arn("endpoint-config", own), arn("endpoint", name.lower())
         for actions, resources in (
             (["sagemaker:DescribeModelPackage"], [packages]),
+            (["sagemaker:ListModelPackages"], ["*"]),  # takes no resource (SageMaker's IAM reference)
             (["sagemaker:CreateModel"], [models]),
             (["sagemaker:CreateEndpointConfig"], [configs]),
             (["sagemaker:CreateEndpoint", "sagemaker:UpdateEndpoint"], [endpoint, configs]),
@@ -172,7 +173,8 @@ class DeployOnApproval(Construct):
             wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"model-package/{group_name.lower()}/*")):
                 "describes the approved version of the group, known at run time only",
             wildcard(f"Resource::{arn_of(self.function)}:*"): "grant_invoke covers the function's versions",
-            wildcard("Resource::*"): "X-Ray and CloudWatch Logs delivery (the state machine's logging) support no resource scoping",
+            wildcard("Resource::*"): "X-Ray, CloudWatch Logs delivery (the state machine's logging) and sagemaker:ListModelPackages "
+                "support no resource scoping",
         })
 
 

@@ -96,11 +96,19 @@ def invoke_model_check(request: dict) -> dict:
 calls_made: AwsCalls
 
 
+def newest(arn: str = PACKAGE_ARN):
+    """ListModelPackages' answer: ``arn`` is the group's newest approved package."""
+    return lambda request: {"ModelPackageSummaryList": [
+        {"ModelPackageArn": arn, "CreationTime": "2026-11-29T10:00:00Z", "ModelPackageStatus": "Completed",
+         "ModelPackageGroupName": request["ModelPackageGroupName"], "ModelApprovalStatus": "Approved"}]}
+
+
 def run(answers: dict, *, files: dict[str, bytes] = FILES, event: dict = EVENT) -> tuple[dict, list[dict], AwsCalls]:
     global calls_made
     scripted = {
         ("lambda", "Invoke"): [invoke_model_check],
         ("sagemaker", "DescribeModelPackage"): [package()],
+        ("sagemaker", "ListModelPackages"): [newest()],
         ("sagemaker", "CreateModel"): [arn_of("Model", "ModelName", "model")],
         ("sagemaker", "CreateEndpointConfig"): [arn_of("EndpointConfig", "EndpointConfigName", "endpoint-config")],
         ("sagemaker", "CreateEndpoint"): [arn_of("Endpoint", "EndpointName", "endpoint")],
@@ -215,7 +223,7 @@ def test_a_model_that_does_not_match_its_registered_manifest_is_not_deployed(fil
     result, _, calls = run({("sagemaker", "DescribeModelPackage"): [package(digest=digest)]}, files=files)
     assert result["status"] == "FAILED" and result["error"] == "ModelIntegrityError", result
     assert found in message(calls)
-    assert sagemaker(calls) == ["DescribeModelPackage"]
+    assert sagemaker(calls) == ["DescribeModelPackage", "ListModelPackages"]  # nothing created
 
 
 def test_a_refused_update_is_reported_without_touching_the_endpoint():
@@ -248,7 +256,7 @@ def test_a_package_ftstack_did_not_register_is_not_deployed():
     result, _, calls = run({("sagemaker", "DescribeModelPackage"): [foreign]})
     assert result["status"] == "FAILED" and result["error"] == "NotDeployable", result
     assert "model_manifest_sha256" in message(calls)
-    assert sagemaker(calls) == ["DescribeModelPackage"] and calls.of("lambda", "Invoke") == []
+    assert sagemaker(calls) == ["DescribeModelPackage", "ListModelPackages"] and calls.of("lambda", "Invoke") == []
 
 
 def test_an_endpoint_left_failed_by_an_earlier_deployment_is_reported_with_the_fix():
@@ -259,3 +267,15 @@ def test_an_endpoint_left_failed_by_an_earlier_deployment_is_reported_with_the_f
     assert result["status"] == "FAILED" and result["error"] == "EndpointFailed", result
     assert f"ftstack undeploy {ENDPOINT}" in message(calls)
     assert calls.of("sagemaker", "UpdateEndpoint") == [] and calls.of("sagemaker", "CreateEndpoint") == []
+
+
+def test_a_change_to_an_approved_package_that_is_not_the_newest_deploys_nothing():
+    """SageMaker sends the state change event for any change of a package (a new description of
+    version 3, say), not only its approval: while version 5 is the group's newest approved
+    package, the endpoint keeps serving it."""
+    result, events, calls = run({("sagemaker", "ListModelPackages"): [newest(PACKAGE_ARN[:-1] + "5")]})
+    assert result["status"] == "SUCCEEDED"
+    (listed,) = calls.of("sagemaker", "ListModelPackages")
+    assert listed.params == {"ModelPackageGroupName": GROUP, "ModelApprovalStatus": "Approved", "SortBy": "CreationTime",
+                             "SortOrder": "Descending", "MaxResults": 1}
+    assert [c for c in calls.calls if c.operation in ("CreateModel", "CreateEndpoint", "UpdateEndpoint", "Invoke")] == []
