@@ -40,7 +40,6 @@ from .training_image import TrainingImage
 from .workflow import FineTuningWorkflow, WorkflowResources
 
 
-
 class FineTuningPipeline(Construct):
     """Validate and stage data, fine-tune on SageMaker, gate, register, notify.
 
@@ -67,16 +66,9 @@ class FineTuningPipeline(Construct):
         self.training_role = TrainingRole(
             self, "TrainingRole", bucket=self.bucket, key=self.key, bucket_key=self.bucket_key, repository=repository,
             in_vpc=bool(network.job.subnet_ids), job_prefix=props.job_prefix, layout=self.layout).role
-        staging = StagingFunction(self, "Staging", bucket=self.bucket, key=self.key, bucket_key=self.bucket_key, name=props.name,
-                                  reserved_concurrency=t.staging_concurrency, settings=Settings(
-            bucket=self.bucket.bucket_name, job_prefix=props.job_prefix, instance_type=t.instance_type,
-            fallback_instance_types=t.fallback_instance_types, allowed_instance_types=t.instance_types,
-            instance_count=t.instance_count, max_instance_count=t.max_instance_count, spot=t.spot,
-            base_model=t.base_model, test_split=DEFAULT_TEST_SPLIT,
-            key_arn=self.bucket_key.key_arn if self.bucket_key else "", network_isolation=not props.reaches_hub,
-            prefix=self.layout.prefix,
-        ))
-        self.staging_function = staging.function
+        self.staging_function = StagingFunction(
+            self, "Staging", bucket=self.bucket, key=self.key, bucket_key=self.bucket_key, name=props.name,
+            reserved_concurrency=t.staging_concurrency, settings=self._staging_settings()).function
         registry = None
         if props.model_package_group_name is None:
             registry = ModelRegistry(self, "Registry", group_name=f"{props.name}-models",
@@ -88,20 +80,11 @@ class FineTuningPipeline(Construct):
         workflow = FineTuningWorkflow(
             self, "Workflow", name=props.name, layout=self.layout, job_prefix=props.job_prefix,
             instance_types=t.instance_types, extension_statements=statements,
-            settings=WorkflowSettings(
-                region=stack.region, volume_size_gb=t.volume_size_gb,
-                max_runtime_s=int(t.max_runtime_hours * 3600), max_wait_s=int(t.max_wait_hours * 3600),
-                max_instance_count=t.max_instance_count, network_isolation=t.network_isolation,
-                subnets=network.job.subnet_ids, security_groups=network.job.security_group_ids,
-                approval_status=t.model_approval_status, quality_threshold=t.quality_threshold,
-                volume_kms_instance_types=volume_kms_instance_types(t.instance_types), prefix=self.layout.prefix,
-                encrypt_output=self.bucket_key is not None, tags=tuple(props.tags.items()),
-                extra_metrics=props.extra_metrics, gate=props.gate, extensions=extensions,
-            ),
+            settings=self._workflow_settings(stack, network.job.subnet_ids, network.job.security_group_ids, extensions),
             resources=WorkflowResources(
                 bucket=self.bucket, key=self.key, bucket_key=self.bucket_key, training_role=self.training_role,
                 training_image=self.training_image_uri, inference_image=props.inference_image or self._inference_image(stack),
-                staging_function=staging.function, topic=self.topic, model_package_group=self.model_package_group_name,
+                staging_function=self.staging_function, topic=self.topic, model_package_group=self.model_package_group_name,
             ),
         )
         if registry is not None:
@@ -115,6 +98,33 @@ class FineTuningPipeline(Construct):
                     props.topic_key.grant(machine.role, "kms:GenerateDataKey", "kms:Decrypt")
         constrain(self, name=props.name, permissions_boundary=props.permissions_boundary,
                   role_name_prefix=props.role_name_prefix, tags=props.tags)
+
+    def _staging_settings(self) -> Settings:
+        """What the staging function checks an execution's input against (its environment)."""
+        p, t = self.props, self.props.training
+        return Settings(
+            bucket=self.bucket.bucket_name, job_prefix=p.job_prefix, instance_type=t.instance_type,
+            fallback_instance_types=t.fallback_instance_types, allowed_instance_types=t.instance_types,
+            instance_count=t.instance_count, max_instance_count=t.max_instance_count, spot=t.spot,
+            base_model=t.base_model, test_split=DEFAULT_TEST_SPLIT,
+            key_arn=self.bucket_key.key_arn if self.bucket_key else "", network_isolation=not p.reaches_hub,
+            prefix=self.layout.prefix,
+        )
+
+    def _workflow_settings(self, stack: cdk.Stack, subnets: tuple[str, ...], security_groups: tuple[str, ...],
+                           extensions: dict[str, dict[str, Any]]) -> WorkflowSettings:
+        """What the workflow's definition is built from."""
+        p, t = self.props, self.props.training
+        return WorkflowSettings(
+            region=stack.region, volume_size_gb=t.volume_size_gb,
+            max_runtime_s=int(t.max_runtime_hours * 3600), max_wait_s=int(t.max_wait_hours * 3600),
+            max_instance_count=t.max_instance_count, network_isolation=t.network_isolation,
+            subnets=subnets, security_groups=security_groups,
+            approval_status=t.model_approval_status, quality_threshold=t.quality_threshold,
+            volume_kms_instance_types=volume_kms_instance_types(t.instance_types), prefix=self.layout.prefix,
+            encrypt_output=self.bucket_key is not None, tags=tuple(p.tags.items()),
+            extra_metrics=p.extra_metrics, gate=p.gate, extensions=extensions,
+        )
 
     def _serving(self, props: FineTuningPipelineProps) -> None:
         """The role SageMaker serves the models with, and (``deploy_on_approval``) the workflow
