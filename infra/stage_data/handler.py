@@ -52,7 +52,7 @@ from .upload import Deadline, StagingTimeout, upload_new
 ASSET_MODULES = (
     "ftstack.instances", "ftstack.estimate", "ftstack.model_shapes",
     "ftstack.infra.layout", "ftstack.infra.instances", "ftstack.infra.stage_data",
-    *(f"ftstack_train.{name}" for name in ("validation", "config", "durations", "errors", "contract")),
+    *(f"ftstack_train.{name}" for name in ("validation", "config", "references", "sources", "durations", "errors", "contract")),
 )
 """Every module the functions import from ftstack (a package stands for all its own modules); the
 Lambda asset holds exactly these (``ftstack.infra.assets``)."""

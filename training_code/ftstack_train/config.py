@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,12 @@ from typing import Any
 
 from .durations import Duration
 from .errors import ConfigError
+
+# The caps are part of what the config promises (the README cites them): named here too.
+from .references import MAX_EXPANDED_CHARS, MAX_REFERENCES, MAX_TOTAL_EXPANDED_CHARS, Budget, Value, resolve  # noqa: F401
+
+# parse_overrides: the CLI's (ftstack.runs and ftstack.local import it from here).
+from .sources import coerce, parse_overrides, read_yaml, unquote  # noqa: F401
 
 DEFAULT_PROMPT_TEMPLATE = (
     "Write a response that appropriately answers the question below.\n"
@@ -305,43 +310,6 @@ def _check(cfg: TrainConfig) -> None:
         fail("export.max_shard_size", "must be positive, e.g. 5GB")
 
 
-@dataclass(frozen=True)
-class _Value:
-    value: Any
-    origin: str  # "config.yaml", "hyperparameter", "override", for messages
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings to dotted keys; lists and scalars are leaves, an empty mapping is a leaf."""
-    flat: dict[str, Any] = {}
-    for name, value in tree.items():
-        key = f"{prefix}{name}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, key + "."))
-        else:
-            flat[key] = value
-    return flat
-
-
-def _read_yaml(path: str) -> dict[str, Any]:
-    import yaml  # imported here so that the stdlib-only users of this package never need it
-
-    try:
-        with open(path, encoding="utf-8") as handle:
-            tree = yaml.safe_load(handle)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
-    if tree is None:
-        return {}
-    if not isinstance(tree, Mapping):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-    return flatten(tree)
-
-
 def parse_config(
     yaml_path: str | None = None,
     hyperparameters: Mapping[str, str] | None = None,
@@ -351,49 +319,40 @@ def parse_config(
 
     Raises ConfigError naming the key, its source and the fix.
     """
-    values: dict[str, _Value] = {}
+    values: dict[str, Value] = {}
     if yaml_path:
-        values.update({k: _Value(v, yaml_path) for k, v in _read_yaml(yaml_path).items()})
+        values.update({k: Value(v, yaml_path) for k, v in read_yaml(yaml_path).items()})
     for key, text in (hyperparameters or {}).items():
         if key.startswith("sagemaker_"):
             continue  # the SageMaker Python SDK's own bookkeeping, not ours
-        values[key] = _Value(_unquote(text), "hyperparameter")
-    values.update({key: _Value(text, "override") for key, text in parse_overrides(overrides).items()})
+        values[key] = Value(unquote(text), "hyperparameter")
+    values.update({key: Value(text, "override") for key, text in parse_overrides(overrides).items()})
     return _build(values)
 
 
-def parse_overrides(items: Iterable[str]) -> dict[str, str]:
-    """``key=value`` arguments as a mapping (later ones win); raises ConfigError for a malformed one."""
-    parsed = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{item!r}: write overrides as key=value, e.g. optimizer.lr=1e-4")
-        parsed[key.strip()] = text.strip()
-    return parsed
+def _default(name: str) -> Any:
+    """What ``${name}`` stands for when ``name`` is not set: the field's default, if it has one."""
+    if name not in FIELDS:
+        raise KeyError(name)
+    default = FIELDS[name].default
+    return str(default) if isinstance(default, Duration) else default
 
 
-def _unquote(text: str) -> Any:
-    # The SageMaker Python SDK JSON-encodes every hyperparameter; a quoted string is one of those.
-    if len(text) >= 2 and text[0] == text[-1] == '"':
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return text
-    return text
+def _expand(values: dict[str, Value], key: str, budget: Budget) -> Any:
+    return resolve(values, key, budget, aliases=ALIASES, default=_default)
 
 
-def _build(values: dict[str, _Value]) -> tuple[TrainConfig, list[str]]:
-    budget = _Budget()  # one for the whole config: every reference it expands counts
+def _build(values: dict[str, Value]) -> tuple[TrainConfig, list[str]]:
+    budget = Budget()  # one for the whole config: every reference it expands counts
     for alias, key in ALIASES.items():
         if alias in values:
             aliased = values.pop(alias)
             # Resolved before it stands in for `key`, so that `seed: ${global_seed}` is no self-reference.
-            aliased = _Value(_resolve({**values, alias: aliased}, alias, budget), aliased.origin)
+            aliased = Value(_expand({**values, alias: aliased}, alias, budget), aliased.origin)
             if key in values:
                 annotation = FIELDS[key].type
-                ours = _coerce(key, annotation, _resolve(values, key, budget), values[key].origin)
-                if ours != _coerce(alias, annotation, aliased.value, aliased.origin):
+                ours = coerce(key, annotation, _expand(values, key, budget), values[key].origin)
+                if ours != coerce(alias, annotation, aliased.value, aliased.origin):
                     raise ConfigError(f"{alias} ({aliased.origin}) and {key} disagree; set only {key}")
             values.setdefault(key, aliased)
     ignored = sorted(k for k in values if k not in FIELDS and k.startswith(IGNORED_PREFIXES))
@@ -406,7 +365,7 @@ def _build(values: dict[str, _Value]) -> tuple[TrainConfig, list[str]]:
     kwargs = {}
     for key, f in FIELDS.items():
         if key in values:
-            kwargs[f.name] = _coerce(key, f.type, _resolve(values, key, budget), values[key].origin)
+            kwargs[f.name] = coerce(key, f.type, _expand(values, key, budget), values[key].origin)
     warnings = []
     if ignored:
         warnings.append("these keys have no effect in ftstack and were ignored: " + ", ".join(ignored))
@@ -415,148 +374,6 @@ def _build(values: dict[str, _Value]) -> tuple[TrainConfig, list[str]]:
     except ConfigError as exc:
         origin = next((v.origin for k, v in values.items() if str(exc).startswith(k + ":")), None)
         raise ConfigError(f"{exc} (from {origin})" if origin else str(exc)) from None
-
-
-_REF = re.compile(r"\$\{([^}]+)\}")
-
-MAX_REFERENCES = 1_000
-"""Most ``${name}`` substitutions one config may take, nested ones included. The tutorial's YAML
-takes one; SageMaker accepts at most 100 hyperparameters, so no real config comes near."""
-MAX_EXPANDED_CHARS = 64 * 1024
-"""Longest text one value may expand to: 26 times SageMaker's 2,500-character limit on a
-hyperparameter value, and far above the longest real value (a prompt template)."""
-MAX_TOTAL_EXPANDED_CHARS = 1024 * 1024
-"""Most text the expansion of one config may build. Nested references grow exponentially (one
-2,500-character value referring to another is 625 copies of it per level), and staging expands
-the execution input before anything else; these caps keep that to milliseconds and kilobytes."""
-
-
-class _Budget:
-    """What the expansion of one config has spent; raises ConfigError as soon as a cap is passed."""
-
-    def __init__(self) -> None:
-        self.references = 0
-        self.chars = 0
-
-    def spend(self, values: dict[str, _Value], chain: tuple[str, ...], references: int = 0, chars: int = 0, size: int = 0) -> None:
-        """Charges ``references`` substitutions and ``chars`` characters built; ``size`` is the
-        length of the value being built so far. ``chain`` is the key first asked for, then the
-        references followed from it."""
-        self.references += references
-        self.chars += chars
-        if self.references > MAX_REFERENCES:
-            what = f"more than {MAX_REFERENCES:,} ${{...}} substitutions"
-        elif size > MAX_EXPANDED_CHARS:
-            what = f"a value of more than {MAX_EXPANDED_CHARS:,} characters"
-        elif self.chars > MAX_TOTAL_EXPANDED_CHARS:
-            what = f"more than {MAX_TOTAL_EXPANDED_CHARS:,} characters in all"
-        else:
-            return
-        through = f" (through {' -> '.join(chain)})" if len(chain) > 1 else ""
-        raise ConfigError(
-            f"{chain[0]} ({values[chain[0]].origin}): its references expand to {what}{through}; "
-            "write the value out instead of nesting references"
-        )
-
-
-def _resolve(values: dict[str, _Value], key: str, budget: _Budget, seen: tuple[str, ...] = ()) -> Any:
-    """Resolves ``${name}`` references in one value, recursively, against top-level keys, within
-    ``budget`` (shared by the whole config)."""
-    if key in seen:
-        raise ConfigError(f"{key}: circular reference through {' -> '.join(seen + (key,))}")
-    value = values[key].value
-    if not isinstance(value, str) or "${" not in value:
-        return value
-    chain = seen + (key,)
-
-    def lookup(name: str) -> Any:
-        name = ALIASES.get(name, name)
-        budget.spend(values, chain, references=1)
-        if name not in values:
-            if name in FIELDS:
-                default = FIELDS[name].default
-                return str(default) if isinstance(default, Duration) else default
-            raise ConfigError(f"{key} ({values[key].origin}): refers to ${{{name}}}, which is not set; write the value instead")
-        return _resolve(values, name, budget, chain)
-
-    whole = _REF.fullmatch(value)
-    if whole:
-        return lookup(whole.group(1))
-    # Built piece by piece so that a cap stops the expansion before the text exists.
-    pieces, size, end = [], 0, 0
-    for match in _REF.finditer(value):
-        piece = str(lookup(match.group(1)))
-        pieces += [value[end:match.start()], piece]
-        size += match.start() - end + len(piece)
-        budget.spend(values, chain, chars=len(piece), size=size)
-        end = match.end()
-    pieces.append(value[end:])
-    budget.spend(values, chain, size=size + len(value) - end)
-    return "".join(pieces)
-
-
-def _coerce(key: str, annotation: str, value: Any, origin: str) -> Any:
-    """Turns a YAML value or a hyperparameter string into the field's type."""
-
-    def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{key} ({origin}): {value!r} is not {expected}")
-
-    optional = "None" in annotation
-    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null"))):
-        return None
-    if key == "device_train_microbatch_size" and isinstance(value, str) and value.strip().lower() == "auto":
-        return None
-    base = annotation.replace(" | None", "")
-    if base == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
-            return value.strip().lower() in ("true", "yes", "1", "on")
-        raise bad("true or false")
-    if base == "int":
-        if isinstance(value, bool):
-            raise bad("a whole number")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        try:
-            return int(str(value).strip())
-        except ValueError:
-            raise bad("a whole number") from None
-    if base == "float":
-        if isinstance(value, bool):
-            raise bad("a number")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise bad("a number, e.g. 5e-6") from None
-    if base == "str":
-        if isinstance(value, (Mapping, list)):
-            raise bad("a single value")
-        return str(value)
-    if base == "Duration":
-        if (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.strip().isdigit()):
-            value = f"{str(value).strip()}ep"  # llm-foundry reads a bare number as epochs
-        try:
-            return Duration.parse(str(value))
-        except ValueError as exc:
-            raise ConfigError(f"{key} ({origin}): {exc}") from None
-    if base == "tuple[float, float]":
-        items = value
-        if isinstance(value, str):
-            text = value.strip()
-            try:
-                items = json.loads(text) if text.startswith("[") else [float(x) for x in text.split(",")]
-            except ValueError:
-                raise bad("two numbers, e.g. [0.9, 0.95]") from None
-        if not isinstance(items, (list, tuple)) or len(items) != 2:
-            raise bad("two numbers, e.g. [0.9, 0.95]")
-        try:
-            return tuple(float(x) for x in items)
-        except (TypeError, ValueError):
-            raise bad("two numbers, e.g. [0.9, 0.95]") from None
-    raise AssertionError(f"no coercion for {annotation}")
 
 
 def reference_table() -> str:
