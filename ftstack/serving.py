@@ -30,23 +30,22 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 from typing import Any
 
-from ftstack_train.contract import MANIFEST_FILE, MANIFEST_SHA256
+from ftstack_train.contract import CHAT_TEMPLATE_FILE, DEFAULT_ROOT, MANIFEST_FILE, MANIFEST_SHA256, SageMakerPaths
 from ftstack_train.manifest import _OWN_PREFIX, UNLISTED, ModelIntegrityError, compare, read_manifest
 
 DEFAULT_INSTANCE_TYPE = "ml.g5.2xlarge"
 """One A10G (24 GB): a 7B model in bf16 (about 13.5 GB of weights) with room for the KV cache."""
 
-MODEL_DIR = "/opt/ml/model"
-"""Where SageMaker mounts a Model's uncompressed ``ModelDataSource``."""
+MODEL_DIR = str(SageMakerPaths(Path(DEFAULT_ROOT)).model_dir)
+"""Where SageMaker mounts a Model's uncompressed ``ModelDataSource``: ``/opt/ml/model``, the same
+folder a training job exports to."""
 
 VARIANT_NAME = "AllTraffic"
 """The endpoint's one production variant."""
 
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-"""Where transformers' ``save_pretrained`` writes the tokenizer's chat template (the export sets
-it to the training prompt template, ``ftstack_train.export.chat_template``)."""
 
 ENV_MODEL = "SM_VLLM_MODEL"
 ENV_DTYPE = "SM_VLLM_DTYPE"

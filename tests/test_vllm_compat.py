@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, MptConfig
 
-from ftstack.serving import CHAT_TEMPLATE_FILE, ENV_CHAT_TEMPLATE, MODEL_DIR, vllm_environment
-from ftstack_train.contract import MANIFEST_FILE
+from ftstack.serving import ENV_CHAT_TEMPLATE, MODEL_DIR, vllm_environment
+from ftstack_train.contract import CHAT_TEMPLATE_FILE, MANIFEST_FILE
 from ftstack_train.data import tokenize_files
 from ftstack_train.manifest import verify_model
 from ftstack_train.model import make_tiny_model

@@ -64,6 +64,11 @@ gate. Its size does not grow with the run, as the eval history does."""
 FINAL_EVAL_CE = "eval_cross_entropy"
 """The key of the final eval cross-entropy in ``final``: the workflow's quality gate reads it."""
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+"""Where transformers' ``save_pretrained`` writes the tokenizer's chat template in the exported
+model (the export sets it to the training prompt template); the serving container is pointed at it
+(``ftstack.serving``) and the model card names it."""
+
 MANIFEST_FILE = "model-manifest.json"
 """In the exported model directory: the SHA-256 and size of every file of the model
 (``ftstack_train.manifest``)."""

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from .config import TrainConfig
+from .contract import CHAT_TEMPLATE_FILE
 
 
 def _block(text: str) -> str:
@@ -19,7 +20,7 @@ SERVING_IMAGE = "the Hugging Face vLLM container"
 
 def _serving(cfg: TrainConfig, chat_template: str | None) -> str:
     """How to serve the model: vLLM on a GPU machine, or a SageMaker endpoint through ftstack."""
-    template = (f"The chat template (`chat_template.jinja`, which vLLM and `apply_chat_template` read):\n\n"
+    template = (f"The chat template (`{CHAT_TEMPLATE_FILE}`, which vLLM and `apply_chat_template` read):\n\n"
                 f"```jinja\n{_block(chat_template)}```\n\n") if chat_template else ""
     return f"""## Serve
 
@@ -27,7 +28,7 @@ vLLM serves the folder as it is (transformers' native classes, no remote code) a
 requests with the tokenizer's chat template, so a request reads exactly as training formatted it:
 
 ```bash
-vllm serve path/to/model --dtype bfloat16 --max-model-len {cfg.max_seq_len} --chat-template path/to/model/chat_template.jinja
+vllm serve path/to/model --dtype bfloat16 --max-model-len {cfg.max_seq_len} --chat-template path/to/model/{CHAT_TEMPLATE_FILE}
 curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
   -d '{{"messages": [{{"role": "user", "content": "your question"}}], "max_tokens": 200}}'
 ```
