@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from ftstack.infra.layout import Layout
+
 DEFAULT_STACK = "ftstack"
 """The stack name when ``cdk.json`` gives none (infra.config takes its default from here)."""
 
@@ -134,6 +136,13 @@ class StackOutputs:
     """Run notifications."""
     prefix: str = ""
     """The pipeline's folder in the bucket (``DataPrefix``; '' when the bucket is its own)."""
+    serving_role: str = ""
+    """The role endpoints serve the stack's models with (``ServingRoleArn``; '' from an older stack)."""
+
+    @property
+    def layout(self) -> Layout:
+        """Where the pipeline's objects live in the bucket (the stack's own rule)."""
+        return Layout(self.prefix)
 
     def execution_arn(self, name: str) -> str:
         """The ARN of this workflow's execution ``name``."""
@@ -164,7 +173,7 @@ def find_stack(boto: Any, stack: str) -> StackOutputs:
                 else "it was deployed by an older ftstack; redeploy it from this version (`npx cdk deploy`)")
         raise AwsError(f"stack {stack!r} in {region} has no output {', '.join(missing)}: {hint}")
     return StackOutputs(stack=stack, region=region, prefix=outputs.get(DATA_PREFIX, ""),
-                        **{attr: outputs[key] for attr, key in OUTPUTS.items()})
+                        serving_role=outputs.get(SERVING_ROLE, ""), **{attr: outputs[key] for attr, key in OUTPUTS.items()})
 
 
 def execution_console_link(region: str, execution_arn: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ftstack_train.contract import MANIFEST_SHA256
 
-from .aws import SERVING_ROLE, AwsError, aws_errors, error_code, session
+from .aws import SERVING_ROLE, AwsError, aws_errors, error_code, find_stack, session
 from .models import MODEL_PACKAGE_ARN
 from .serving import (
     VARIANT_NAME, ServingError, answer_text, check_endpoint_name, deploy_environment,
@@ -50,19 +50,11 @@ def _package(sagemaker: Any, arn: str) -> dict[str, Any]:
 def _serving_role(boto: Any, args: argparse.Namespace) -> str:
     if args.role:
         return args.role
-    with aws_errors(f"reading stack {args.stack!r}"):
-        try:
-            stacks = boto.client("cloudformation").describe_stacks(StackName=args.stack)["Stacks"]
-        except Exception as exc:
-            if error_code(exc) == "ValidationError":
-                raise AwsError(f"stack {args.stack!r} not found in {boto.region_name}; give --stack NAME, or --role ARN "
-                               "(a role SageMaker can assume that reads the model)") from None
-            raise
-    outputs = {o["OutputKey"]: o["OutputValue"] for o in stacks[0].get("Outputs", [])}
-    if SERVING_ROLE not in outputs:
+    role = find_stack(boto, args.stack).serving_role
+    if not role:
         raise AwsError(f"stack {args.stack!r} has no {SERVING_ROLE} output: it was deployed by an older ftstack; "
                        "redeploy it (`npx cdk deploy`), or give --role ARN (a role SageMaker can assume that reads the model)")
-    return outputs[SERVING_ROLE]
+    return role
 
 
 def _create(sagemaker: Any, args: argparse.Namespace, package: dict[str, Any], role: str, name: str) -> None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from ftstack.infra.layout import Layout
+
 from .aws import AwsError, aws_errors, find_stack, session
 from .upload import BASE_MODELS, DIGEST_METADATA, STAGED_MANIFEST, sha256_file, stored_digest, transfer
 
@@ -169,7 +171,7 @@ def _check_no_strangers(bucket: str, prefix: str, there: set[str], files: list[M
 def stage(s3: Any, bucket: str, name: str, files: list[ModelFile], *, out: TextIO = sys.stderr, pipeline_prefix: str = "") -> Staged:
     """Uploads ``files`` to ``<prefix>base-models/<name>/`` (skipping those already there with the
     same SHA-256), checks every object, then writes the manifest."""
-    prefix = f"{pipeline_prefix}{BASE_MODELS}{name}/"
+    prefix = f"{Layout(pipeline_prefix).base_models}{name}/"
     digests = {f.relative: sha256_file(f.path) for f in files}
     with aws_errors(f"staging the model in s3://{bucket}/{prefix}"):
         there = _staged_keys(s3, bucket, prefix)

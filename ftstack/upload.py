@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ftstack_train.contract import BASE_MODELS, INCOMING
+from ftstack_train.contract import BASE_MODELS  # noqa: F401 (stage-model names its local download folder after it)
+
+from ftstack.infra.layout import Layout
 
 from .aws import AwsError, aws_errors, error_code
 
@@ -54,7 +56,7 @@ def sha256_file(path: Path) -> str:
 def incoming_key(path: Path, digest: str, prefix: str = "") -> str:
     """``<prefix>incoming/<digest[:16]>/<name>``: one key per content, keeping the file's name for
     people (``prefix``: the pipeline's folder in a shared bucket)."""
-    return f"{prefix}{INCOMING}{digest[:16]}/{path.name}"
+    return f"{Layout(prefix).incoming}{digest[:16]}/{path.name}"
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -66,7 +68,7 @@ def split_uri(uri: str) -> tuple[str, str]:
 def check_data_uri(option: str, uri: str, bucket: str, prefix: str = "") -> None:
     """An s3:// data URI must name one object under the stack's ``incoming/``, as the workflow requires."""
     got, key = split_uri(uri)
-    incoming = prefix + INCOMING
+    incoming = Layout(prefix).incoming
     if got != bucket or not key.startswith(incoming) or key.endswith("/") or key == incoming:
         raise AwsError(f"{option} {uri}: the workflow reads data only from s3://{bucket}/{incoming}; give a local "
                        f"file (ftstack uploads it there) or the URI of one JSONL object under that prefix")
@@ -81,7 +83,7 @@ def check_base_model_uri(uri: str, bucket: str, s3: Any | None = None, prefix: s
     """An s3:// base model must be a folder under the stack's ``base-models/``; with ``s3``, one
     that ``ftstack stage-model`` finished staging."""
     got, key = split_uri(uri)
-    base_models = prefix + BASE_MODELS
+    base_models = Layout(prefix).base_models
     if got != bucket or not key.startswith(base_models) or not key[len(base_models):].strip("/"):
         raise AwsError(f"--base-model {uri}: training jobs read base models only from s3://{bucket}/{base_models}<name>/; "
                        "copy the model folder there (ftstack stage-model) or give a Hugging Face hub id")

@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# Shared with the operator CLI, which uploads under them: defined once, in the training package's
-# contract (the CLI is installed without infra/).
+# The staging function, the CLI (which uploads under them, through Layout) and the training
+# package's contract share these; defined once, in the contract.
 from ftstack_train.contract import BASE_MODELS, INCOMING
 
 EXECUTIONS = "executions/"

@@ -167,7 +167,7 @@ def test_bad_arguments_are_refused_with_the_fix(stack, calls, capsys, argv, mess
 
 def test_without_a_role_the_stack_must_have_a_serving_role(stack, calls, capsys):
     package = register(stack[0])
-    code, _, err = run_cli(capsys, "deploy", package, "--poll", "0", "--stack", "old")  # deployed before the output
+    code, _, err = run_cli(capsys, "deploy", package, "--poll", "0", "--stack", "team-a")  # deployed before the output existed
     assert code == 2 and "has no ServingRoleArn output" in err and "--role ARN" in err
 
 
