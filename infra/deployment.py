@@ -22,7 +22,7 @@ from .access import DECRYPT, grant_key, grant_list, grant_objects
 from .assets import lambda_code
 from .deploy_definition import DeploySettings, build_deploy_definition, render
 from .model_check import ASSET_MODULES, HANDLER, TIMEOUT_S
-from .nag import acknowledge, arn_in_finding, arn_of, grant_wildcards, in_finding, wildcard
+from .nag import acknowledge, arn_in_finding, grant_wildcards, in_finding, wildcard
 
 DETAIL_TYPE = "SageMaker Model Package State Change"
 
@@ -172,7 +172,7 @@ class DeployOnApproval(Construct):
         acknowledge(role, grant_wildcards("Action::kms:GenerateDataKey*") | {
             wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"model-package/{group_name.lower()}/*")):
                 "describes the approved version of the group, known at run time only",
-            wildcard(f"Resource::{arn_of(self.function)}:*"): "grant_invoke covers the function's versions",
+            wildcard(f"Resource::{in_finding(self, self.function.function_arn)}:*"): "grant_invoke covers the function's versions",
             wildcard("Resource::*"): "X-Ray, CloudWatch Logs delivery (the state machine's logging) and sagemaker:ListModelPackages "
                 "support no resource scoping",
         })

@@ -31,8 +31,9 @@ def wildcard(detail: str) -> str:
 def in_finding(scope: Construct, value: str) -> str:
     """How cdk-nag writes ``value`` (a string that may hold tokens) in a finding: its resolved form
     flattened as cdk-nag 3's ``flattenCfnReference`` does (lib/utils/flatten-cfn-reference.js):
-    ``Ref`` as ``<Id>``, ``Fn::GetAtt`` as ``<Id.Attr>``, joins concatenated. Unlike ``arn_of`` it
-    also covers imported resources (``Bucket.from_bucket_name``), whose ARNs are joins of literals."""
+    ``Ref`` as ``<Id>``, ``Fn::GetAtt`` as ``<Id.Attr>``, joins concatenated. It covers a resource of
+    the stack (``<LogicalId.Arn>``) as well as an imported one (``Bucket.from_bucket_name``), whose
+    ARN is a join of literals."""
     def visit(node) -> str:
         if node is None:
             return ""
@@ -55,11 +56,6 @@ def in_finding(scope: Construct, value: str) -> str:
         raise ValueError(f"no finding text for {node!r}")
 
     return visit(cdk.Stack.of(scope).resolve(value))
-
-
-def arn_of(resource: Construct) -> str:
-    """How cdk-nag writes a resource's ARN in a finding: ``<LogicalId.Arn>``."""
-    return f"<{cdk.Stack.of(resource).get_logical_id(resource.node.default_child)}.Arn>"
 
 
 def arn_in_finding(scope: Construct, service: str, resource: str) -> str:

@@ -22,7 +22,7 @@ from ftstack_train.contract import FINAL_METRICS_FILE
 
 from .layout import JOB_MODEL_DIR, Layout
 from .access import DECRYPT, grant_key, grant_objects
-from .nag import acknowledge, arn_in_finding, arn_of, grant_wildcards, in_finding, wildcard
+from .nag import acknowledge, arn_in_finding, grant_wildcards, in_finding, wildcard
 from .definition import WorkflowSettings, build_definition, render
 from .stage_data.request import training_jobs
 
@@ -175,6 +175,6 @@ class FineTuningWorkflow(Construct):
             wildcard("Resource::" + arn_in_finding(self, "sagemaker", "training-job/" + training_jobs(job_prefix))): "job names carry the execution name and attempt, known only at run time",
             wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"model-package/{r.model_package_group.lower()}/*")):
                 "each registration creates a new version in the group",
-            wildcard(f"Resource::{arn_of(r.staging_function)}:*"): "grant_invoke covers the function's versions",
+            wildcard(f"Resource::{in_finding(self, r.staging_function.function_arn)}:*"): "grant_invoke covers the function's versions",
             wildcard("Resource::*"): "X-Ray and CloudWatch Logs delivery (the state machine's logging) support no resource scoping",
         })
