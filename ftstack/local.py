@@ -9,7 +9,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftstack_train.config import MODEL_KEY, parse_config, parse_overrides
+from ftstack_train.config import MODEL_KEY, parse_config
+from ftstack_train.sources import parse_overrides
 from ftstack_train.contract import (
     CONFIG_CHANNEL, DEFAULT_TEST_SPLIT, MODEL_CHANNEL, ROOT_ENV, TEST_CHANNEL, TINY_MODELS, TRAIN_CHANNEL,
     SageMakerPaths, hold_out_every,

@@ -44,7 +44,8 @@ def default_execution_name(train: str) -> str:
 
 
 def _check_hyperparameters(overrides: list[str]) -> dict[str, str]:
-    from ftstack_train.config import parse_config, parse_overrides
+    from ftstack_train.config import parse_config
+    from ftstack_train.sources import parse_overrides
 
     hyperparameters = parse_overrides(overrides)
     _, ignored = parse_config(hyperparameters=hyperparameters)  # ConfigError names the key and the fix

@@ -13,11 +13,9 @@ import pytest
 import yaml
 
 import ftstack_train
-from ftstack_train.config import (
-    DEFAULT_PROMPT_TEMPLATE, FIELDS, MAX_EXPANDED_CHARS, MAX_REFERENCES, MAX_TOTAL_EXPANDED_CHARS, TrainConfig, parse_config,
-    parse_size,
-)
+from ftstack_train.config import DEFAULT_PROMPT_TEMPLATE, FIELDS, TrainConfig, parse_config, parse_size
 from ftstack_train.data import StepPlan
+from ftstack_train.references import MAX_EXPANDED_CHARS, MAX_REFERENCES, MAX_TOTAL_EXPANDED_CHARS
 from ftstack_train.durations import Duration
 from ftstack_train.errors import ConfigError
 

@@ -19,11 +19,8 @@ from typing import Any
 from .durations import Duration
 from .errors import ConfigError
 
-# The caps are part of what the config promises (the README cites them): named here too.
-from .references import MAX_EXPANDED_CHARS, MAX_REFERENCES, MAX_TOTAL_EXPANDED_CHARS, Budget, Value, resolve  # noqa: F401
-
-# parse_overrides: the CLI's (ftstack.runs and ftstack.local import it from here).
-from .sources import coerce, parse_overrides, read_yaml, unquote  # noqa: F401
+from .references import Budget, Value, resolve
+from .sources import coerce, parse_overrides, read_yaml, unquote
 
 DEFAULT_PROMPT_TEMPLATE = (
     "Write a response that appropriately answers the question below.\n"
