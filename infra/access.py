@@ -26,14 +26,6 @@ ENCRYPT_OBJECTS = ("kms:GenerateDataKey", "kms:Decrypt")
 """Writing an SSE-KMS object (a data key per object; multipart uploads decrypt it again per part)."""
 
 
-class Same:
-    """The type of ``SAME``."""
-
-
-SAME = Same()
-"""A construct's ``bucket_key`` default: the bucket's objects are encrypted with its ``key``."""
-
-
 def grant_objects(principal: iam.IGrantable, bucket: s3.IBucket, *, read: tuple[str, ...] = (),
                   write: tuple[str, ...] = (), delete: tuple[str, ...] = ()) -> None:
     """Object actions on the key patterns given, e.g. ``read=("scratch/*/data/*",)``."""

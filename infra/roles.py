@@ -11,7 +11,7 @@ from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from .layout import Layout
-from .access import ENCRYPT_OBJECTS, SAME, Same, grant_key, grant_list, grant_objects
+from .access import ENCRYPT_OBJECTS, grant_key, grant_list, grant_objects
 from .nag import acknowledge, arn_in_finding, in_finding, wildcard
 from .stage_data.request import training_jobs
 
@@ -25,9 +25,9 @@ class TrainingRole(Construct):
     """``self.role``: assumed by SageMaker for the training jobs of this stack."""
 
     def __init__(self, scope: Construct, construct_id: str, *, bucket: s3.IBucket, key: kms.IKey, repository: ecr.IRepository,
-                 in_vpc: bool, job_prefix: str, layout: Layout = Layout(), bucket_key: kms.IKey | None | Same = SAME) -> None:
-        """``key`` encrypts the training volumes; ``bucket_key`` the bucket's objects (the same key by
-        default; None: the bucket's default encryption, which needs no grant of ours)."""
+                 bucket_key: kms.IKey | None, in_vpc: bool, job_prefix: str, layout: Layout = Layout()) -> None:
+        """``key`` encrypts the training volumes; ``bucket_key`` the bucket's objects (None: the
+        bucket's default encryption, which needs no grant of ours)."""
         super().__init__(scope, construct_id)
         stack = cdk.Stack.of(self)
         # Only SageMaker acting for this stack's training jobs may assume the role (confused-deputy
@@ -42,7 +42,6 @@ class TrainingRole(Construct):
         grant_objects(self.role, bucket, read=(data, models, checkpoints), write=(checkpoints, outputs),
                       delete=(checkpoints,))  # SageMaker's checkpoint sync mirrors pruned checkpoints
         grant_list(self.role, bucket, data, models, checkpoints, f"{layout.scratch}*/checkpoints", outputs)
-        bucket_key = key if bucket_key is SAME else bucket_key
         if bucket_key is not None:
             # kms:Encrypt: OutputDataConfig.KmsKeyId's documentation asks the execution role for it.
             grant_key(self.role, bucket_key, *ENCRYPT_OBJECTS, "kms:Encrypt", "kms:DescribeKey")

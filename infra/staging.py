@@ -15,7 +15,7 @@ from .stage_data.execution import STATE_MACHINE_VARIABLE
 from .assets import lambda_code
 from .stage_data.handler import ASSET_MODULES, FUNCTION_TIMEOUT_S, HANDLER
 from .stage_data.request import Settings
-from .access import ENCRYPT_OBJECTS, SAME, Same, grant_key, grant_list, grant_objects
+from .access import ENCRYPT_OBJECTS, grant_key, grant_list, grant_objects
 from .nag import acknowledge, arn_in_finding, in_finding, wildcard
 from .workflow import execution_arns, state_machine_arn, state_machine_name
 
@@ -53,10 +53,9 @@ class StagingFunction(Construct):
     ``<prefix>scratch/<execution>/data/``."""
 
     def __init__(self, scope: Construct, construct_id: str, *, bucket: s3.IBucket, key: kms.IKey, settings: Settings,
-                 reserved_concurrency: int, name: str | None = None, bucket_key: kms.IKey | None | Same = SAME) -> None:
-        """``key`` encrypts the function's logs; ``bucket_key`` the bucket's objects (the same key
-        by default; None: the bucket's default encryption). ``name``: the pipeline's (the stack's
-        by default)."""
+                 bucket_key: kms.IKey | None, reserved_concurrency: int, name: str | None = None) -> None:
+        """``key`` encrypts the function's logs; ``bucket_key`` the bucket's objects (None: the
+        bucket's default encryption). ``name``: the pipeline's (the stack's by default)."""
         super().__init__(scope, construct_id)
         stack = cdk.Stack.of(self)
         name = name or stack.stack_name
@@ -80,7 +79,6 @@ class StagingFunction(Construct):
         # Listing lets S3 answer a missing upload with 404 (without it: 403, which the handler also
         # names); resume_from lists the checkpoints it continues from.
         grant_list(role, bucket, incoming, f"{layout.base_models}*", f"{layout.scratch}*/checkpoints/*")
-        bucket_key = key if bucket_key is SAME else bucket_key
         if bucket_key is not None:
             grant_key(role, bucket_key, *ENCRYPT_OBJECTS)
         # The execution it stages, its name and its input come from Step Functions (issue 11, item 4).

@@ -18,7 +18,7 @@ def template(new_stack) -> Template:
     _, stack = new_stack()
     storage = Storage(stack, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN)
     repository = ecr.Repository(stack, "Repository")
-    TrainingRole(stack, "TrainingRole", bucket=storage.bucket, key=storage.key, repository=repository, in_vpc=False, job_prefix="ftstack")
+    TrainingRole(stack, "TrainingRole", bucket=storage.bucket, key=storage.key, bucket_key=storage.bucket_key, repository=repository, in_vpc=False, job_prefix="ftstack")
     return Template.from_stack(stack)
 
 
@@ -58,7 +58,7 @@ def test_wildcard_resources_are_only_those_aws_requires(template):
 def test_vpc_jobs_get_the_network_interface_actions(new_stack):
     _, stack = new_stack("Vpc")
     storage = Storage(stack, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN)
-    TrainingRole(stack, "TrainingRole", bucket=storage.bucket, key=storage.key, repository=ecr.Repository(stack, "Repo"), in_vpc=True, job_prefix="ftstack")
+    TrainingRole(stack, "TrainingRole", bucket=storage.bucket, key=storage.key, bucket_key=storage.bucket_key, repository=ecr.Repository(stack, "Repo"), in_vpc=True, job_prefix="ftstack")
     Template.from_stack(stack).has_resource_properties("AWS::IAM::Policy", {"PolicyDocument": {"Statement": Match.array_with([
         Match.object_like({"Action": Match.array_with(["ec2:CreateNetworkInterface", "ec2:DeleteNetworkInterface"]), "Resource": "*"}),
     ])}})
@@ -67,5 +67,5 @@ def test_vpc_jobs_get_the_network_interface_actions(new_stack):
 def test_no_unacknowledged_nag_finding(new_stack, nag_findings):
     app, stack = new_stack("Nag")
     storage = Storage(stack, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN)
-    TrainingRole(stack, "TrainingRole", bucket=storage.bucket, key=storage.key, repository=ecr.Repository(stack, "Repo"), in_vpc=False, job_prefix="ftstack")
+    TrainingRole(stack, "TrainingRole", bucket=storage.bucket, key=storage.key, bucket_key=storage.bucket_key, repository=ecr.Repository(stack, "Repo"), in_vpc=False, job_prefix="ftstack")
     assert [f for f in nag_findings(app) if "/TrainingRole/" in f] == []

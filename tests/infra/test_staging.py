@@ -41,7 +41,7 @@ def test_settings_round_trip_through_the_environment():
 def built(new_stack):
     app, stack = new_stack()
     storage = Storage(stack, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN)
-    StagingFunction(stack, "Staging", bucket=storage.bucket, key=storage.key, settings=typed(storage), reserved_concurrency=7)
+    StagingFunction(stack, "Staging", bucket=storage.bucket, key=storage.key, bucket_key=storage.bucket_key, settings=typed(storage), reserved_concurrency=7)
     assembly = app.synth()
     return Template.from_stack(stack), Path(assembly.directory)
 
@@ -118,7 +118,7 @@ def test_asset_holds_exactly_the_imported_modules_as_they_are_installed(built):
 def test_no_unacknowledged_nag_finding(new_stack, nag_findings):
     app, stack = new_stack("Nag")
     storage = Storage(stack, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN)
-    StagingFunction(stack, "Staging", bucket=storage.bucket, key=storage.key, settings=typed(storage), reserved_concurrency=7)
+    StagingFunction(stack, "Staging", bucket=storage.bucket, key=storage.key, bucket_key=storage.bucket_key, settings=typed(storage), reserved_concurrency=7)
     assert [f for f in nag_findings(app) if "/Staging/" in f] == []
 
 
