@@ -107,7 +107,7 @@ class FineTuningPipeline(Construct):
             fallback_instance_types=t.fallback_instance_types, allowed_instance_types=t.instance_types,
             instance_count=t.instance_count, max_instance_count=t.max_instance_count, spot=t.spot,
             base_model=t.base_model, test_split=DEFAULT_TEST_SPLIT,
-            key_arn=self.bucket_key.key_arn if self.bucket_key else "", network_isolation=not p.reaches_hub,
+            key_arn=self.bucket_key.key_arn if self.bucket_key else "", offline=not p.reaches_hub,
             prefix=self.layout.prefix,
         )
 

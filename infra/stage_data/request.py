@@ -74,7 +74,7 @@ class Settings:
     key_arn: str
     """The bucket's KMS key: staged data is encrypted with it, not with the account's aws/s3 key;
     empty for a brought bucket without one, whose default encryption then applies."""
-    network_isolation: bool
+    offline: bool
     """Training jobs cannot reach the hub (network isolation, or a VPC without a route out): a hub
     base model is refused here, before any instance starts."""
     prefix: str = ""
@@ -192,7 +192,7 @@ def check_input(data: Any, settings: Settings) -> Request:
                            "holds out every 20th record")
     base_model, base_model_key = _base_model(data.get("base_model", settings.base_model), settings)
     hyperparameters, cfg = _hyperparameters(data.get("hyperparameters", {}), base_model)
-    if settings.network_isolation:
+    if settings.offline:
         _check_isolated(cfg, base_model_key, settings)
     instance_types = _instance_types(data.get("instance_type", settings.instance_type), settings)
     instance_count = _instance_count(data.get("instance_count", settings.instance_count), settings)
@@ -291,9 +291,11 @@ def _base_model(value: Any, settings: Settings) -> tuple[str, str | None]:
 
 
 def _check_isolated(cfg: TrainConfig, base_model_key: str | None, settings: Settings) -> None:
-    """With network isolation the job cannot reach the hub: every source must be in S3."""
+    """A job that cannot reach the hub (network isolation, or a VPC without a route out) needs
+    every source in S3."""
     fix = (f"copy the Hugging Face model directory to s3://{settings.bucket}/{settings.layout.base_models}<name>/ (`ftstack stage-model`) "
-           "and give that URI as base_model; this deployment runs training with network_isolation")
+           "and give that URI as base_model; this deployment's training jobs cannot reach the hub (network isolation, "
+           "or a network without a route to the internet)")
     if base_model_key is None:
         raise InvalidInput(f"base_model: {cfg.model!r} is a hub id, which a training job without network "
                            f"cannot download; {fix}")

@@ -18,7 +18,7 @@ def staging_values(**overrides: Any) -> dict[str, Any]:
     return {
         "job_prefix": "ftstack", "instance_type": "ml.p4d.24xlarge", "fallback_instance_types": ["ml.g5.48xlarge"],
         "instance_count": 1, "max_instance_count": 4, "spot": False, "base_model": "mosaicml/mpt-7b", "test_split": 0.05,
-        "key_arn": KEY_ARN, "network_isolation": False, "prefix": "",
+        "key_arn": KEY_ARN, "offline": False, "prefix": "",
         # What the infrastructure tests ask for; test_allowed_instance_types checks the refusal.
         "allowed_instance_types": ["ml.p4d.24xlarge", "ml.g5.48xlarge", "ml.g5.12xlarge", "ml.p5.48xlarge",
                                    "ml.p3.16xlarge", "ml.trn9.48xlarge"],

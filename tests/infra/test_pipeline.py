@@ -360,6 +360,12 @@ def test_a_created_network_has_isolated_subnets_an_s3_endpoint_and_flow_logs_and
     assert sorted(job["Subnets"]) == sorted(f"<{s}>" for s in subnets)
     (group_id,) = of_type(resources, "AWS::EC2::SecurityGroup")
     assert job["SecurityGroupIds"] == [f"<{group_id}.GroupId>"]
+    # No route out: staging refuses a hub base model before any instance starts, as with network isolation.
+    assert constrained.staging_settings()["offline"] is True
+
+
+def test_a_pipeline_that_reaches_the_hub_lets_staging_take_a_hub_model(created):
+    assert created.staging_settings()["offline"] is False
 
 
 def test_a_created_network_needs_a_base_model_in_s3():

@@ -226,7 +226,7 @@ def test_instance_types_requested_first_then_fallbacks_once(s3, monkeypatch, set
      "hyperparameters.tokenizer.name: 'EleutherAI/gpt-neox-20b' would be downloaded from the hub"),
 ])
 def test_network_isolation_refuses_what_would_come_from_the_hub(s3, monkeypatch, input_, says):
-    monkeypatch.setenv("SETTINGS", json.dumps(SETTINGS | {"network_isolation": True}))
+    monkeypatch.setenv("SETTINGS", json.dumps(SETTINGS | {"offline": True}))
     put(s3, TRAIN, records(20))
     put(s3, f"s3://{BUCKET}/base-models/mpt/config.json", b"{}")
     with pytest.raises(stage_data.InvalidInput, match=re.escape(says)):
@@ -235,7 +235,7 @@ def test_network_isolation_refuses_what_would_come_from_the_hub(s3, monkeypatch,
 
 
 def test_network_isolation_takes_a_model_in_the_bucket_with_its_own_tokenizer(s3, monkeypatch):
-    monkeypatch.setenv("SETTINGS", json.dumps(SETTINGS | {"network_isolation": True}))
+    monkeypatch.setenv("SETTINGS", json.dumps(SETTINGS | {"offline": True}))
     put(s3, TRAIN, records(20))
     put(s3, f"s3://{BUCKET}/base-models/mpt/config.json", b"{}")
     result = invoke({"train_data": TRAIN, "base_model": f"s3://{BUCKET}/base-models/mpt/"})
