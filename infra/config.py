@@ -14,13 +14,11 @@ from ftstack.aws import DEFAULT_STACK
 from ftstack.serving import DEFAULT_INSTANCE_TYPE
 
 from .options import TRAINING_KEYS, TrainingOptions, check_endpoint_instance_type, check_training, doc
+from .props import NAME
 
 REMOVAL_POLICIES = ("retain", "destroy")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-_NAME = re.compile(r"^[A-Za-z](-?[A-Za-z0-9]){0,39}$")
-"""No "--" (job names separate the stack's prefix with it, see stage_data.request.JOB_SEPARATOR) and
-no hyphen at the end."""
 _POLICY_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:policy/[\w+=,.@/-]{1,512}$")
 
 
@@ -81,7 +79,7 @@ def _fail(key: str, message: str) -> None:
 
 def _check(cfg: InfraConfig) -> None:
     fail = _fail
-    if not _NAME.match(cfg.stack_name):
+    if not NAME.match(cfg.stack_name):  # it names the stack's pipeline
         fail("stack_name", "use 1-40 letters, digits or single hyphens, starting with a letter and not ending with a hyphen")
     if not re.match(r"^[a-z]{2}(-[a-z]+)+-\d$", cfg.region):
         fail("region", f"{cfg.region!r} is not a region name, e.g. us-east-1")

@@ -29,7 +29,7 @@ from ftstack_train.metrics import METRIC_DEFINITIONS
 
 from .layout import Layout
 from .options import PropsError, TrainingOptions, check_endpoint_instance_type, doc
-from .settings import ExtraMetric, GateCondition
+from .settings import EXECUTION_TAG, ExtraMetric, GateCondition
 
 NAME = re.compile(r"^[A-Za-z](-?[A-Za-z0-9]){0,39}$")
 """A pipeline's name: no "--" (job names separate it from the rest with that, see
@@ -245,8 +245,8 @@ def _check_tags(tags: Mapping[str, str]) -> None:
             _fail("tags", f"{key!r}: keys and values must be strings")
         if not 1 <= len(key) <= 128 or len(value) > 256 or not TAG_TEXT.match(key) or not TAG_TEXT.match(value):
             _fail("tags", f"{key!r}={value!r}: keys take 1-128 and values 0-256 letters, digits, spaces and _ . : / = + - @")
-        if key.lower().startswith("aws:") or key == "ftstack:execution":
-            _fail("tags", f"{key!r}: reserved (aws: for AWS, ftstack:execution for the run's name)")
+        if key.lower().startswith("aws:") or key == EXECUTION_TAG:
+            _fail("tags", f"{key!r}: reserved (aws: for AWS, {EXECUTION_TAG} for the run's name)")
 
 
 def _check_gate(p: FineTuningPipelineProps) -> None:

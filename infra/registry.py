@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import re
-
 import aws_cdk as cdk
 from aws_cdk import aws_sagemaker as sagemaker
 from constructs import Construct
 
-# SageMaker's own constraint on ModelPackageGroupName.
-_GROUP_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+from .props import GROUP_NAME
 
 
 class ModelRegistry(Construct):
@@ -17,7 +14,7 @@ class ModelRegistry(Construct):
 
     def __init__(self, scope: Construct, construct_id: str, *, group_name: str, description: str) -> None:
         super().__init__(scope, construct_id)
-        if not cdk.Token.is_unresolved(group_name) and not _GROUP_NAME.match(group_name):
+        if not cdk.Token.is_unresolved(group_name) and not GROUP_NAME.match(group_name):
             raise ValueError(
                 f"model package group name {group_name!r}: use 1-63 letters, digits or hyphens, "
                 "starting and ending with a letter or digit"

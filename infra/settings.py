@@ -13,6 +13,9 @@ from ftstack_train.contract import DEFAULT_ROOT, SageMakerPaths
 CONTAINER_PATHS = SageMakerPaths(Path(DEFAULT_ROOT))
 """The training container's folders, where SageMaker puts them."""
 
+EXECUTION_TAG = "ftstack:execution"
+"""The tag every training job carries with its execution's name, besides the pipeline's tags."""
+
 EXTENSION_POINTS = ("after_staging", "evaluate", "after_registration")
 """Where a pipeline may insert steps of its own, in the order they run."""
 

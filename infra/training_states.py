@@ -25,7 +25,7 @@ from typing import Any
 from ftstack_train.contract import MODEL_CHANNEL, TEST_CHANNEL, TRAIN_CHANNEL
 from ftstack_train.metrics import METRIC_DEFINITIONS
 
-from .settings import CONTAINER_PATHS, WorkflowSettings
+from .settings import CONTAINER_PATHS, EXECUTION_TAG, WorkflowSettings
 from .stage_data.request import ATTEMPT_SUFFIX
 
 CAPACITY_ERRORS = ("*CapacityError*", "*InsufficientInstanceCapacity*", "*InsufficientCapacity*")
@@ -170,7 +170,7 @@ def train_states(s: WorkflowSettings) -> dict[str, Any]:
         "CheckpointConfig": {"S3Uri.$": "$.staged.checkpoint_uri", "LocalPath": str(CONTAINER_PATHS.checkpoints)},
         "EnableInterContainerTrafficEncryption.$": "$.job.encrypt_traffic",
         "EnableNetworkIsolation": s.network_isolation,
-        "Tags": [{"Key": "ftstack:execution", "Value.$": "$$.Execution.Name"}] + [{"Key": k, "Value": v} for k, v in s.tags],
+        "Tags": [{"Key": EXECUTION_TAG, "Value.$": "$$.Execution.Name"}] + [{"Key": k, "Value": v} for k, v in s.tags],
     }
     if s.subnets:
         params["VpcConfig"] = {"Subnets": list(s.subnets), "SecurityGroupIds": list(s.security_groups)}
