@@ -1,6 +1,6 @@
 """``ftstack deploy``, ``invoke`` and ``undeploy``: serving an approved model package by hand, the
 same way the stack's deploy-on-approval workflow does (``infra.deploy_definition``): the model
-files are checked against the registered manifest digest first, then a Model and an EndpointConfig
+files are checked against the manifest and object versions registered with them first, then a Model and an EndpointConfig
 of their own are created and the endpoint is created or updated to the new config. A failed
 update leaves the endpoint serving its previous config (SageMaker rolls it back)."""
 
@@ -15,9 +15,10 @@ from ftstack_train.contract import MANIFEST_SHA256
 
 from .aws import SERVING_ROLE, AwsError, aws_errors, error_code, find_stack, session
 from .models import MODEL_PACKAGE_ARN
+from .s3_model import VERSIONS_SHA256, verify_s3_model
 from .serving import (
-    VARIANT_NAME, ServingError, answer_text, check_endpoint_name, deploy_environment,
-    instance_gpus, invoke_body, invoke_command, resource_name, verify_s3_model,
+    ServingError, answer_text, check_endpoint_name, deploy_environment,
+    instance_gpus, invoke_body, invoke_command, production_variant, resource_name,
 )
 
 _WAITING = ("Creating", "Updating", "SystemUpdating")
@@ -38,13 +39,14 @@ def _package(sagemaker: Any, arn: str) -> dict[str, Any]:
     containers = found.get("InferenceSpecification", {}).get("Containers", [])
     container = containers[0] if containers else {}
     uri = container.get("ModelDataSource", {}).get("S3DataSource", {}).get("S3Uri")
-    digest = found.get("CustomerMetadataProperties", {}).get(MANIFEST_SHA256)
-    if not (container.get("Image") and uri and digest):
-        raise AwsError(f"model package {arn} has no container image, uncompressed model data or {MANIFEST_SHA256}; "
-                       "only packages registered by ftstack's workflow can be deployed")
+    metadata = found.get("CustomerMetadataProperties", {})
+    digest, versions = metadata.get(MANIFEST_SHA256), metadata.get(VERSIONS_SHA256)
+    if not (container.get("Image") and uri and digest and versions):
+        raise AwsError(f"model package {arn} has no container image, uncompressed model data, {MANIFEST_SHA256} or "
+                       f"{VERSIONS_SHA256}; only packages registered by ftstack's workflow can be deployed")
     # Not a required member (an unversioned package has no group): the ARN's group part then.
     group = found.get("ModelPackageGroupName") or arn.split(":model-package/", 1)[1].split("/", 1)[0]
-    return {"container": container, "uri": uri, "digest": digest, "group": group}
+    return {"container": container, "uri": uri, "digest": digest, "versions": versions, "group": group}
 
 
 def _serving_role(boto: Any, args: argparse.Namespace) -> str:
@@ -64,9 +66,8 @@ def _create(sagemaker: Any, args: argparse.Namespace, package: dict[str, Any], r
             ModelName=name, ExecutionRoleArn=role, EnableNetworkIsolation=True,
             PrimaryContainer={"Image": container["Image"], "ModelDataSource": container["ModelDataSource"],
                               "Environment": container.get("Environment", {}) | deploy_environment(instance_gpus(args.instance_type))})
-        sagemaker.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[{
-            "VariantName": VARIANT_NAME, "ModelName": name, "InstanceType": args.instance_type, "InitialInstanceCount": 1,
-            "ModelDataDownloadTimeoutInSeconds": 1800, "ContainerStartupHealthCheckTimeoutInSeconds": 1800}])
+        sagemaker.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[
+            production_variant(args.instance_type) | {"ModelName": name}])
 
 
 def _describe_endpoint(sagemaker: Any, endpoint: str) -> dict[str, Any] | None:
@@ -118,12 +119,17 @@ def deploy(args: argparse.Namespace) -> int:
     if previous and previous.get("EndpointStatus") == "Failed":  # SageMaker cannot update it
         raise AwsError(f"endpoint {endpoint} is Failed ({previous.get('FailureReason', 'no reason given')}) and SageMaker "
                        f"cannot update a failed endpoint; delete it first (ftstack undeploy {endpoint}), then deploy again")
+    if previous and previous.get("EndpointStatus") in _WAITING:  # nor one that is being created or updated
+        raise AwsError(f"endpoint {endpoint} is {previous['EndpointStatus']} (another deployment, or SageMaker's own "
+                       "maintenance) and SageMaker cannot update it until that ends; run this again once it is InService "
+                       f"(aws sagemaker wait endpoint-in-service --endpoint-name {endpoint})")
     with aws_errors(f"checking the model files of {args.model_package_arn}"):
         try:
-            summary = verify_s3_model(boto.client("s3"), package["uri"], package["digest"])
+            summary = verify_s3_model(boto.client("s3"), package["uri"], package["digest"], package["versions"])
         except ServingError as exc:
             raise AwsError(f"model package {args.model_package_arn}: {exc}") from None
-    print(f"{package['uri']}: {summary['files']} files match the registered manifest ({MANIFEST_SHA256} {package['digest']})")
+    print(f"{package['uri']}: {summary['files']} files are the registered versions and match the registered manifest "
+          f"({MANIFEST_SHA256} {package['digest']})")
     role = _serving_role(boto, args)
     name = resource_name(endpoint, f"{args.model_package_arn} {time.time_ns()}")
     _create(sagemaker, args, package, role, name)

@@ -1,7 +1,7 @@
 """What the CLI (``ftstack deploy``/``invoke``/``undeploy``) and the stack (registration and
 deploy-on-approval) share about serving a fine-tuned model: the default endpoint instance type,
 the naming rules of endpoints, endpoint configs and models, the vLLM container's environment, the
-request body an endpoint takes, and the check of a model's files in S3 against its manifest.
+request body an endpoint takes (the check of a model's files in S3 is ``ftstack.s3_model``).
 
 Pure Python (the standard library and ``ftstack_train``'s standard-library modules): it loads in
 the CLI without boto3, in the CDK app, and in the deploy Lambda. S3 is whatever client is passed.
@@ -33,8 +33,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ftstack_train.contract import CHAT_TEMPLATE_FILE, DEFAULT_ROOT, MANIFEST_FILE, MANIFEST_SHA256, SageMakerPaths
-from ftstack_train.manifest import _OWN_PREFIX, UNLISTED, ModelIntegrityError, compare, read_manifest
+from ftstack_train.contract import CHAT_TEMPLATE_FILE, DEFAULT_ROOT, SageMakerPaths
 
 DEFAULT_INSTANCE_TYPE = "ml.g5.2xlarge"
 """One A10G (24 GB): a 7B model in bf16 (about 13.5 GB of weights) with room for the KV cache."""
@@ -45,6 +44,12 @@ folder a training job exports to."""
 
 VARIANT_NAME = "AllTraffic"
 """The endpoint's one production variant."""
+
+INFERENCE_AMI = "al2023-ami-sagemaker-inference-gpu-4-1"
+"""The endpoint's host image (the variant's ``InferenceAmiVersion``): NVIDIA driver 580, CUDA 13.0,
+the only one of SageMaker's that runs the CUDA 13 vLLM container (``-cu130-`` tags); the others
+have drivers 535 or 550 (botocore's documentation of ``ProductionVariant.InferenceAmiVersion``).
+A newer driver also runs the images built for CUDA 12."""
 
 
 ENV_MODEL = "SM_VLLM_MODEL"
@@ -127,19 +132,46 @@ def registration_environment(max_model_len_path: str | None = None) -> dict[str,
     return env
 
 
+DOWNLOAD_TIMEOUT_S = 1800
+"""ModelDataDownloadTimeoutInSeconds and ContainerStartupHealthCheckTimeoutInSeconds: a 7B model
+is about 13.5 GB to copy and load (the defaults are sized for small models; the maximum is 3600)."""
+
+
+def production_variant(instance_type: str) -> dict[str, Any]:
+    """The endpoint config's one variant on ``instance_type`` (a ServingError for a type models
+    cannot be served on), less its ``ModelName``: the same for ``ftstack deploy`` and the
+    deploy-on-approval workflow."""
+    instance_gpus(instance_type)
+    return {"VariantName": VARIANT_NAME, "InstanceType": instance_type, "InitialInstanceCount": 1,
+            "InferenceAmiVersion": INFERENCE_AMI, "ModelDataDownloadTimeoutInSeconds": DOWNLOAD_TIMEOUT_S,
+            "ContainerStartupHealthCheckTimeoutInSeconds": DOWNLOAD_TIMEOUT_S}
+
+
 def deploy_environment(instance_gpus: int) -> dict[str, str]:
     """What deployment adds to the registered environment: one tensor-parallel shard per GPU of
     the endpoint's instance type (vLLM uses one GPU unless told)."""
     return {ENV_TENSOR_PARALLEL: str(instance_gpus)}
 
 
-def instance_gpus(instance_type: str) -> int:
-    """GPUs of a SageMaker GPU instance type (``ftstack.instances``); ServingError for others."""
+def serving_instance_types() -> list[str]:
+    """The instance types a model can be served on: GPU types ``ftstack.instances`` knows whose GPUs
+    compute in bf16 (compute capability 8.0 and up), as the model is served in bf16; vLLM refuses
+    bf16 on V100 and T4 (ml.p3, ml.g4dn) at start-up."""
     from ftstack.instances import INSTANCE_TYPES
 
-    if instance_type not in INSTANCE_TYPES:
-        raise ServingError(f"instance type {instance_type!r}: vLLM needs a GPU instance type ftstack knows, e.g. "
-                           f"{DEFAULT_INSTANCE_TYPE}; known: {', '.join(sorted(INSTANCE_TYPES))}")
+    return sorted(name for name, found in INSTANCE_TYPES.items() if found.gpu.bf16)
+
+
+def instance_gpus(instance_type: str) -> int:
+    """GPUs of an instance type models can be served on (``serving_instance_types``); ServingError
+    naming them for any other."""
+    from ftstack.instances import INSTANCE_TYPES
+
+    if instance_type not in serving_instance_types():
+        why = (f"its GPUs ({INSTANCE_TYPES[instance_type].gpu.name}) have no bf16, which the model is served in"
+               if instance_type in INSTANCE_TYPES else "vLLM needs a GPU instance type ftstack knows")
+        raise ServingError(f"instance type {instance_type!r}: {why}; use e.g. {DEFAULT_INSTANCE_TYPE} "
+                           f"(one of {', '.join(serving_instance_types())})")
     return INSTANCE_TYPES[instance_type].gpus
 
 
@@ -172,44 +204,3 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
         raise ServingError(f"{uri!r} is not an s3:// URI of a model folder")
     prefix = match[2] if match[2].endswith("/") or not match[2] else match[2] + "/"
     return match[1], prefix
-
-
-MANIFEST_MAX_BYTES = 1 << 20
-"""A manifest lists a few dozen files; anything larger is not one."""
-
-
-def verify_s3_model(s3: Any, uri: str, expected_sha256: str) -> dict[str, Any]:
-    """Checks the model folder ``uri`` against its registered manifest digest before it is served:
-    the manifest's SHA-256 is ``expected_sha256``, the folder holds exactly the files it lists, and
-    each has the listed size (HeadObject; hashing gigabytes of weights again is left to
-    ``ftstack verify`` on a download). Raises ModelIntegrityError; returns a summary."""
-    bucket, prefix = split_s3_uri(uri)
-    if not isinstance(expected_sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", expected_sha256):
-        raise ModelIntegrityError(f"{uri}: the package has no {MANIFEST_SHA256} (64 hex digits) to check the model "
-                                  "against; only models registered by ftstack can be deployed")
-    where = f"s3://{bucket}/{prefix}{MANIFEST_FILE}"
-    head = s3.head_object(Bucket=bucket, Key=prefix + MANIFEST_FILE)
-    if head["ContentLength"] > MANIFEST_MAX_BYTES:
-        raise ModelIntegrityError(f"{where}: {head['ContentLength']} bytes is not a model manifest")
-    text = s3.get_object(Bucket=bucket, Key=prefix + MANIFEST_FILE)["Body"].read()
-    entries = read_manifest(text, where, expected_sha256)
-    sizes = _listed_sizes(s3, bucket, prefix)
-    names = [n for n in sizes if n not in UNLISTED and not n.startswith(_OWN_PREFIX)]
-    compare(entries, names, uri)
-    for name, entry in sorted(entries.items()):
-        size = s3.head_object(Bucket=bucket, Key=prefix + name)["ContentLength"]
-        if size != entry["bytes"]:
-            raise ModelIntegrityError(f"s3://{bucket}/{prefix}{name}: {size} bytes where {MANIFEST_FILE} "
-                                      f"lists {entry['bytes']}; the model was changed after it was registered: do not serve it")
-    return {"model_uri": f"s3://{bucket}/{prefix}", "files": len(entries),
-            "bytes": sum(e["bytes"] for e in entries.values()), MANIFEST_SHA256: expected_sha256.lower()}
-
-
-def _listed_sizes(s3: Any, bucket: str, prefix: str) -> dict[str, int]:
-    """Every object under ``prefix`` by its name there (a name with ``/`` is in a subfolder: SageMaker
-    would mount it too, so it counts as a file the manifest must list)."""
-    sizes: dict[str, int] = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for item in page.get("Contents", []):
-            sizes[item["Key"][len(prefix):]] = item["Size"]
-    return sizes

@@ -6,7 +6,7 @@ run the same dict in moto's interpreter with stand-ins for the service calls.
 
 Validate input -> stage data (Lambda) -> train (SageMaker, a poll loop; new job name and next
 instance type on capacity and quota errors, see ``infra.training_states``) -> read the final
-metrics -> quality gate -> register (idempotent per job) -> notify.
+metrics -> pin the model's files (Lambda) -> quality gate -> register (idempotent per job) -> notify.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ftstack.s3_model import VERSIONS_SHA256
 from ftstack.serving import registration_environment
 from ftstack_train.contract import FINAL_EVAL_CE, FINAL_METRICS_FILE, MANIFEST_SHA256, METRICS_FILE
 
@@ -21,6 +22,7 @@ from .extensions import (
     EVALUATED, STATE_NAMES, clashing_state_names, evaluation_checks, extension_state, gate_rules,
 )
 from .layout import JOB_MODEL_DIR, Layout
+from .model_check import REGISTRATION
 from .options import PropsError
 from .stage_data.fields import MODEL_PACKAGE_DESCRIPTION
 from .settings import WorkflowSettings
@@ -30,7 +32,7 @@ __all__ = ["PLACEHOLDERS", "WorkflowSettings", "build_definition", "render"]
 
 PLACEHOLDERS = (
     "Bucket", "KeyArn", "BucketKeyArn", "TrainingRoleArn", "TrainingImage", "InferenceImage", "StagingFunctionArn",
-    "TopicArn", "ModelPackageGroupName",
+    "ModelCheckFunctionArn", "TopicArn", "ModelPackageGroupName",
 )
 
 EVAL_CE = f"$.metrics.final.{FINAL_EVAL_CE}"
@@ -39,10 +41,10 @@ MANIFEST_DIGEST = f"$.metrics.final.{MANIFEST_SHA256}"
 """The SHA-256 of the model's manifest (``ftstack_train.manifest``), registered with the package."""
 
 LAMBDA_ERRORS = ["Lambda.ServiceException", "Lambda.AWSLambdaException", "Lambda.SdkClientException"]
-STAGING_RETRY = [
+LAMBDA_RETRY = [
     {"ErrorEquals": LAMBDA_ERRORS, "IntervalSeconds": 2, "BackoffRate": 2.0, "MaxAttempts": 4},
-    # Throttled by the function's reserved concurrency (staging_concurrency): a burst of runs
-    # waits its turn, 10 s doubling over 8 tries (about 40 minutes), instead of failing.
+    # Throttled by the function's reserved concurrency (staging's is staging_concurrency): a burst
+    # of runs waits its turn, 10 s doubling over 8 tries (about 40 minutes), instead of failing.
     {"ErrorEquals": ["Lambda.TooManyRequestsException"], "IntervalSeconds": 10, "BackoffRate": 2.0, "MaxAttempts": 8},
 ]
 
@@ -169,7 +171,7 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
                 {"Variable": EVAL_CE, "IsNumeric": True},
                 {"Variable": MANIFEST_DIGEST, "IsPresent": True},
                 {"Variable": MANIFEST_DIGEST, "IsString": True},
-            ], "Next": _after_metrics(s)}],
+            ], "Next": "CheckModel"}],
             "Default": "MetricsIncomplete",
         },
         "MetricsIncomplete": {
@@ -181,6 +183,19 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
             },
             "ResultPath": "$.error",
             "Next": "NotifyError",
+        },
+        # The model's files as the job left them: exactly the manifest's, each written once. Their
+        # object versions are registered, and deployment serves only those (ftstack.s3_model).
+        "CheckModel": {
+            "Type": "Task",
+            "Resource": "arn:aws:states:::lambda:invoke",
+            "Parameters": {"FunctionName": "${ModelCheckFunctionArn}", "Payload": {
+                "check": REGISTRATION, "model_uri.$": "$.model.uri", "manifest_sha256.$": MANIFEST_DIGEST}},
+            "ResultSelector": {"versions_sha256.$": f"$.Payload.{VERSIONS_SHA256}"},
+            "ResultPath": "$.model.pinned",
+            "Retry": LAMBDA_RETRY,
+            "Catch": _catch_all("NotifyError"),
+            "Next": _after_metrics(s),
         },
         "Register": {
             "Type": "Task",
@@ -217,6 +232,7 @@ def _result_states(s: WorkflowSettings) -> dict[str, Any]:
                     f"{FINAL_EVAL_CE}.$": f"States.Format('{{}}', {EVAL_CE})",
                     # Deployment and `ftstack verify` check the model files against it before use.
                     f"{MANIFEST_SHA256}.$": MANIFEST_DIGEST,
+                    f"{VERSIONS_SHA256}.$": "$.model.pinned.versions_sha256",
                 } | {f"evaluate.{c.metric}.$": f"States.Format('{{}}', {EVALUATED}.{c.metric})" for c in s.gate},
             },
             "ResultSelector": {"arn.$": "$.ModelPackageArn"},
@@ -323,7 +339,7 @@ def build_definition(s: WorkflowSettings) -> dict[str, Any]:
         "Parameters": {"FunctionName": "${StagingFunctionArn}", "Payload": {"execution_arn.$": "$$.Execution.Id"}},
         "ResultSelector": {"value.$": "$.Payload"},
         "ResultPath": "$.staging",
-        "Retry": STAGING_RETRY,
+        "Retry": LAMBDA_RETRY,
         "Catch": _catch_all("NotifyError"),
         "Next": "Staged",
     }

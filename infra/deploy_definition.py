@@ -2,12 +2,14 @@
 ``infra.definition``): ``${Name}`` placeholders stand for the resources the construct creates
 (``PLACEHOLDERS``); the tests run the same dict in moto's interpreter.
 
-Describe the approved package -> ignore it unless it is Approved and of this group -> check its
-model files against the registered manifest digest (Lambda) -> create a Model and an
-EndpointConfig of their own -> create the endpoint, or update it to the new config -> poll until
-InService on the new config -> notify with the endpoint and an ``invoke-endpoint`` example. Any
-failure notifies with the reason; an update that fails leaves the previous config serving
-(SageMaker rolls the endpoint back), and nothing here deletes it.
+Describe the approved package -> ignore it unless it is Approved, of this group and its newest
+approved package -> check its model files against the manifest and object versions registered
+with it (Lambda) -> create a Model and an EndpointConfig named after this change of the package
+(a duplicate event's execution stops there) -> create the endpoint, or update it to the new
+config once no other deployment is creating or updating it (and only if the package is still the
+newest) -> poll until InService on the new config -> notify with the endpoint and an
+``invoke-endpoint`` example. Any failure notifies with the reason; an update that fails leaves the
+previous config serving (SageMaker rolls the endpoint back), and nothing here deletes it.
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ftstack.s3_model import VERSIONS_SHA256
 from ftstack.serving import (
-    DEFAULT_INSTANCE_TYPE, VARIANT_NAME, check_endpoint_name, deploy_environment, instance_gpus, invoke_command,
+    DEFAULT_INSTANCE_TYPE, check_endpoint_name, deploy_environment, instance_gpus, invoke_command, production_variant,
     resource_prefix,
 )
 from ftstack_train.contract import MANIFEST_SHA256
+
+from .definition import LAMBDA_RETRY
+from .model_check import DEPLOYMENT
 
 PLACEHOLDERS = ("ModelPackageGroupName", "ServingRoleArn", "VerifyFunctionArn", "TopicArn")
 
@@ -31,12 +37,19 @@ CONTAINER = "$.container"
 index is not read alike everywhere (moto's interpreter yields a list)."""
 MODEL_URI = f"{CONTAINER}.ModelDataSource.S3DataSource.S3Uri"
 DIGEST = f"{PACKAGE}.CustomerMetadataProperties.{MANIFEST_SHA256}"
+VERSIONS = f"{PACKAGE}.CustomerMetadataProperties.{VERSIONS_SHA256}"
 
 MISSING_ENDPOINT = "*Could not find endpoint*"
 """DescribeEndpoint's message (a ValidationException) for an endpoint that does not exist."""
-DOWNLOAD_TIMEOUT_S = 1800
-"""ModelDataDownloadTimeoutInSeconds and ContainerStartupHealthCheckTimeoutInSeconds: a 7B model
-is about 13.5 GB to copy and load (the defaults are sized for small models; the maximum is 3600)."""
+
+THROTTLED = "*Rate exceeded*"
+"""SageMaker's message for a throttled call."""
+ALREADY_EXISTS = "*Cannot create already existing*"
+"""SageMaker's message (a ValidationException) when a model, config or endpoint of that name exists."""
+IN_PROGRESS = "*Cannot update in-progress endpoint*"
+"""UpdateEndpoint's message (a ValidationException) for an endpoint being created or updated."""
+BUSY = ("Creating", "Updating", "SystemUpdating")
+"""Endpoint states that end by themselves, in which SageMaker refuses an update."""
 
 THROTTLE_RETRY = [{"ErrorEquals": ["SageMaker.ThrottlingException", "ThrottlingException"],
                    "IntervalSeconds": 5, "BackoffRate": 2.0, "MaxAttempts": 5}]
@@ -46,8 +59,6 @@ SAGEMAKER_RETRY = THROTTLE_RETRY + [
     # workflow's calls get (infra.training_states.API_RETRY), not a run of a bad request.
     {"ErrorEquals": ["SageMaker.SageMakerException"], "IntervalSeconds": 5, "BackoffRate": 2.0, "MaxAttempts": 2},
 ]
-LAMBDA_RETRY = [{"ErrorEquals": ["Lambda.ServiceException", "Lambda.AWSLambdaException", "Lambda.SdkClientException",
-                                 "Lambda.TooManyRequestsException"], "IntervalSeconds": 2, "BackoffRate": 2.0, "MaxAttempts": 4}]
 
 
 @dataclass(frozen=True)
@@ -81,10 +92,38 @@ def _failure(name: str, error: str, cause: dict[str, str] | str) -> dict[str, An
     return {name: {"Type": "Pass", "Parameters": parameters, "ResultPath": "$.error", "Next": "NotifyFailed"}}
 
 
+def _newest_states(again: str, then: str) -> dict[str, Any]:
+    """Whether the package is still the group's newest approved one (``NotNewest`` if not, else
+    ``then``); ``again`` prefixes the state names of a second asking."""
+    newest = f"$.{again.lower() or 'newest'}"
+    return {
+        f"{again}NewestApproved": {
+            "Type": "Task", "Resource": _sdk("listModelPackages"),
+            "Parameters": {"ModelPackageGroupName": "${ModelPackageGroupName}", "ModelApprovalStatus": "Approved",
+                           "SortBy": "CreationTime", "SortOrder": "Descending", "MaxResults": 1},
+            "ResultPath": newest, "Retry": SAGEMAKER_RETRY, "Catch": _catch(), "Next": f"{again}AnyApproved?",
+        },
+        f"{again}AnyApproved?": {
+            "Type": "Choice",
+            "Choices": [{"Variable": f"{newest}.ModelPackageSummaryList[0]", "IsPresent": True, "Next": f"{again}NewestArn"}],
+            "Default": "NotNewest",
+        },
+        # The list has one summary (AnyApproved?), and ModelPackageArn is one of its required members.
+        f"{again}NewestArn": {"Type": "Pass", "Parameters": {"first.$": f"States.ArrayGetItem({newest}.ModelPackageSummaryList, 0)"},
+                              "ResultPath": newest, "Next": f"{again}Newest?"},
+        f"{again}Newest?": {
+            "Type": "Choice",
+            "Choices": [{"Variable": f"{newest}.first.ModelPackageArn", "StringEqualsPath": f"{PACKAGE}.ModelPackageArn",
+                         "Next": then}],
+            "Default": "NotNewest",
+        },
+    }
+
+
 def _check_states(s: DeploySettings) -> dict[str, Any]:
     present = [{"Variable": path, "IsPresent": True} for path in (
         f"{PACKAGE_CONTAINER}.Image", f"{PACKAGE_CONTAINER}.ModelDataSource.S3DataSource.S3Uri",
-        f"{PACKAGE_CONTAINER}.Environment", DIGEST)]
+        f"{PACKAGE_CONTAINER}.Environment", DIGEST, VERSIONS)]
     return {
         "DescribePackage": {
             "Type": "Task", "Resource": _sdk("describeModelPackage"),
@@ -106,42 +145,35 @@ def _check_states(s: DeploySettings) -> dict[str, Any]:
         # SageMaker sends the event for any change to a package (its description, say), with no
         # status before it: only the group's newest approved package is served, so that a change to
         # an old one does not take the endpoint back to it.
-        "NewestApproved": {
-            "Type": "Task", "Resource": _sdk("listModelPackages"),
-            "Parameters": {"ModelPackageGroupName": "${ModelPackageGroupName}", "ModelApprovalStatus": "Approved",
-                           "SortBy": "CreationTime", "SortOrder": "Descending", "MaxResults": 1},
-            "ResultPath": "$.newest", "Retry": SAGEMAKER_RETRY, "Catch": _catch(), "Next": "AnyApproved?",
-        },
-        "AnyApproved?": {
-            "Type": "Choice",
-            "Choices": [{"Variable": "$.newest.ModelPackageSummaryList[0]", "IsPresent": True, "Next": "NewestArn"}],
-            "Default": "NotNewest",
-        },
-        # The list has one summary (AnyApproved?), and ModelPackageArn is one of its required members.
-        "NewestArn": {"Type": "Pass", "Parameters": {"first.$": "States.ArrayGetItem($.newest.ModelPackageSummaryList, 0)"},
-                      "ResultPath": "$.newest", "Next": "Newest?"},
-        "Newest?": {
-            "Type": "Choice",
-            "Choices": [{"Variable": "$.newest.first.ModelPackageArn", "StringEqualsPath": f"{PACKAGE}.ModelPackageArn",
-                         "Next": "Deployable?"}],
-            "Default": "NotNewest",
-        },
+        **_newest_states("", "Deployable?"),
         "NotNewest": {"Type": "Succeed", "Comment": "a newer approved package of the group is the one to serve"},
         "Deployable?": {"Type": "Choice", "Choices": [{"And": present, "Next": "Container"}], "Default": "NotDeployable"},
         "Container": {"Type": "Pass", "InputPath": PACKAGE_CONTAINER, "ResultPath": CONTAINER, "Next": "VerifyModel"},
-        **_failure("NotDeployable", "NotDeployable", "the package has no container image, model data source, environment or "
-                   f"{MANIFEST_SHA256}: only packages registered by ftstack's workflow are deployed"),
+        **_failure("NotDeployable", "NotDeployable", "the package has no container image, model data source, environment, "
+                   f"{MANIFEST_SHA256} or {VERSIONS_SHA256}: only packages registered by ftstack's workflow are deployed"),
         "VerifyModel": {
             "Type": "Task", "Resource": "arn:aws:states:::lambda:invoke",
             "Parameters": {"FunctionName": "${VerifyFunctionArn}",
-                           "Payload": {"model_uri.$": MODEL_URI, "manifest_sha256.$": DIGEST}},
+                           "Payload": {"check": DEPLOYMENT, "model_uri.$": MODEL_URI, "manifest_sha256.$": DIGEST,
+                                       f"{VERSIONS_SHA256}.$": VERSIONS}},
             "ResultSelector": {"value.$": "$.Payload"}, "ResultPath": "$.verified",
-            "Retry": LAMBDA_RETRY, "Catch": _catch(), "Next": "Name",
+            "Retry": LAMBDA_RETRY, "Catch": _catch(), "Next": "Changed?",
         },
-        # Names of their own per execution: a re-approval never collides with what serves now.
+        # Names of the package's change: SageMaker may send several events for one change, and
+        # their executions then name the same model, which only the first can create (Duplicate?).
+        # A later change (approved again after a rejection) gets names of its own. LastModifiedTime
+        # is not a required member: a package registered as Approved may have only CreationTime.
+        "Changed?": {
+            "Type": "Choice",
+            "Choices": [{"Variable": f"{PACKAGE}.LastModifiedTime", "IsPresent": True, "Next": "Modified"}],
+            "Default": "Created",
+        },
+        "Modified": {"Type": "Pass", "Parameters": {"at.$": f"{PACKAGE}.LastModifiedTime"}, "ResultPath": "$.change", "Next": "Name"},
+        "Created": {"Type": "Pass", "Parameters": {"at.$": f"{PACKAGE}.CreationTime"}, "ResultPath": "$.change", "Next": "Name"},
         "Name": {
             "Type": "Pass",
-            "Parameters": {"name.$": f"States.Format('{resource_prefix(s.endpoint)}-{{}}', States.Hash($$.Execution.Id, 'MD5'))",
+            "Parameters": {"name.$": f"States.Format('{resource_prefix(s.endpoint)}-{{}}', States.Hash("
+                                     f"States.Format('{{}} {{}}', {PACKAGE}.ModelPackageArn, $.change.at), 'MD5'))",
                            "added": deploy_environment(instance_gpus(s.instance_type)),
                            "invoke": invoke_command(s.endpoint, s.region)},
             "ResultPath": "$.deploy", "Next": "Environment",
@@ -166,14 +198,20 @@ def _create_states(s: DeploySettings) -> dict[str, Any]:
                 # The model is local to the container: it needs no network.
                 "EnableNetworkIsolation": True,
             },
-            "ResultPath": None, "Retry": SAGEMAKER_RETRY, "Catch": _catch(), "Next": "CreateEndpointConfig",
+            "ResultPath": None, "Retry": SAGEMAKER_RETRY,
+            "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Duplicate?"}],
+            "Next": "CreateEndpointConfig",
         },
+        "Duplicate?": {
+            "Type": "Choice",
+            "Choices": [{"Variable": "$.error.Cause", "StringMatches": ALREADY_EXISTS, "Next": "Duplicate"}],
+            "Default": "NotifyFailed",
+        },
+        "Duplicate": {"Type": "Succeed", "Comment": "another execution deploys this very change of the package"},
         "CreateEndpointConfig": {
             "Type": "Task", "Resource": _sdk("createEndpointConfig"),
-            "Parameters": {"EndpointConfigName.$": "$.deploy.name", "ProductionVariants": [{
-                "VariantName": VARIANT_NAME, "ModelName.$": "$.deploy.name", "InstanceType": s.instance_type,
-                "InitialInstanceCount": 1, "ModelDataDownloadTimeoutInSeconds": DOWNLOAD_TIMEOUT_S,
-                "ContainerStartupHealthCheckTimeoutInSeconds": DOWNLOAD_TIMEOUT_S}]},
+            "Parameters": {"EndpointConfigName.$": "$.deploy.name", "ProductionVariants": [
+                production_variant(s.instance_type) | {"ModelName.$": "$.deploy.name"}]},
             "ResultPath": None, "Retry": SAGEMAKER_RETRY, "Catch": _catch(), "Next": "FindEndpoint",
         },
         "FindEndpoint": {
@@ -181,37 +219,53 @@ def _create_states(s: DeploySettings) -> dict[str, Any]:
             # EndpointStatus only: a ResultSelector path that is missing (EndpointConfigName is not
             # a required member of the answer) would be States.Runtime, which no Catch handles.
             "ResultSelector": {"status.$": "$.EndpointStatus"},
-            # A missing endpoint is a SageMakerException too: only throttling is retried here.
+            # A missing endpoint is a SageMakerException, as a throttled call is (SageMaker's model
+            # declares no ThrottlingException): NoEndpoint? tells them apart by SageMaker's message.
             "ResultPath": "$.previous", "Retry": THROTTLE_RETRY,
             "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.lookup", "Next": "NoEndpoint?"}],
             "Next": "Updatable?",
         },
         # SageMaker refuses to update a Failed endpoint ("Cannot update failed endpoint"): say so,
-        # with the fix, rather than pass its bare refusal on after every later approval.
+        # with the fix, rather than pass its bare refusal on after every later approval. An
+        # endpoint being created or updated (another approval's deployment) cannot be updated
+        # either: wait for it, then update only if this package is still the newest approved.
         "Updatable?": {
             "Type": "Choice",
-            "Choices": [{"Variable": "$.previous.status", "StringEquals": "Failed", "Next": "PreviousEndpointFailed"}],
+            "Choices": [{"Variable": "$.previous.status", "StringEquals": "Failed", "Next": "PreviousEndpointFailed"},
+                        {"Or": [{"Variable": "$.previous.status", "StringEquals": busy} for busy in BUSY],
+                         "Next": "EndpointBusy"}],
             "Default": "UpdateEndpoint",
         },
+        "EndpointBusy": {"Type": "Wait", "Seconds": s.poll_seconds, "Next": "AgainNewestApproved"},
+        **_newest_states("Again", "FindEndpoint"),
         **_failure("PreviousEndpointFailed", "EndpointFailed",
                    f"endpoint {s.endpoint} is Failed (an earlier deployment did not come up) and SageMaker cannot update a "
                    f"failed endpoint; it serves nothing: delete it (ftstack undeploy {s.endpoint}) and approve the package "
                    "again, or run ftstack deploy"),
         "NoEndpoint?": {
             "Type": "Choice",
-            "Choices": [{"Variable": "$.lookup.Cause", "StringMatches": MISSING_ENDPOINT, "Next": "CreateEndpoint"}],
+            "Choices": [{"Variable": "$.lookup.Cause", "StringMatches": MISSING_ENDPOINT, "Next": "CreateEndpoint"},
+                        {"Variable": "$.lookup.Cause", "StringMatches": THROTTLED, "Next": "EndpointBusy"}],
             "Default": "LookupFailed",
         },
         **_failure("LookupFailed", "DescribeEndpointFailed", {"path": "$.lookup.Cause"}),
+        # Another deployment may create the endpoint, or start updating it, between FindEndpoint
+        # and these calls: SageMaker then refuses them, and this one waits its turn (Taken?).
         "CreateEndpoint": {
             "Type": "Task", "Resource": _sdk("createEndpoint"),
             "Parameters": {"EndpointName": s.endpoint, "EndpointConfigName.$": "$.deploy.name"},
-            "ResultPath": None, "Retry": SAGEMAKER_RETRY, "Catch": _catch(), "Next": "Wait",
+            "ResultPath": None, "Retry": SAGEMAKER_RETRY, "Catch": _catch("Taken?"), "Next": "Wait",
         },
         "UpdateEndpoint": {
             "Type": "Task", "Resource": _sdk("updateEndpoint"),
             "Parameters": {"EndpointName": s.endpoint, "EndpointConfigName.$": "$.deploy.name"},
-            "ResultPath": None, "Retry": SAGEMAKER_RETRY, "Catch": _catch(), "Next": "Wait",
+            "ResultPath": None, "Retry": SAGEMAKER_RETRY, "Catch": _catch("Taken?"), "Next": "Wait",
+        },
+        "Taken?": {
+            "Type": "Choice",
+            "Choices": [{"Or": [{"Variable": "$.error.Cause", "StringMatches": ALREADY_EXISTS},
+                                {"Variable": "$.error.Cause", "StringMatches": IN_PROGRESS}], "Next": "EndpointBusy"}],
+            "Default": "NotifyFailed",
         },
     }
 
@@ -229,7 +283,7 @@ def _poll_states(s: DeploySettings) -> dict[str, Any]:
             "Choices": [
                 {"And": [{"Variable": status, "StringEquals": "InService"},
                          {"Variable": config, "StringEqualsPath": "$.deploy.name"}], "Next": "NotifyServing"},
-                {"Or": [{"Variable": status, "StringEquals": s} for s in ("Creating", "Updating", "SystemUpdating")],
+                {"Or": [{"Variable": status, "StringEquals": busy} for busy in BUSY],
                  "Next": "Wait"},
                 # InService on another config: the update failed and SageMaker rolled it back.
                 {"Variable": "$.endpoint.FailureReason", "IsPresent": True, "Next": "EndpointFailed"},
@@ -260,8 +314,9 @@ def _notify_states(s: DeploySettings) -> dict[str, Any]:
             "Type": "Task", "Resource": "arn:aws:states:::sns:publish",
             "Parameters": {"TopicArn": "${TopicArn}", "Subject": "ftstack: deployment failed",
                            "Message.$": "States.Format('Deploying model package {} to endpoint " + s.endpoint
-                           + " failed: {}: {}. Nothing was deleted: an endpoint that served before serves as it did.', "
-                           "$.detail.ModelPackageArn, $.error.Error, $.error.Cause)"},
+                           + " failed: {}: {}. Nothing was deleted: an endpoint that served before serves as it did. "
+                           "Once the cause is fixed: ftstack deploy {}', "
+                           "$.detail.ModelPackageArn, $.error.Error, $.error.Cause, $.detail.ModelPackageArn)"},
             "ResultPath": None, "Next": "Failed",
         },
         "Failed": {"Type": "Fail", "ErrorPath": "$.error.Error", "CausePath": "$.error.Cause"},

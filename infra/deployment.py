@@ -19,9 +19,7 @@ from constructs import Construct
 from ftstack.serving import SUFFIX_CHARS, resource_prefix
 
 from .access import DECRYPT, grant_key, grant_list, grant_objects
-from .assets import lambda_code
 from .deploy_definition import DeploySettings, build_deploy_definition, render
-from .model_check import ASSET_MODULES, HANDLER, TIMEOUT_S
 from .nag import acknowledge, arn_in_finding, grant_wildcards, in_finding, wildcard
 
 DETAIL_TYPE = "SageMaker Model Package State Change"
@@ -74,21 +72,22 @@ class ServingRole(Construct):
 
 
 class DeployOnApproval(Construct):
-    """``self.state_machine`` (started by ``self.rule``), ``self.serving_role``, ``self.function``."""
+    """``self.state_machine`` (started by ``self.rule``), ``self.serving_role``, ``self.function`` (the model check)."""
 
     def __init__(self, scope: Construct, construct_id: str, *, group_name: str, topic: sns.ITopic, key: kms.IKey,
                  bucket: s3.IBucket, bucket_key: kms.IKey | None, model_objects: str, instance_type: str, name: str,
-                 serving_role: iam.IRole | None = None) -> None:
+                 model_check: lambda_.IFunction, serving_role: iam.IRole | None = None) -> None:
         """``key`` encrypts the logs; ``bucket_key`` the bucket's objects (None: S3-managed);
         ``model_objects`` is the key pattern of the models (``executions/*/model/*``); ``name`` is the
-        endpoint's, and the start of every physical name here; ``serving_role``: the models' (a
-        ``ServingRole`` is created when none is given)."""
+        endpoint's, and the start of every physical name here; ``model_check``: the function that
+        checks a model against what was registered (``ModelCheckFunction``); ``serving_role``: the
+        models' (a ``ServingRole`` is created when none is given)."""
         super().__init__(scope, construct_id)
         stack = cdk.Stack.of(self)
         settings = DeploySettings(endpoint=name, region=stack.region, instance_type=instance_type)
         self.serving_role = serving_role or ServingRole(self, "ServingRole", bucket=bucket, bucket_key=bucket_key,
                                                         model_objects=model_objects, name=name).role
-        self.function = self._function(key, bucket, bucket_key, model_objects, name)
+        self.function = model_check
         log_group = logs.LogGroup(self, "Logs", encryption_key=key, retention=logs.RetentionDays.ONE_YEAR,
                                   removal_policy=cdk.RemovalPolicy.RETAIN)
         machine_name = f"{name}-deploy"
@@ -120,28 +119,6 @@ class DeployOnApproval(Construct):
                                 event_pattern=approval_pattern(group_name),
                                 description=f"ftstack: deploy approved models of {group_name} to endpoint {name}",
                                 targets=[targets.SfnStateMachine(self.state_machine, role=events_role)])
-
-    def _function(self, key, bucket, bucket_key, model_objects: str, name: str) -> lambda_.Function:
-        scope = Construct(self, "ModelCheck")
-        log_group = logs.LogGroup(scope, "Logs", encryption_key=key, retention=logs.RetentionDays.ONE_YEAR,
-                                  removal_policy=cdk.RemovalPolicy.RETAIN)
-        role = iam.Role(scope, "Role", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
-                        description=f"ftstack endpoint {name}: check an approved model against its manifest, log")
-        log_group.grant_write(role)
-        function = lambda_.Function(
-            scope, "Function", runtime=lambda_.Runtime.PYTHON_3_14, handler=HANDLER,
-            code=lambda_.Code.from_asset(str(lambda_code(ASSET_MODULES))), role=role, log_group=log_group,
-            memory_size=256, timeout=cdk.Duration.seconds(TIMEOUT_S), reserved_concurrent_executions=2,
-            description=f"ftstack: check an approved model's files against its registered manifest ({name})",
-        )
-        grant_objects(role, bucket, read=(model_objects,))
-        grant_list(role, bucket, model_objects)
-        if bucket_key is not None:
-            grant_key(role, bucket_key, *DECRYPT)
-        acknowledge(role, {
-            wildcard(f"Resource::{in_finding(self, bucket.bucket_arn)}/{model_objects}"): "reads the approved model's manifest and sizes, known at run time only",
-        })
-        return function
 
     def _grant(self, role: iam.IRole, group_name: str, name: str, topic: sns.ITopic) -> None:
         stack = cdk.Stack.of(self)

@@ -20,6 +20,7 @@ from ftstack_train.contract import DEFAULT_TEST_SPLIT
 from .assets import training_context
 from .config import InfraConfigError
 from .deployment import DeployOnApproval, ServingRole
+from .model_check_function import ModelCheckFunction
 from .extensions import reads_outside_input
 from .images import inference_image, pinned_by_digest, registry_of, training_base_image
 from .instances import volume_kms_instance_types
@@ -45,7 +46,7 @@ class FineTuningPipeline(Construct):
 
     Attributes: ``bucket``, ``key``, ``bucket_key``, ``topic``, ``state_machine``,
     ``training_role``, ``staging_function``, ``model_package_group_name``, ``training_image_uri``,
-    ``serving_role``, ``deployment`` (the ``DeployOnApproval``, or None), ``layout`` (where its
+    ``model_check``, ``serving_role``, ``deployment`` (the ``DeployOnApproval``, or None), ``layout`` (where its
     objects live in the bucket) and ``props``.
     """
 
@@ -76,6 +77,9 @@ class FineTuningPipeline(Construct):
         self.model_package_group_name = registry.group_name if registry else props.model_package_group_name
         self.topic = Notifications(self, "Notifications", key=self.key, emails=props.notification_emails, name=props.name,
                                    topic=props.topic).topic
+        # Pins each model's files before registration; the deploy workflow checks them against it.
+        self.model_check = ModelCheckFunction(self, "ModelCheck", bucket=self.bucket, key=self.key, bucket_key=self.bucket_key,
+                                              model_folders=self._model_folders).function
         extensions, statements = _extension_graphs(props)
         workflow = FineTuningWorkflow(
             self, "Workflow", name=props.name, layout=self.layout, job_prefix=props.job_prefix,
@@ -84,7 +88,8 @@ class FineTuningPipeline(Construct):
             resources=WorkflowResources(
                 bucket=self.bucket, key=self.key, bucket_key=self.bucket_key, training_role=self.training_role,
                 training_image=self.training_image_uri, inference_image=props.inference_image or self._inference_image(stack),
-                staging_function=self.staging_function, topic=self.topic, model_package_group=self.model_package_group_name,
+                staging_function=self.staging_function, model_check=self.model_check, topic=self.topic,
+                model_package_group=self.model_package_group_name,
             ),
         )
         if registry is not None:
@@ -129,7 +134,7 @@ class FineTuningPipeline(Construct):
     def _serving(self, props: FineTuningPipelineProps) -> None:
         """The role SageMaker serves the models with, and (``deploy_on_approval``) the workflow
         that serves each approved one behind the group's endpoint, named after the group."""
-        models = f"{self.layout.model_prefix('*')}*/{JOB_MODEL_DIR}*"
+        models = f"{self._model_folders}*"
         endpoint = check_endpoint_name(self.model_package_group_name)
         self.serving_role = ServingRole(self, "Serving", bucket=self.bucket, bucket_key=self.bucket_key,
                                         model_objects=models, name=endpoint).role
@@ -138,7 +143,13 @@ class FineTuningPipeline(Construct):
             self.deployment = DeployOnApproval(
                 self, "DeployOnApproval", group_name=self.model_package_group_name, topic=self.topic, key=self.key,
                 bucket=self.bucket, bucket_key=self.bucket_key, model_objects=models,
-                instance_type=props.endpoint_instance_type, name=endpoint, serving_role=self.serving_role)
+                instance_type=props.endpoint_instance_type, name=endpoint, model_check=self.model_check,
+                serving_role=self.serving_role)
+
+    @property
+    def _model_folders(self) -> str:
+        """The key pattern of every job's model folder: ``<prefix>executions/*/model/*/output/model/``."""
+        return f"{self.layout.model_prefix('*')}*/{JOB_MODEL_DIR}"
 
     def _training_image(self, stack: cdk.Stack) -> tuple[str, ecr.IRepository, str | None]:
         """(URI, repository, base image or None): built from training_code/, or brought."""

@@ -26,24 +26,21 @@ MEMORY_MB = 2048
 
 
 
-def asset_code() -> lambda_.Code:
-    """The functions' code: exactly the modules they import (``ASSET_MODULES``; one asset for all)."""
-    return lambda_.Code.from_asset(str(lambda_code(ASSET_MODULES)))
-
-
 def python_function(scope: Construct, *, key: kms.IKey, handler: str, description: str, role_description: str,
-                    environment: dict[str, str], memory_size: int, timeout: cdk.Duration, **more) -> lambda_.Function:
-    """A function of the stack's asset in ``scope``, with its own role and a log group encrypted
-    with ``key`` (kept a year); the caller grants it the rest."""
+                    memory_size: int, timeout: cdk.Duration, modules: tuple[str, ...] = ASSET_MODULES,
+                    **more) -> lambda_.Function:
+    """A function in ``scope`` whose code is exactly ``modules`` (by default the staging asset,
+    which the job reaper shares), with its own role and a log group encrypted with ``key`` (kept a
+    year); the caller grants it the rest."""
     # Kept when the stack is deleted: what the functions did is part of the audit trail.
     log_group = logs.LogGroup(scope, "Logs", encryption_key=key, retention=logs.RetentionDays.ONE_YEAR,
                               removal_policy=cdk.RemovalPolicy.RETAIN)
     role = iam.Role(scope, "Role", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"), description=role_description)
     log_group.grant_write(role)
     return lambda_.Function(
-        scope, "Function", runtime=lambda_.Runtime.PYTHON_3_14, handler=handler, code=asset_code(), role=role,
-        log_group=log_group, memory_size=memory_size, timeout=timeout, environment=environment,
-        description=description, **more,
+        scope, "Function", runtime=lambda_.Runtime.PYTHON_3_14, handler=handler, role=role,
+        code=lambda_.Code.from_asset(str(lambda_code(modules))),
+        log_group=log_group, memory_size=memory_size, timeout=timeout, description=description, **more,
     )
 
 

@@ -84,6 +84,8 @@ class WorkflowResources:
     training_image: str
     inference_image: str
     staging_function: lambda_.IFunction
+    model_check: lambda_.IFunction
+    """Pins the model's files before registration (``ModelCheckFunction``)."""
     topic: sns.ITopic
     model_package_group: str
 
@@ -108,7 +110,7 @@ class FineTuningWorkflow(Construct):
         # Only Step Functions acting for this very state machine may assume the role (confused-deputy
         # prevention, as the Step Functions developer guide shows it). Its name is fixed, so its ARN
         # is known without a reference to it, which would be a cycle: the machine names the role.
-        role = iam.Role(self, "Role", description="ftstack workflow: stage, train, read final metrics, register, notify",
+        role = iam.Role(self, "Role", description="ftstack workflow: stage, train, read final metrics, check, register, notify",
                         assumed_by=iam.ServicePrincipal("states.amazonaws.com", conditions={
                             "StringEquals": {"aws:SourceAccount": stack.account},
                             "ArnLike": {"aws:SourceArn": state_machine_arn(stack, name)}}))
@@ -122,6 +124,7 @@ class FineTuningWorkflow(Construct):
                 "BucketKeyArn": r.bucket_key.key_arn if r.bucket_key else "",
                 "TrainingRoleArn": r.training_role.role_arn, "TrainingImage": r.training_image,
                 "InferenceImage": r.inference_image, "StagingFunctionArn": r.staging_function.function_arn,
+                "ModelCheckFunctionArn": r.model_check.function_arn,
                 "TopicArn": r.topic.topic_arn, "ModelPackageGroupName": r.model_package_group,
             },
             logs=sfn.LogOptions(destination=log_group, level=sfn.LogLevel.ALL, include_execution_data=True),
@@ -168,6 +171,7 @@ class FineTuningWorkflow(Construct):
         metrics = final_metrics_objects(layout)
         grant_objects(role, r.bucket, read=(metrics,))
         r.staging_function.grant_invoke(role)
+        r.model_check.grant_invoke(role)
         r.topic.grant_publish(role)
         acknowledge(role, grant_wildcards("Action::kms:GenerateDataKey*") | {
             wildcard(f"Resource::{in_finding(self, r.bucket.bucket_arn)}/{metrics}"):
@@ -176,5 +180,6 @@ class FineTuningWorkflow(Construct):
             wildcard("Resource::" + arn_in_finding(self, "sagemaker", f"model-package/{r.model_package_group.lower()}/*")):
                 "each registration creates a new version in the group",
             wildcard(f"Resource::{in_finding(self, r.staging_function.function_arn)}:*"): "grant_invoke covers the function's versions",
+            wildcard(f"Resource::{in_finding(self, r.model_check.function_arn)}:*"): "grant_invoke covers the function's versions",
             wildcard("Resource::*"): "X-Ray and CloudWatch Logs delivery (the state machine's logging) support no resource scoping",
         })

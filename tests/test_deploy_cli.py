@@ -20,7 +20,8 @@ import pytest
 from botocore.response import StreamingBody
 
 from ftstack import deploy as deploy_module
-from ftstack.serving import ENV_TENSOR_PARALLEL, invoke_body, resource_prefix, vllm_environment
+from ftstack.s3_model import VERSIONS_SHA256, pin_s3_model
+from ftstack.serving import ENV_TENSOR_PARALLEL, invoke_body, production_variant, resource_prefix, vllm_environment
 from ftstack_train.manifest import manifest_bytes
 
 from aws_fixtures import BUCKET, REGION, run_cli, stack  # noqa: F401 (stack: a fixture)
@@ -37,15 +38,18 @@ IMAGE = f"763104351884.dkr.ecr.{REGION}.amazonaws.com/huggingface-vllm:0.29.0-tr
 
 
 def register(boto, status: str = "Approved", digest: str | None = None) -> str:
-    """A package as the workflow registers it, over a model folder in the bucket."""
+    """A package as the workflow registers it, over a model folder in the (versioned) bucket, with
+    the object versions its CheckModel step pinned."""
     s3 = boto.client("s3")
     for name, body in {**FILES, "model-manifest.json": MANIFEST}.items():
         s3.put_object(Bucket=BUCKET, Key=PREFIX + name, Body=body)
+    manifest = hashlib.sha256(MANIFEST).hexdigest()
+    versions = pin_s3_model(s3, f"s3://{BUCKET}/{PREFIX}", manifest)[VERSIONS_SHA256]
     sagemaker = boto.client("sagemaker")
     sagemaker.create_model_package_group(ModelPackageGroupName=GROUP)
     return sagemaker.create_model_package(
         ModelPackageGroupName=GROUP, ModelApprovalStatus=status,
-        CustomerMetadataProperties={"model_manifest_sha256": digest or hashlib.sha256(MANIFEST).hexdigest()},
+        CustomerMetadataProperties={"model_manifest_sha256": digest or manifest, VERSIONS_SHA256: versions},
         InferenceSpecification={
             "Containers": [{"Image": IMAGE, "Environment": vllm_environment(max_model_len=2048),
                             "ModelDataSource": {"S3DataSource": {"S3Uri": f"s3://{BUCKET}/{PREFIX}", "S3DataType": "S3Prefix",
@@ -105,7 +109,7 @@ def test_deploy_creates_model_config_and_endpoint_after_checking_the_files(stack
     calls.answers[("sagemaker", "DescribeEndpoint")] = [missing, endpoint("Creating"), endpoint("InService")]
     code, out, err = deploy(capsys, package)
     assert code == 0, err
-    assert "3 files match the registered manifest" in out and "is InService" in out
+    assert "3 files are the registered versions and match the registered manifest" in out and "is InService" in out
     assert f'ftstack invoke {GROUP} "What is the capital of Greece?"' in out
     (model,) = calls.of("sagemaker", "CreateModel")
     name = model.params["ModelName"]
@@ -113,12 +117,12 @@ def test_deploy_creates_model_config_and_endpoint_after_checking_the_files(stack
     assert model.params["PrimaryContainer"]["Environment"] == vllm_environment(max_model_len=2048) | {ENV_TENSOR_PARALLEL: "1"}
     assert model.params["PrimaryContainer"]["ModelDataSource"]["S3DataSource"]["S3Uri"] == f"s3://{BUCKET}/{PREFIX}"
     (config,) = calls.of("sagemaker", "CreateEndpointConfig")
-    assert config.params["ProductionVariants"][0]["InstanceType"] == "ml.g5.2xlarge"
+    assert config.params["ProductionVariants"] == [production_variant("ml.g5.2xlarge") | {"ModelName": name}]
     (create,) = calls.of("sagemaker", "CreateEndpoint")
     assert create.params == {"EndpointName": GROUP, "EndpointConfigName": name}
     # The files were checked before anything was created.
     order = [c.operation for c in calls.calls]
-    assert order.index("ListObjectsV2") < order.index("CreateModel")
+    assert order.index("ListObjectVersions") < order.index("CreateModel")
 
 
 def test_deploy_updates_an_existing_endpoint(stack, calls, capsys):
@@ -151,6 +155,15 @@ def test_deploy_refuses_an_unapproved_or_altered_model_before_creating_anything(
     package = register(stack[0], status=status, digest=digest)
     code, _, err = deploy(capsys, package)
     assert code == 2 and message in err
+    assert [c for c in calls.calls if c.service == "sagemaker" and c.operation.startswith("Create")] == []
+
+
+def test_deploy_refuses_weights_overwritten_with_others_of_the_same_size(stack, calls, capsys):
+    package = register(stack[0])
+    stack[0].client("s3").put_object(Bucket=BUCKET, Key=PREFIX + "model.safetensors", Body=b"\1" * 64)
+    code, _, err = deploy(capsys, package)
+    assert code == 2
+    assert "(model.safetensors written more than once): objects were added, deleted or overwritten after registration" in err
     assert [c for c in calls.calls if c.service == "sagemaker" and c.operation.startswith("Create")] == []
 
 
@@ -211,4 +224,15 @@ def test_a_failed_endpoint_is_reported_with_the_fix_before_anything_is_created(s
     calls.answers[("sagemaker", "DescribeEndpoint")] = [endpoint("Failed", "old-config", "CUDA out of memory")]
     code, _, err = deploy(capsys, package)
     assert code == 2 and "is Failed (CUDA out of memory)" in err and f"ftstack undeploy {GROUP}" in err
+    assert [c for c in calls.calls if c.operation.startswith("Create")] == []
+
+
+@pytest.mark.parametrize("status", ["Creating", "Updating", "SystemUpdating"])
+def test_an_endpoint_being_changed_is_reported_before_anything_is_created(stack, calls, capsys, status):
+    """SageMaker refuses to update an endpoint that is being created or updated ("Cannot update
+    in-progress endpoint"): deploy says so first, instead of leaving a model and config behind."""
+    package = register(stack[0])
+    calls.answers[("sagemaker", "DescribeEndpoint")] = [endpoint(status, "old-config")]
+    code, _, err = deploy(capsys, package)
+    assert code == 2 and f"endpoint {GROUP} is {status}" in err and "aws sagemaker wait endpoint-in-service" in err
     assert [c for c in calls.calls if c.operation.startswith("Create")] == []

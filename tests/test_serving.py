@@ -1,25 +1,21 @@
 """ftstack.serving: names and environments that SageMaker's own models accept (botocore's service
-model, patterns and lengths included), the vLLM environment, and the S3 check of a model against
-its registered manifest."""
+model, patterns and lengths included), and the vLLM environment (the S3 check of a model is
+``test_s3_model``)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import boto3
 import pytest
-from moto import mock_aws
 
 from ftstack.serving import (
-    DEFAULT_INSTANCE_TYPE, ENV_CHAT_TEMPLATE, ENV_MAX_MODEL_LEN, ENV_MODEL, ENV_TENSOR_PARALLEL, PREFIX_MAX, ServingError,
+    DEFAULT_INSTANCE_TYPE, ENV_CHAT_TEMPLATE, INFERENCE_AMI, ENV_MAX_MODEL_LEN, ENV_MODEL, ENV_TENSOR_PARALLEL, PREFIX_MAX, ServingError,
     answer_text, check_endpoint_name, deploy_environment, instance_gpus, invoke_body, invoke_command, registration_environment,
-    resource_name, resource_prefix, verify_s3_model, vllm_environment,
+    production_variant, resource_name, resource_prefix, serving_instance_types, vllm_environment,
 )
-from ftstack_train.manifest import ModelIntegrityError, manifest_bytes
 
 sys.path.insert(0, str(Path(__file__).parent / "infra"))  # botocore's contracts, shared with the workflow tests
 from aws_contract import operation, problems  # noqa: E402
@@ -96,6 +92,21 @@ def test_instance_types():
     assert instance_gpus(DEFAULT_INSTANCE_TYPE) == 1 and instance_gpus("ml.g5.12xlarge") == 4
     with pytest.raises(ServingError, match="ml.m5.xlarge.*ml.g5.2xlarge"):
         instance_gpus("ml.m5.xlarge")
+    # V100 and T4 have no bf16, which vLLM then refuses at start-up; ml.p3dn is not even an endpoint type.
+    for name in ("ml.p3.2xlarge", "ml.g4dn.xlarge", "ml.p3dn.24xlarge"):
+        with pytest.raises(ServingError, match=f"{name}'.*have no bf16"):
+            instance_gpus(name)
+
+
+def test_every_serving_variant_is_one_sagemaker_takes():
+    shape = operation("sagemaker", "CreateEndpointConfig").input_shape.members["ProductionVariants"].member
+    assert DEFAULT_INSTANCE_TYPE in serving_instance_types()
+    for name in serving_instance_types():
+        variant = production_variant(name)
+        assert problems(shape, variant | {"ModelName": "m"}) == [], name  # the instance type and AMI enums included
+        assert variant["InferenceAmiVersion"] == INFERENCE_AMI
+    with pytest.raises(ServingError):
+        production_variant("ml.g4dn.xlarge")
 
 
 def test_the_invoke_command_sends_a_chat_request_as_written():
@@ -114,48 +125,3 @@ def test_the_module_loads_without_boto3_or_torch():
     code = ("import sys; sys.modules['boto3'] = None; sys.modules['torch'] = None; sys.modules['aws_cdk'] = None\n"
             "import ftstack.serving")
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-# --- the S3 check ---------------------------------------------------------------------------------
-
-FILES = {"config.json": b"{}", "model.safetensors": b"\1" * 100}
-MANIFEST = manifest_bytes({n: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for n, b in FILES.items()})
-DIGEST = hashlib.sha256(MANIFEST).hexdigest()
-
-
-@pytest.fixture
-def s3():
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket="bkt")
-        for name, body in {**FILES, "model-manifest.json": MANIFEST, "final-metrics.json": b"{}",
-                           ".ftstack-export.json": b"{}"}.items():
-            client.put_object(Bucket="bkt", Key=f"m/model/{name}", Body=body)
-        client.put_object(Bucket="bkt", Key="m/model-other/x", Body=b"x")  # a sibling prefix is not the model's
-        yield client
-
-
-def test_a_registered_model_passes(s3):
-    assert verify_s3_model(s3, "s3://bkt/m/model", DIGEST.upper()) == {
-        "model_uri": "s3://bkt/m/model/", "files": 2, "bytes": 102, "model_manifest_sha256": DIGEST}
-
-
-@pytest.mark.parametrize("digest, message", [
-    ("", "has no model_manifest_sha256"),
-    ("1" * 64, "is not the registered"),
-])
-def test_a_missing_or_different_digest_fails(s3, digest, message):
-    with pytest.raises(ModelIntegrityError, match=message):
-        verify_s3_model(s3, "s3://bkt/m/model/", digest)
-
-
-def test_a_file_in_a_subfolder_is_an_unlisted_file(s3):
-    s3.put_object(Bucket="bkt", Key="m/model/sub/weights.bin", Body=b"x")
-    with pytest.raises(ModelIntegrityError, match="not listed: sub/weights.bin"):
-        verify_s3_model(s3, "s3://bkt/m/model/", DIGEST)
-
-
-@pytest.mark.parametrize("uri", ["bkt/m/model", "https://bkt.s3.amazonaws.com/m", ""])
-def test_a_uri_that_is_not_s3_is_refused(s3, uri):
-    with pytest.raises(ServingError, match="not an s3:// URI"):
-        verify_s3_model(s3, uri, DIGEST)

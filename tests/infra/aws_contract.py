@@ -235,3 +235,28 @@ def endpoint_missing(request: dict[str, Any]) -> dict[str, Any]:
 def arn_answer(kind: str, key: str, arn_prefix: str) -> Answer:
     """A Create* answer: ``{"<kind>Arn": "<arn_prefix>/<the request's key>"}``."""
     return lambda request: {f"{kind}Arn": f"{arn_prefix}/{request[key]}"}
+
+
+def lambda_invoke(handler: Callable[[dict[str, Any]], Any], errors: tuple[type[Exception], ...],
+                  environment: dict[str, str] | None = None) -> Answer:
+    """A Lambda Invoke answer that runs ``handler`` in-process on the request's payload, as the
+    function would run: its result as the Payload, or one of ``errors`` the way Lambda reports an
+    unhandled exception (``FunctionError: Unhandled``, the error's type and message as the Payload).
+    ``environment``: what the runtime sets around the call (e.g. ``AWS_DEFAULT_REGION``)."""
+    import io
+    import json
+    import os
+    from unittest import mock
+
+    from botocore.response import StreamingBody
+
+    def invoke(request: dict[str, Any]) -> dict[str, Any]:
+        with mock.patch.dict(os.environ, environment or {}):
+            try:
+                result, error = handler(json.loads(request["Payload"])), None
+            except errors as exc:
+                result, error = {"errorType": type(exc).__name__, "errorMessage": str(exc)}, "Unhandled"
+        payload = json.dumps(result).encode()
+        response = {"StatusCode": 200, "Payload": StreamingBody(io.BytesIO(payload), len(payload))}
+        return response | ({"FunctionError": error} if error else {})
+    return invoke

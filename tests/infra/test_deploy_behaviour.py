@@ -2,28 +2,32 @@
 deploys, executed in moto's interpreter with its real Parameters, Choices and Catches.
 
 Every request is checked against botocore's model of its API (``aws_contract``). The model check
-is the real Lambda handler, run in-process against moto's S3 holding a model folder and its
-manifest; SageMaker answers with responses of the API's real shape, scripted per scenario:
+is the real Lambda handler, run in-process against moto's versioned S3 holding a model folder and
+its manifest, pinned as the training workflow pins it; SageMaker answers with responses of the API's real shape, scripted per scenario:
 a first deployment, an update, an update that fails and rolls back, a package of another group.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import re
+from collections.abc import Callable
+from typing import Any
 
 import boto3
 import pytest
-from botocore.response import StreamingBody
 from moto import mock_aws
 
 from ftstack.infra.deploy_definition import PLACEHOLDERS, DeploySettings, build_deploy_definition, render
 from ftstack.infra.model_check import handler as model_check
-from ftstack.serving import ENV_TENSOR_PARALLEL, resource_name, resource_prefix, vllm_environment
+from ftstack.s3_model import VERSIONS_SHA256, pin_s3_model
+from ftstack.serving import ENV_TENSOR_PARALLEL, production_variant, resource_name, resource_prefix, vllm_environment
 from ftstack_train.manifest import ModelIntegrityError, manifest_bytes
 
-from aws_contract import AwsCalls, AwsError, arn_answer, endpoint_answer, endpoint_missing, operation, problems, run_execution
+from aws_contract import (
+    AwsCalls, AwsError, arn_answer, endpoint_answer, endpoint_missing, lambda_invoke, operation, problems, run_execution,
+)
 from test_workflow_behaviour import step_functions_as_documented  # noqa: F401 (an autouse fixture)
 
 ACCOUNT, REGION, BUCKET, GROUP, ENDPOINT = "123456789012", "us-east-1", "ftstack-bucket", "ftstack-models", "ftstack-serve"
@@ -52,9 +56,16 @@ def test_the_scripted_values_are_what_aws_takes():
     assert problems(shape.members["PrimaryContainer"].members["Image"], IMAGE) == []
 
 
-def package(group: str = GROUP, status: str = "Approved", digest: str = DIGEST):
+REGISTERED: dict[str, str] = {}
+"""What the training workflow's CheckModel step returned for the model run() uploads: its
+``model_versions_sha256``, which registration records."""
+
+
+def package(group: str = GROUP, status: str = "Approved", digest: str = DIGEST, versions: str | None = None,
+            modified: str | None = None):
+    """DescribeModelPackage's answer; ``modified``: its LastModifiedTime (not a required member)."""
     def describe(request: dict) -> dict:
-        return {
+        return ({"LastModifiedTime": modified} if modified else {}) | {
             "ModelPackageName": group, "ModelPackageGroupName": group, "ModelPackageVersion": 3,
             "ModelPackageArn": request["ModelPackageName"], "CreationTime": "2026-11-29T10:00:00Z",
             "ModelPackageStatus": "Completed", "ModelApprovalStatus": status,
@@ -64,7 +75,8 @@ def package(group: str = GROUP, status: str = "Approved", digest: str = DIGEST):
                                 "ModelDataSource": {"S3DataSource": {"S3Uri": f"s3://{BUCKET}/{MODEL_PREFIX}",
                                                                      "S3DataType": "S3Prefix", "CompressionType": "None"}}}],
                 "SupportedContentTypes": ["application/json"], "SupportedResponseMIMETypes": ["application/json"]},
-            "CustomerMetadataProperties": {"model_manifest_sha256": digest, "training_job": "ftstack-run1-abc-a0"},
+            "CustomerMetadataProperties": {"model_manifest_sha256": digest, "training_job": "ftstack-run1-abc-a0",
+                                           VERSIONS_SHA256: versions or REGISTERED[VERSIONS_SHA256]},
         }
     return describe
 
@@ -83,14 +95,8 @@ def arn_of(kind: str, key: str, resource: str):
     return arn_answer(kind, key, f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:{resource}")
 
 
-def invoke_model_check(request: dict) -> dict:
-    """The real handler on the Invoke request, against moto's S3."""
-    try:
-        result, error = model_check(json.loads(request["Payload"])), None
-    except ModelIntegrityError as exc:
-        result, error = {"errorType": "ModelIntegrityError", "errorMessage": str(exc)}, "Unhandled"
-    payload = json.dumps(result).encode()
-    return {"StatusCode": 200, "Payload": StreamingBody(io.BytesIO(payload), len(payload))} | ({"FunctionError": error} if error else {})
+invoke_model_check = lambda_invoke(model_check, (ModelIntegrityError,), {"AWS_DEFAULT_REGION": REGION})
+"""The real handler on the Invoke request, against moto's S3."""
 
 
 calls_made: AwsCalls
@@ -103,7 +109,9 @@ def newest(arn: str = PACKAGE_ARN):
          "ModelPackageGroupName": request["ModelPackageGroupName"], "ModelApprovalStatus": "Approved"}]}
 
 
-def run(answers: dict, *, files: dict[str, bytes] = FILES, event: dict = EVENT) -> tuple[dict, list[dict], AwsCalls]:
+def run(answers: dict, *, change: Callable[[Any], None] | None = None, event: dict = EVENT) -> tuple[dict, list[dict], AwsCalls]:
+    """Runs the workflow on ``event`` with the model uploaded and pinned as the training workflow
+    leaves it, after ``change(s3)`` (if given) has done to the folder what someone did since."""
     global calls_made
     scripted = {
         ("lambda", "Invoke"): [invoke_model_check],
@@ -115,25 +123,28 @@ def run(answers: dict, *, files: dict[str, bytes] = FILES, event: dict = EVENT) 
         ("sagemaker", "UpdateEndpoint"): [arn_of("Endpoint", "EndpointName", "endpoint")],
         ("sns", "Publish"): [lambda request: {"MessageId": "m-1"}],
     } | answers
-    text = render(build_deploy_definition(SETTINGS))
+    built = build_deploy_definition(SETTINGS)
+    for state in built["States"].values():  # seconds between retries are the point on AWS, not here
+        for retrier in state.get("Retry", []):
+            retrier.update(IntervalSeconds=1, BackoffRate=1.0)
+    text = render(built)
     for name, value in VALUES.items():
         text = text.replace("${" + name + "}", value)
     with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}), AwsCalls(scripted) as calls:
         calls_made = calls
         s3 = boto3.client("s3", region_name=REGION)
         s3.create_bucket(Bucket=BUCKET)
-        for name, body in {**files, "model-manifest.json": MANIFEST, "final-metrics.json": b"{}"}.items():
+        s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+        for name, body in {**FILES, "model-manifest.json": MANIFEST, "final-metrics.json": b"{}"}.items():
             s3.put_object(Bucket=BUCKET, Key=MODEL_PREFIX + name, Body=body)
+        REGISTERED[VERSIONS_SHA256] = pin_s3_model(s3, f"s3://{BUCKET}/{MODEL_PREFIX}", DIGEST)[VERSIONS_SHA256]
+        if change:
+            change(s3)
         sfn = boto3.client("stepfunctions", region_name=REGION)
         machine = sfn.create_state_machine(name=f"{ENDPOINT}-deploy", definition=text, roleArn=f"arn:aws:iam::{ACCOUNT}:role/sfn")
         result, events, execution = run_execution(sfn, machine["stateMachineArn"], "approval-3", event)
     assert calls.problems() == []
     return result | {"executionArn": execution}, events, calls
-
-
-@pytest.fixture(autouse=True)
-def region(monkeypatch):
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)  # the handler's client takes the Lambda's region
 
 
 def sagemaker(calls: AwsCalls) -> list[str]:
@@ -151,7 +162,7 @@ def test_a_first_approval_creates_the_model_config_and_endpoint_and_says_how_to_
     assert result["status"] == "SUCCEEDED", result
     (model,) = calls.of("sagemaker", "CreateModel")
     name = model.params["ModelName"]
-    assert name == resource_name(ENDPOINT, result["executionArn"]) and name.startswith(resource_prefix(ENDPOINT) + "-")
+    assert re.fullmatch(f"{resource_prefix(ENDPOINT)}-[0-9a-f]{{32}}", name)
     container = model.params["PrimaryContainer"]
     assert container["Image"] == IMAGE
     assert container["ModelDataSource"]["S3DataSource"] == {"S3Uri": f"s3://{BUCKET}/{MODEL_PREFIX}", "S3DataType": "S3Prefix",
@@ -162,7 +173,7 @@ def test_a_first_approval_creates_the_model_config_and_endpoint_and_says_how_to_
     (config,) = calls.of("sagemaker", "CreateEndpointConfig")
     (variant,) = config.params["ProductionVariants"]
     assert config.params["EndpointConfigName"] == name
-    assert (variant["ModelName"], variant["InstanceType"], variant["InitialInstanceCount"]) == (name, "ml.g5.12xlarge", 1)
+    assert variant == production_variant("ml.g5.12xlarge") | {"ModelName": name}  # the CUDA 13 host image included
     (create,) = calls.of("sagemaker", "CreateEndpoint")
     assert create.params == {"EndpointName": ENDPOINT, "EndpointConfigName": name}
     assert calls.of("sagemaker", "UpdateEndpoint") == []
@@ -214,27 +225,122 @@ def test_a_package_rejected_since_the_event_is_ignored():
     assert sagemaker(calls) == ["DescribeModelPackage"] and calls.of("lambda", "Invoke") == []
 
 
-@pytest.mark.parametrize("files, digest, found", [
-    (FILES, "0" * 64, "is not the registered"),                                     # the manifest was replaced
-    (FILES | {"model.safetensors": b"\0" * 63}, DIGEST, "63 bytes where"),          # a weight file was changed
-    (FILES | {"extra.safetensors": b"\0"}, DIGEST, "not listed: extra.safetensors"),  # a file was slipped in
+def put(name: str, body: bytes) -> Callable[[Any], None]:
+    return lambda s3: s3.put_object(Bucket=BUCKET, Key=MODEL_PREFIX + name, Body=body)
+
+
+CHANGED = "objects were added, deleted or overwritten after registration"
+
+
+@pytest.mark.parametrize("change, digest, found", [
+    (None, "0" * 64, "is not the registered"),                                                # another manifest registered
+    # Other weights of the same shape: the same size, so only the object's version tells.
+    (put("model.safetensors", b"\1" * 64), DIGEST, f"(model.safetensors written more than once): {CHANGED}"),
+    (put("model.safetensors", b"\0" * 63), DIGEST, "(model.safetensors written more than once)"),
+    (put("extra.safetensors", b"\0"), DIGEST, CHANGED),                                        # a file slipped in
+    (lambda s3: s3.delete_object(Bucket=BUCKET, Key=MODEL_PREFIX + "config.json"), DIGEST, "(config.json written more than once)"),
 ])
-def test_a_model_that_does_not_match_its_registered_manifest_is_not_deployed(files, digest, found):
-    result, _, calls = run({("sagemaker", "DescribeModelPackage"): [package(digest=digest)]}, files=files)
+def test_a_model_that_is_not_what_was_registered_is_not_deployed(change, digest, found):
+    result, _, calls = run({("sagemaker", "DescribeModelPackage"): [package(digest=digest)]}, change=change)
     assert result["status"] == "FAILED" and result["error"] == "ModelIntegrityError", result
     assert found in message(calls)
     assert sagemaker(calls) == ["DescribeModelPackage", "ListModelPackages"]  # nothing created
 
 
+def test_the_model_check_is_asked_for_the_registered_versions():
+    result, _, calls = run({("sagemaker", "DescribeEndpoint"): [missing, endpoint("InService")]})
+    assert result["status"] == "SUCCEEDED", result
+    (check,) = calls.of("lambda", "Invoke")
+    assert json.loads(check.params["Payload"]) == {
+        "check": "deployment", "model_uri": f"s3://{BUCKET}/{MODEL_PREFIX}", "manifest_sha256": DIGEST,
+        VERSIONS_SHA256: REGISTERED[VERSIONS_SHA256]}
+
+
 def test_a_refused_update_is_reported_without_touching_the_endpoint():
-    def refused(request):
-        raise AwsError("ValidationException", "Cannot update in-progress endpoint")
+    def refused(request):  # an update is blue/green: it needs the instances twice over for a while
+        raise AwsError("ResourceLimitExceeded", "The account-level service limit 'ml.g5.12xlarge for endpoint usage' is 1 "
+                       "Instances, with current utilization of 1 Instances and a request delta of 1 Instances.")
 
     old = resource_name(ENDPOINT, "an earlier execution")
-    result, _, calls = run({("sagemaker", "DescribeEndpoint"): [endpoint("Updating", old)],
+    result, _, calls = run({("sagemaker", "DescribeEndpoint"): [endpoint("InService", old)],
                             ("sagemaker", "UpdateEndpoint"): [refused]})
     assert result["status"] == "FAILED"
-    assert "Cannot update in-progress endpoint" in message(calls)
+    assert "ml.g5.12xlarge for endpoint usage" in message(calls) and f"ftstack deploy {PACKAGE_ARN}" in message(calls)
+    assert len(calls.of("sagemaker", "UpdateEndpoint")) == 1
+
+
+# --- several deployments at once ------------------------------------------------------------------
+
+def already_exists(kind: str):
+    def refuse(request: dict) -> dict:
+        name = request.get("ModelName") or request.get("EndpointName")
+        raise AwsError("ValidationException", f'Cannot create already existing {kind} "arn:aws:sagemaker:{REGION}:{ACCOUNT}:{kind}/{name}".')
+    return refuse
+
+
+def test_the_names_are_the_package_changes_so_a_duplicate_event_stops_at_the_model():
+    """SageMaker may send several events for one change of a package: each execution names the
+    model after that change, the first creates it and the others stop there, quietly."""
+    names = []
+    for answers in ({}, {("sagemaker", "DescribeModelPackage"): [package(modified="2026-11-29T11:00:00Z")]},
+                    {("sagemaker", "DescribeModelPackage"): [package(modified="2026-11-29T12:00:00Z")]}):
+        _, _, calls = run(answers | {("sagemaker", "DescribeEndpoint"): [missing, endpoint("InService")]})
+        names.append(calls.of("sagemaker", "CreateModel")[0].params["ModelName"])
+    assert len(set(names)) == 3  # each change (created; approved at 11:00; approved again at 12:00) its own
+    result, _, calls = run({("sagemaker", "CreateModel"): [already_exists("model")]})
+    assert result["status"] == "SUCCEEDED", result
+    assert calls.of("sagemaker", "CreateModel")[0].params["ModelName"] == names[0]  # the same change, the same name
+    assert sagemaker(calls)[-1] == "CreateModel" and calls.of("sns", "Publish") == []
+
+
+def test_an_endpoint_being_updated_by_another_deployment_is_waited_for_then_updated():
+    old = resource_name(ENDPOINT, "an earlier execution")
+    result, _, calls = run({("sagemaker", "DescribeEndpoint"): [
+        endpoint("Updating", old), endpoint("InService", old), endpoint("InService")]})
+    assert result["status"] == "SUCCEEDED", result
+    assert sagemaker(calls).count("ListModelPackages") == 2  # still the newest once the endpoint was free
+    (update,) = calls.of("sagemaker", "UpdateEndpoint")
+    assert update.params["EndpointConfigName"] == calls.of("sagemaker", "CreateEndpointConfig")[0].params["EndpointConfigName"]
+
+
+def test_a_package_no_longer_the_newest_once_the_endpoint_is_free_is_not_deployed():
+    newer = PACKAGE_ARN[:-1] + "4"
+    result, _, calls = run({("sagemaker", "DescribeEndpoint"): [endpoint("Creating", "another")],
+                            ("sagemaker", "ListModelPackages"): [newest(), newest(newer)]})
+    assert result["status"] == "SUCCEEDED", result
+    assert calls.of("sagemaker", "UpdateEndpoint") == [] and calls.of("sagemaker", "CreateEndpoint") == []
+
+
+@pytest.mark.parametrize("refusal", [
+    ("UpdateEndpoint", AwsError("ValidationException", f'Cannot update in-progress endpoint "arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/{ENDPOINT}".')),
+    ("CreateEndpoint", None),
+])
+def test_an_endpoint_taken_between_the_lookup_and_the_call_is_waited_for(refusal):
+    operation_name, error = refusal
+    old = resource_name(ENDPOINT, "an earlier execution")
+    first = [endpoint("InService", old)] if operation_name == "UpdateEndpoint" else [missing]
+
+    def refuse(request):
+        raise error
+
+    # Three refusals: a ValidationException is a SageMakerException to Step Functions, tried three times.
+    answers = {("sagemaker", "DescribeEndpoint"): first + [endpoint("InService", "another"), endpoint("InService")],
+               ("sagemaker", operation_name): [refuse if error else already_exists("endpoint")] * 3 + [
+                   arn_of("Endpoint", "EndpointName", "endpoint")]}
+    if operation_name == "CreateEndpoint":
+        answers[("sagemaker", "UpdateEndpoint")] = [arn_of("Endpoint", "EndpointName", "endpoint")]
+    result, _, calls = run(answers)
+    assert result["status"] == "SUCCEEDED", result
+    assert sagemaker(calls)[-2:] == ["UpdateEndpoint", "DescribeEndpoint"]
+
+
+def test_a_throttled_endpoint_lookup_is_asked_again():
+    def throttled(request):  # as Step Functions names it: SageMaker's model declares no ThrottlingException
+        raise AwsError("SageMakerException", "Rate exceeded")
+
+    result, _, calls = run({("sagemaker", "DescribeEndpoint"): [throttled, missing, endpoint("InService")]})
+    assert result["status"] == "SUCCEEDED", result
+    assert len(calls.of("sagemaker", "CreateEndpoint")) == 1
 
 
 def test_an_endpoint_lookup_refused_for_another_reason_creates_no_endpoint():
@@ -256,6 +362,18 @@ def test_a_package_ftstack_did_not_register_is_not_deployed():
     result, _, calls = run({("sagemaker", "DescribeModelPackage"): [foreign]})
     assert result["status"] == "FAILED" and result["error"] == "NotDeployable", result
     assert "model_manifest_sha256" in message(calls)
+    assert sagemaker(calls) == ["DescribeModelPackage", "ListModelPackages"] and calls.of("lambda", "Invoke") == []
+
+
+def test_a_package_registered_without_pinned_versions_is_not_deployed():
+    def unpinned(request):
+        body = package()(request)
+        del body["CustomerMetadataProperties"][VERSIONS_SHA256]
+        return body
+
+    result, _, calls = run({("sagemaker", "DescribeModelPackage"): [unpinned]})
+    assert result["status"] == "FAILED" and result["error"] == "NotDeployable", result
+    assert VERSIONS_SHA256 in message(calls)
     assert sagemaker(calls) == ["DescribeModelPackage", "ListModelPackages"] and calls.of("lambda", "Invoke") == []
 
 

@@ -18,11 +18,13 @@ from moto import mock_aws
 
 from ftstack.infra.deploy_definition import PLACEHOLDERS, DeploySettings, build_deploy_definition
 from ftstack.infra.deployment import DeployOnApproval
+from ftstack.infra.model_check_function import ModelCheckFunction
 from ftstack.serving import ServingError
 
 GROUP = "ftstack-models"
 NAME = "ftstack-serve"
 MODELS = "executions/*/model/*"
+FOLDERS = "executions/*/model/*/output/model/"
 
 APPROVED_EVENT = {
     # The shape of the example in "Events that Amazon SageMaker AI sends to Amazon EventBridge",
@@ -62,9 +64,11 @@ def make(new_stack, name: str = NAME, bucket_key: bool = True):
                        server_access_logs_prefix="access/", block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
                        versioned=True)
     topic = sns.Topic(stack, "Topic", master_key=key, enforce_ssl=True)
+    check = ModelCheckFunction(stack, "ModelCheck", bucket=bucket, key=key, bucket_key=key if bucket_key else None,
+                               model_folders=FOLDERS).function
     deploy = DeployOnApproval(stack, "Deploy", group_name=GROUP, topic=topic, key=key, bucket=bucket,
                               bucket_key=key if bucket_key else None, model_objects=MODELS,
-                              instance_type="ml.g5.2xlarge", name=name)
+                              instance_type="ml.g5.2xlarge", name=name, model_check=check)
     return app, stack, deploy
 
 
@@ -195,9 +199,10 @@ def test_two_pipelines_in_one_stack_do_not_collide(new_stack):
     key = kms.Key(stack, "Key", enable_key_rotation=True)
     bucket = s3.Bucket(stack, "Bucket", encryption_key=key)
     topic = sns.Topic(stack, "Topic", master_key=key)
+    check = ModelCheckFunction(stack, "ModelCheck", bucket=bucket, key=key, bucket_key=key, model_folders=FOLDERS).function
     for construct_id, name in (("A", "team-a"), ("B", "team-b")):
         DeployOnApproval(stack, construct_id, group_name=f"{name}-models", topic=topic, key=key, bucket=bucket,
-                         bucket_key=key, model_objects=MODELS, instance_type="ml.g5.2xlarge", name=name)
+                         bucket_key=key, model_objects=MODELS, instance_type="ml.g5.2xlarge", name=name, model_check=check)
     template = Template.from_stack(stack)
     names = [r["Properties"]["StateMachineName"] for r in template.find_resources("AWS::StepFunctions::StateMachine").values()]
     rules = [r["Properties"]["Name"] for r in template.find_resources("AWS::Events::Rule").values()]

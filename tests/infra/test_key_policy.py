@@ -72,7 +72,7 @@ def test_every_log_group_is_encrypted_with_the_key(resources, key, stack):
     key_arn, _ = key
     groups = encrypted_log_group_arns(resources, key_arn, stack)
     assert sorted(g.rstrip("0123456789ABCDEF") for g in groups) == [
-        "DeployOnApprovalLogs", "DeployOnApprovalModelCheckLogs", "JobReaperLogs", "StagingLogs", "WorkflowLogs"]
+        "DeployOnApprovalLogs", "JobReaperLogs", "ModelCheckLogs", "StagingLogs", "WorkflowLogs"]
     assert len(of_type(resources, "AWS::Logs::LogGroup")) == len(groups), "every log group of the stack is encrypted"
 
 

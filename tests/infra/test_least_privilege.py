@@ -8,14 +8,15 @@ import pytest
 from iam_model import ACCOUNT, allows, as_list, of_type, resolved_resources, role_statements
 
 ROLES = {"training": "TrainingRole", "workflow": "WorkflowRole", "staging": "StagingRole", "reaper": "JobReaperRole",
-         "serving": "ServingRole", "deploy": "DeployOnApprovalRole", "model_check": "DeployOnApprovalModelCheckRole",
+         "serving": "ServingRole", "deploy": "DeployOnApprovalRole", "model_check": "ModelCheckRole",
          "deploy_events": "DeployOnApprovalEventsRole"}
 """Each role of the stack by the start of its logical id."""
 
 REGION = "us-east-1"
 JOB = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/ftstack--run1-0a1b2c3d-a0"
-METRICS = "executions/run1/model/ftstack--run1-0a1b2c3d-a0/output/model/final-metrics.json"
-WEIGHTS = "executions/run1/model/ftstack--run1-0a1b2c3d-a0/output/model/model.safetensors"
+MODEL = "executions/run1/model/ftstack--run1-0a1b2c3d-a0/output/model/"
+METRICS = f"{MODEL}final-metrics.json"
+WEIGHTS = f"{MODEL}model.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,7 @@ MAY = [
     ("staging", "s3:GetObject", "base-models/mpt-7b/config.json"),
     ("staging", "s3:PutObject", "scratch/run1/data/train/train.jsonl"),
     ("workflow", "s3:GetObject", METRICS),
+    ("model_check", "s3:GetObject", f"{MODEL}model-manifest.json"),
 ]
 
 MAY_NOT = [
@@ -92,6 +94,11 @@ MAY_NOT = [
     ("workflow", "s3:GetObject", "scratch/run1/data/train/train.jsonl"),
     ("workflow", "s3:PutObject", METRICS),
     ("reaper", "s3:GetObject", METRICS),
+    # The model check reads manifests, and no weights; it writes nothing.
+    ("model_check", "s3:GetObject", WEIGHTS),
+    ("model_check", "s3:GetObject", "scratch/run1/data/train/train.jsonl"),
+    ("model_check", "s3:PutObject", f"{MODEL}model-manifest.json"),
+    ("model_check", "s3:DeleteObject", WEIGHTS),
 ]
 
 
@@ -112,7 +119,7 @@ def test_no_role_may_delete_an_object_version_or_change_the_bucket(policies, buc
         for action in ("s3:DeleteObjectVersion", "s3:PutObjectVersionAcl", "s3:PutObjectRetention", "s3:BypassGovernanceRetention"):
             assert not allows(policies[role], action, f"{bucket}/{key_name}"), (action, key_name)
     for action in ("s3:PutBucketPolicy", "s3:PutLifecycleConfiguration", "s3:PutBucketVersioning", "s3:DeleteBucket",
-                   "s3:GetBucketPolicy", "s3:GetBucketLocation", "s3:ListBucketVersions"):
+                   "s3:GetBucketPolicy", "s3:GetBucketLocation"):
         assert not allows(policies[role], action, bucket), action
 
 
@@ -120,11 +127,20 @@ def test_no_role_may_delete_an_object_version_or_change_the_bucket(policies, buc
 def test_every_listing_is_limited_to_prefixes(policies, bucket, role):
     for statement in policies[role]:
         if any(a.lower().startswith("s3:list") for a in as_list(statement["Action"])):
-            assert statement["Action"] == "s3:ListBucket", statement
+            # Only the model check lists versions (ftstack.s3_model pins a model by them).
+            assert statement["Action"] == ("s3:ListBucketVersions" if role == "model_check" else "s3:ListBucket"), statement
             assert set(statement["Condition"]) == {"StringLike"} and set(statement["Condition"]["StringLike"]) == {"s3:prefix"}
     for prefix in ("", "executions/", "scratch/"):  # the whole bucket, every model, every run's scratch
-        assert not allows(policies[role], "s3:ListBucket", bucket, context={"s3:prefix": prefix}), prefix
-        assert not allows(policies[role], "s3:ListBucket", bucket), "a listing without a prefix"
+        for action in ("s3:ListBucket", "s3:ListBucketVersions"):
+            assert not allows(policies[role], action, bucket, context={"s3:prefix": prefix}), (action, prefix)
+            assert not allows(policies[role], action, bucket), f"{action} without a prefix"
+
+
+def test_the_model_check_lists_the_versions_of_a_model_folder_only(policies, bucket):
+    assert allows(policies["model_check"], "s3:ListBucketVersions", bucket, context={"s3:prefix": MODEL})
+    for prefix in ("executions/run1/model/", "scratch/run1/", "incoming/", "base-models/mpt-7b/"):
+        assert not allows(policies["model_check"], "s3:ListBucketVersions", bucket, context={"s3:prefix": prefix}), prefix
+    assert not allows(policies["model_check"], "s3:ListBucket", bucket, context={"s3:prefix": MODEL})
 
 
 @pytest.mark.parametrize(("role", "prefix"), [

@@ -85,7 +85,7 @@ def test_every_role_is_bounded_and_named_by_the_organisations_rules(synthesized)
 def test_team_b_evaluates_before_the_gate_and_tags_its_jobs(synthesized):
     _, templates, _ = synthesized
     states = workflow(templates["acme-ml-team-b"], "team-b")
-    assert states["MetricsComplete?"]["Choices"][0]["Next"] == "Evaluate"
+    assert states["MetricsComplete?"]["Choices"][0]["Next"] == "CheckModel" and states["CheckModel"]["Next"] == "Evaluate"
     branch = states["Evaluate"]["Branches"][0]
     assert branch["States"][branch["StartAt"]]["Resource"].endswith(":states:::sagemaker:createProcessingJob.sync")
     rules = states["QualityGate"]["Choices"][0]["And"]

@@ -35,6 +35,8 @@ def build(stack: cdk.Stack) -> FineTuningWorkflow:
             bucket=storage.bucket, key=storage.key, bucket_key=storage.bucket_key, training_role=role,
             training_image="123456789012.dkr.ecr.us-east-1.amazonaws.com/train:1",
             inference_image="763104351884.dkr.ecr.us-east-1.amazonaws.com/tgi:1", staging_function=function,
+            model_check=lambda_.Function(stack, "CheckFn", runtime=lambda_.Runtime.PYTHON_3_14, handler="x.handler",
+                                         code=lambda_.Code.from_inline("def handler(e, c): pass")),
             topic=sns.Topic(stack, "Topic"), model_package_group="FtStack-Models"),
     )
 

@@ -10,24 +10,25 @@ jobs that complete, fail, stop without a FailureReason, or are refused for capac
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import re
 import uuid
 
 import boto3
 import pytest
-from botocore.response import StreamingBody
 from moto import mock_aws
 from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import state_task_service_aws_sdk
 
 from ftstack.infra.definition import PLACEHOLDERS, WorkflowSettings, build_definition, render
+from ftstack.infra.model_check import handler as model_check
 from ftstack.infra.stage_data.handler import (
     InsufficientGpuMemory, InvalidDataset, InvalidInput, Settings, job_name_prefix, running_execution, stage,
 )
 from ftstack.infra.training_states import poll_seconds
+from ftstack_train.manifest import ModelIntegrityError, manifest_bytes
 
-from aws_contract import AwsCalls, AwsError, operation, problems, run_execution
+from aws_contract import AwsCalls, AwsError, lambda_invoke, operation, problems, run_execution
 from staging_samples import staging_settings
 
 ACCOUNT, REGION, BUCKET = "123456789012", "us-east-1", "ftstack-bucket"
@@ -43,6 +44,7 @@ VALUES = {
     "TrainingImage": f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/cdk-hnb659fds-container-assets:abc123",
     "InferenceImage": f"763104351884.dkr.ecr.{REGION}.amazonaws.com/huggingface-pytorch-tgi-inference:2.4.0-tgi2.3.1-gpu-py311-cu124-ubuntu22.04",
     "StagingFunctionArn": f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:ftstack-Staging",
+    "ModelCheckFunctionArn": f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:ftstack-ModelCheck",
     "TopicArn": f"arn:aws:sns:{REGION}:{ACCOUNT}:ftstack-Notifications",
     "ModelPackageGroupName": "ftstack-models",
 }
@@ -50,7 +52,9 @@ STAGING = staging_settings(BUCKET, key_arn=KEY_ARN)
 STATE_MACHINE_ARN = f"arn:aws:states:{REGION}:{ACCOUNT}:stateMachine:ftstack"
 """The state machine the tests create, whose ARN the staging function is given."""
 GOOD_INPUT = {"train_data": f"s3://{BUCKET}/incoming/train.jsonl"}
-MANIFEST_DIGEST = "5" * 64
+MODEL_FILES = {"config.json": b'{"model_type": "mpt"}', "model.safetensors": b"\0" * 64}
+MANIFEST = manifest_bytes({n: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for n, b in MODEL_FILES.items()})
+MANIFEST_DIGEST = hashlib.sha256(MANIFEST).hexdigest()
 """The SHA-256 of the model's manifest, as the job writes it into final-metrics.json."""
 RUN1 = job_name_prefix("ftstack", "run1")
 """The job names of the execution run1 start with this (``ftstack-run1-<digest>``)."""
@@ -111,17 +115,19 @@ def published(request: dict) -> dict:
 def staging_lambda(settings: Settings = STAGING):
     """The real staging handler, run in-process on the Invoke request against moto's S3; it asks
     moto's Step Functions for the running execution, as the function does."""
-    def invoke(request: dict) -> dict:
-        event = json.loads(request["Payload"])
-        try:
-            run = running_execution(event, boto3.client("stepfunctions", region_name=REGION), STATE_MACHINE_ARN)
-            result, error = stage(run, settings, boto3.client("s3", region_name=REGION)), None
-        except (InvalidInput, InvalidDataset, InsufficientGpuMemory) as exc:
-            result, error = {"errorType": type(exc).__name__, "errorMessage": str(exc)}, "Unhandled"
-        payload = json.dumps(result).encode()
-        response = {"StatusCode": 200, "Payload": StreamingBody(io.BytesIO(payload), len(payload))}
-        return response | ({"FunctionError": error} if error else {})
-    return invoke
+    def handler(event: dict) -> dict:
+        run = running_execution(event, boto3.client("stepfunctions", region_name=REGION), STATE_MACHINE_ARN)
+        return stage(run, settings, boto3.client("s3", region_name=REGION))
+    return lambda_invoke(handler, (InvalidInput, InvalidDataset, InsufficientGpuMemory))
+
+
+MODEL_CHECK = lambda_invoke(model_check, (ModelIntegrityError,), {"AWS_DEFAULT_REGION": REGION})
+"""The real model-check handler, in-process against moto's S3."""
+
+
+def with_model_check(invoke):
+    """``invoke`` for the scenario's functions, the real model check for the model-check function."""
+    return lambda request: (MODEL_CHECK if request["FunctionName"] == VALUES["ModelCheckFunctionArn"] else invoke)(request)
 
 
 # --- running it ---------------------------------------------------------------------------------
@@ -167,7 +173,7 @@ def run(sagemaker: dict, execution_input: dict, *, name: str = "run1", final_met
         settings: WorkflowSettings = SETTINGS, staging: Settings = STAGING,
         objects: dict[str, bytes] | None = None) -> tuple[dict, list[dict], AwsCalls]:
     answers = {
-        ("lambda", "Invoke"): sagemaker.get("invoke", [staging_lambda(staging)]),
+        ("lambda", "Invoke"): [with_model_check(invoke) for invoke in sagemaker.get("invoke", [staging_lambda(staging)])],
         ("sagemaker", "CreateTrainingJob"): sagemaker.get("create", [created]),
         ("sagemaker", "DescribeTrainingJob"): sagemaker.get("describe", described(RUNNING, COMPLETED)),
         ("sagemaker", "CreateModelPackage"): [registered],
@@ -176,14 +182,16 @@ def run(sagemaker: dict, execution_input: dict, *, name: str = "run1", final_met
     with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}), AwsCalls(answers) as calls:
         s3 = boto3.client("s3", region_name=REGION)
         s3.create_bucket(Bucket=BUCKET)
-        for key, body in {"incoming/train.jsonl": RECORDS.encode(), **(objects or {})}.items():
-            s3.put_object(Bucket=BUCKET, Key=key, Body=body)
+        s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
         metrics = {"eval_cross_entropy": 1.2, "eval_perplexity": 3.32, "step": 90, "model_manifest_sha256": MANIFEST_DIGEST} \
             if final_metrics is None else final_metrics
         prefix = f"executions/{name}/model/"
-        for attempt in range(3):
-            job_name = stage_name(name, attempt)
-            s3.put_object(Bucket=BUCKET, Key=f"{prefix}{job_name}/output/model/final-metrics.json", Body=json.dumps(metrics).encode())
+        for attempt in range(3):  # each attempt's model, as its job exports it
+            model = f"{prefix}{stage_name(name, attempt)}/output/model/"
+            for file, body in {**MODEL_FILES, "model-manifest.json": MANIFEST, "final-metrics.json": json.dumps(metrics).encode()}.items():
+                s3.put_object(Bucket=BUCKET, Key=model + file, Body=body)
+        for key, body in {"incoming/train.jsonl": RECORDS.encode(), **(objects or {})}.items():
+            s3.put_object(Bucket=BUCKET, Key=key, Body=body)
         sfn = boto3.client("stepfunctions", region_name=REGION)
         arn = sfn.create_state_machine(name="ftstack", definition=definition(settings), roleArn=f"arn:aws:iam::{ACCOUNT}:role/sfn")["stateMachineArn"]
         assert arn == STATE_MACHINE_ARN
@@ -230,6 +238,13 @@ def test_happy_path_trains_polls_gates_registers_and_notifies():
     assert package["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"].endswith(f"/{RUN1}-a0/output/model/metrics.json")
     assert package["CustomerMetadataProperties"]["eval_cross_entropy"] == "1.2"
     assert package["CustomerMetadataProperties"]["model_manifest_sha256"] == MANIFEST_DIGEST
+    # The model's object versions as the job left them, pinned for deployment (ftstack.s3_model).
+    model = f"s3://{BUCKET}/executions/run1/model/{RUN1}-a0/output/model/"
+    (check,) = [c for c in calls.of("lambda", "Invoke") if c.params["FunctionName"] == VALUES["ModelCheckFunctionArn"]]
+    assert json.loads(check.params["Payload"]) == {"check": "registration", "model_uri": model, "manifest_sha256": MANIFEST_DIGEST}
+    versions = package["CustomerMetadataProperties"]["model_versions_sha256"]
+    assert re.fullmatch("[0-9a-f]{64}", versions)
+    assert states.index("ReadMetrics") < states.index("CheckModel") < states.index("QualityGate")
     (message,) = messages(calls)
     assert "model-package/ftstack-models/1" in message and "1.2" in message and f"{RUN1}-a0" in message
 
@@ -431,4 +446,5 @@ def test_staging_throttled_by_its_reserved_concurrency_waits_its_turn():
 
     result, _, calls = run({"invoke": [throttled] * 5 + [staging_lambda()]}, GOOD_INPUT)
     assert result["status"] == "SUCCEEDED", result
-    assert len(calls.of("lambda", "Invoke")) == 6
+    staging = [c for c in calls.of("lambda", "Invoke") if c.params["FunctionName"] == VALUES["StagingFunctionArn"]]
+    assert len(staging) == 6
