@@ -91,7 +91,8 @@ class ExistingNetwork:
 
     subnets: tuple[ec2.ISubnet, ...]
     security_groups: tuple[ec2.ISecurityGroup, ...] = ()
-    """Empty: one is created in ``vpc`` that lets the job's instances talk to each other."""
+    """They must allow all traffic in and out between their own members (a job's instances talk
+    NCCL, encrypted). Empty: one is created in ``vpc`` that does."""
     vpc: ec2.IVpc | None = None
     """Needed only to create the security group."""
     reaches_hub: bool = True
@@ -117,13 +118,14 @@ class FineTuningPipelineProps:
                       "IAM is scoped to it, so pipelines sharing a bucket cannot touch each other's data.", default="")
     training: TrainingOptions = doc("Instance types and counts, limits, spot, default base model, gate "
                                     "(`TrainingOptions`, the same keys as the app's context).", default=TrainingOptions())
-    bucket: s3.IBucket | None = doc("Brought: the bucket to use. Created: an SSE-KMS, versioned, access-logged "
-                                    "bucket, kept when the stack is deleted.", default=None)
+    bucket: s3.IBucket | None = doc("Brought: the bucket to use; it must keep object versions (see README). "
+                                    "Created: an SSE-KMS, versioned, access-logged bucket, kept when the stack is "
+                                    "deleted.", default=None)
     bucket_key: kms.IKey | None = doc("With a brought bucket: the KMS key its objects are encrypted with. None: "
                                       "the bucket's default encryption (SSE-S3 or its own key policy).", default=None)
     key: kms.IKey | None = doc("Brought: the key for the pipeline's logs, topic, training volumes and created "
-                               "bucket (its policy must let CloudWatch Logs use it, see README). Created: a "
-                               "rotating KMS key, kept when the stack is deleted.", default=None)
+                               "bucket (its policy must delegate to IAM and let CloudWatch Logs use it, see "
+                               "README). Created: a rotating KMS key, kept when the stack is deleted.", default=None)
     removal_policy: cdk.RemovalPolicy = doc("For a created bucket's access-log bucket (the data bucket and key "
                                             "are always kept).", default=cdk.RemovalPolicy.RETAIN)
     topic: sns.ITopic | None = doc("Brought: the SNS topic run notifications go to. Created: one encrypted "

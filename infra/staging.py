@@ -76,6 +76,8 @@ class StagingFunction(Construct):
         # Listing lets S3 answer a missing upload with 404 (without it: 403, which the handler also
         # names); resume_from lists the checkpoints it continues from.
         grant_list(role, bucket, incoming, f"{layout.base_models}*", f"{layout.scratch}*/checkpoints/*")
+        # Whether the bucket keeps versions, without which a trained model cannot be registered.
+        role.add_to_principal_policy(iam.PolicyStatement(actions=["s3:GetBucketVersioning"], resources=[bucket.bucket_arn]))
         if bucket_key is not None:
             grant_key(role, bucket_key, *ENCRYPT_OBJECTS)
         # The execution it stages, its name and its input come from Step Functions (issue 11, item 4).

@@ -80,6 +80,11 @@ class InvalidDataset(Exception):
     """The data is not valid training data; the message lists the problems with their lines."""
 
 
+class UnversionedBucket(Exception):
+    """The bucket keeps no object versions, so the trained model could not be pinned and registered
+    (``ftstack.s3_model``): said before any GPU time is spent."""
+
+
 def handler(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     """Lambda entry point: ``{"execution_arn": $$.Execution.Id}`` -> what was staged."""
     _remove_stale_work()
@@ -116,6 +121,7 @@ def stage(run: Execution, settings: Settings, s3: Any, deadline: Deadline | None
     size = _check_objects(s3, settings, request)
     # Before the data is read: a run that fits no instance type fails in seconds, not minutes.
     preflight = check_memory(request, settings, *base_model_shape(s3, bucket, request))
+    _check_versioning(s3, bucket)
     attempt = _attempt_id()  # a new folder per invocation: a retry never writes where another did
     prefixes = {channel: settings.layout.staged_data_prefix(execution, attempt, channel) for channel in (TRAIN_CHANNEL, TEST_CHANNEL)}
     every = hold_out_every(request.test_split)
@@ -162,6 +168,17 @@ def stage(run: Execution, settings: Settings, s3: Any, deadline: Deadline | None
         "checkpoint_uri": _uri(bucket, settings.layout.checkpoint_prefix(request.resume_from or execution)),
         "preflight": preflight,
     }
+
+
+def _check_versioning(s3: Any, bucket: str) -> None:
+    """The stack's own bucket keeps versions; a brought one may not, and the model check after
+    training would then refuse to register the model: fail now, before the job is paid for."""
+    status = s3.get_bucket_versioning(Bucket=bucket).get("Status")
+    if status != "Enabled":
+        raise UnversionedBucket(
+            f"bucket {bucket}: versioning is {status or 'off'}, and ftstack registers a model only from a bucket that "
+            "keeps object versions (they pin the model against later overwrites): turn on versioning for the bucket "
+            "(S3 console, Properties, Bucket Versioning), then start the run again")
 
 
 def _attempt_id() -> str:

@@ -136,6 +136,11 @@ def test_every_listing_is_limited_to_prefixes(policies, bucket, role):
             assert not allows(policies[role], action, bucket), f"{action} without a prefix"
 
 
+def test_only_staging_reads_whether_the_bucket_keeps_versions(policies, bucket):
+    for role, statements in policies.items():
+        assert allows(statements, "s3:GetBucketVersioning", bucket) == (role == "staging"), role
+
+
 def test_the_model_check_lists_the_versions_of_a_model_folder_only(policies, bucket):
     assert allows(policies["model_check"], "s3:ListBucketVersions", bucket, context={"s3:prefix": MODEL})
     for prefix in ("executions/run1/model/", "scratch/run1/", "incoming/", "base-models/mpt-7b/"):

@@ -125,6 +125,7 @@ def test_staging_fails_before_reading_the_data_and_reports_the_estimate_when_it_
     with mock_aws():
         s3 = boto3.client("s3", region_name="us-east-1")
         s3.create_bucket(Bucket=BUCKET)
+        s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
         s3.put_object(Bucket=BUCKET, Key="incoming/train.jsonl", Body=b"not json\n")  # invalid data: never read
         with pytest.raises(InsufficientGpuMemory):
             stage(Execution("run-1", DOOMED), ONLY_FIRST, s3)
@@ -187,6 +188,7 @@ def test_staging_hands_the_job_the_sized_micro_batch():
     with mock_aws():
         s3 = boto3.client("s3", region_name="us-east-1")
         s3.create_bucket(Bucket=BUCKET)
+        s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
         records = "".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(40))
         s3.put_object(Bucket=BUCKET, Key="incoming/train.jsonl", Body=records.encode())
         result = stage(Execution("run-2", AUTO), staging_settings(BUCKET), s3)

@@ -80,6 +80,7 @@ def s3(client, monkeypatch, tmp_path):
     monkeypatch.setattr("tempfile.tempdir", str(scratch))
     with mock_aws():
         client.create_bucket(Bucket=BUCKET)
+        client.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
         assert sfn_client().create_state_machine(name=STATE_MACHINE, definition=WAITING, roleArn=ROLE)["stateMachineArn"] \
             == STATE_MACHINE_ARN
         yield client

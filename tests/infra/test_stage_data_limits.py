@@ -245,6 +245,7 @@ handler.CHUNK_BYTES = 64
 with mock_aws():
     s3 = boto3.client("s3", region_name="us-east-1")
     s3.create_bucket(Bucket={bucket!r})
+    s3.put_bucket_versioning(Bucket={bucket!r}, VersioningConfiguration={{"Status": "Enabled"}})
     s3.put_object(Bucket={bucket!r}, Key="incoming/train.jsonl", Body={data!r})
     handler.stage(handler.Execution("run-1", {{"train_data": {train!r}}}),
                   handler.Settings.from_env(os.environ), s3, handler.Deadline.of(Context()))

@@ -23,7 +23,8 @@ from moto.stepfunctions.parser.asl.component.state.exec.state_task.service impor
 from ftstack.infra.definition import PLACEHOLDERS, WorkflowSettings, build_definition, render
 from ftstack.infra.model_check import handler as model_check
 from ftstack.infra.stage_data.handler import (
-    InsufficientGpuMemory, InvalidDataset, InvalidInput, Settings, job_name_prefix, running_execution, stage,
+    InsufficientGpuMemory, InvalidDataset, InvalidInput, Settings, UnversionedBucket, job_name_prefix, running_execution,
+    stage,
 )
 from ftstack.infra.training_states import poll_seconds
 from ftstack_train.manifest import ModelIntegrityError, manifest_bytes
@@ -118,7 +119,7 @@ def staging_lambda(settings: Settings = STAGING):
     def handler(event: dict) -> dict:
         run = running_execution(event, boto3.client("stepfunctions", region_name=REGION), STATE_MACHINE_ARN)
         return stage(run, settings, boto3.client("s3", region_name=REGION))
-    return lambda_invoke(handler, (InvalidInput, InvalidDataset, InsufficientGpuMemory))
+    return lambda_invoke(handler, (InvalidInput, InvalidDataset, InsufficientGpuMemory, UnversionedBucket))
 
 
 MODEL_CHECK = lambda_invoke(model_check, (ModelIntegrityError,), {"AWS_DEFAULT_REGION": REGION})
@@ -171,7 +172,7 @@ def step_functions_as_documented(monkeypatch):
 
 def run(sagemaker: dict, execution_input: dict, *, name: str = "run1", final_metrics: dict | None = None,
         settings: WorkflowSettings = SETTINGS, staging: Settings = STAGING,
-        objects: dict[str, bytes] | None = None) -> tuple[dict, list[dict], AwsCalls]:
+        objects: dict[str, bytes] | None = None, versioned: bool = True) -> tuple[dict, list[dict], AwsCalls]:
     answers = {
         ("lambda", "Invoke"): [with_model_check(invoke) for invoke in sagemaker.get("invoke", [staging_lambda(staging)])],
         ("sagemaker", "CreateTrainingJob"): sagemaker.get("create", [created]),
@@ -182,7 +183,8 @@ def run(sagemaker: dict, execution_input: dict, *, name: str = "run1", final_met
     with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}), AwsCalls(answers) as calls:
         s3 = boto3.client("s3", region_name=REGION)
         s3.create_bucket(Bucket=BUCKET)
-        s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+        if versioned:
+            s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
         metrics = {"eval_cross_entropy": 1.2, "eval_perplexity": 3.32, "step": 90, "model_manifest_sha256": MANIFEST_DIGEST} \
             if final_metrics is None else final_metrics
         prefix = f"executions/{name}/model/"
@@ -413,6 +415,17 @@ def test_staging_errors_keep_their_name_and_message():
     assert calls.of("sagemaker", "CreateTrainingJob") == []
     (message,) = messages(calls)
     assert "InvalidDataset" in message
+
+
+def test_a_bucket_without_versioning_fails_in_staging_before_any_job_is_paid_for():
+    """The model check after training registers a model only from a versioned bucket; a brought
+    bucket without versioning is refused before the job, with the fix."""
+    result, _, calls = run({}, GOOD_INPUT, versioned=False)
+    assert result["status"] == "FAILED" and result["error"] == "UnversionedBucket", result
+    assert f"bucket {BUCKET}: versioning is off" in result["cause"] and "turn on versioning" in result["cause"]
+    assert calls.of("sagemaker", "CreateTrainingJob") == []
+    (message,) = messages(calls)
+    assert "UnversionedBucket" in message
 
 
 DOOMED = {"base_model": "mosaicml/mpt-7b", "instance_type": "ml.g5.12xlarge",
