@@ -198,9 +198,7 @@ def _create_states(s: DeploySettings) -> dict[str, Any]:
                 # The model is local to the container: it needs no network.
                 "EnableNetworkIsolation": True,
             },
-            "ResultPath": None, "Retry": SAGEMAKER_RETRY,
-            "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Duplicate?"}],
-            "Next": "CreateEndpointConfig",
+            "ResultPath": None, "Retry": SAGEMAKER_RETRY, "Catch": _catch("Duplicate?"), "Next": "CreateEndpointConfig",
         },
         "Duplicate?": {
             "Type": "Choice",
