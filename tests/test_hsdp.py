@@ -4,7 +4,7 @@ model gives.
 
 One real 4-process gloo job on CPU (``_job``) emulates the layouts by giving ``build_sharded_model``
 the node size torchrun would give: 2 nodes x 2 processes, 1 node x 4, 4 nodes x 1, and nodes of
-unequal size. Each rank writes what it saw to a file; the tests compare those with a
+unequal size; the HSDP runs accumulate gradients over 2 micro batches a step. Each rank writes what it saw to a file; the tests compare those with a
 single-process, unsharded reference trained on the same batches.
 """
 
@@ -39,6 +39,8 @@ TRAINED = ("FULL_SHARD", "HYBRID_SHARD", "HYBRID_SHARD 4x1")
 METRICS = {"final": {"train_cross_entropy": 5.0, "step": STEPS}, "history": []}
 LINEAGE = {"base_model": "tiny-mpt", "run_name": "hsdp-test", "train": "train: 4 x 2 rows per step"}
 _LAYOUTS = {"FULL_SHARD": (2, "FULL_SHARD"), "HYBRID_SHARD": (2, "HYBRID_SHARD"), "HYBRID_SHARD 4x1": (1, "HYBRID_SHARD")}
+MICRO = {"FULL_SHARD": 1, "HYBRID_SHARD": 2, "HYBRID_SHARD 4x1": 2}
+"""Micro batches per step of each run: a rank's 2 rows at once, or one at a time (gradient accumulation)."""
 
 
 # --- the choice itself (no processes) ------------------------------------------------------------
@@ -107,16 +109,36 @@ def _params(model) -> dict[str, torch.Tensor]:
     return {n: _full(p).detach().clone() for n, p in model.named_parameters()}
 
 
-def _train_steps(model, optimizer, steps: range, rank: int) -> list[float]:
-    """Steps as the trainer takes them (trainer.train): the loss sum scaled by world/targets,
-    FSDP's gradient average, the trainer's own clip, AdamW. Returns the gradient norms."""
-    from ftstack_train.trainer import _clip
+def _train_steps(model, optimizer, steps: range, rank: int, micro: int, counted: list | None = None) -> list[float]:
+    """Steps as the trainer takes them (trainer.train): each rank's rows in ``micro`` micro
+    batches through the trainer's own accumulate_gradients (the loss sum scaled by world/targets,
+    FSDP's gradient average), its clip, AdamW. Returns the gradient norms; appends to ``counted``
+    the all-reduces each step's backward passes made across the replicas."""
+    import torch.distributed as dist
+
+    from ftstack_train.trainer import _clip, accumulate_gradients
     from ftstack_train.trainer import _full as full_norm
 
-    norms = []
+    mesh = next(model.parameters()).device_mesh
+    replicas = dist.get_process_group_ranks(mesh.get_group("replicate")) if "replicate" in mesh.mesh_dim_names else None
+    norms, all_reduce = [], dist.all_reduce
     for step in steps:
         ids, labels = batch(step, rank)
-        (loss_sum(model, ids, labels) * WORLD / global_targets(step)).backward()
+        calls = []
+
+        def counting(tensor, *args, **kwargs):
+            group = kwargs.get("group")
+            calls.append(group is not None and dist.get_process_group_ranks(group) == replicas)
+            return all_reduce(tensor, *args, **kwargs)
+
+        dist.all_reduce = counting  # FSDP2's collectives call torch.distributed.all_reduce
+        try:
+            accumulate_gradients(model, list(zip(ids.chunk(micro), labels.chunk(micro))), lambda b: loss_sum(model, *b),
+                                 WORLD / global_targets(step), torch.device("cpu"))
+        finally:
+            dist.all_reduce = all_reduce
+        if counted is not None:
+            counted.append(sum(calls))
         norms.append(full_norm(_clip(model, MAX_NORM)).item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -148,6 +170,7 @@ def _job(rank: int, port: int, source: str, out: str) -> None:
 def _scenarios(torchrun: Dist, source: str, out: Path) -> dict:
     """Every layout in turn; ``torchrun``: this rank as init_distributed found it (2 nodes x 2)."""
     import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
 
     from ftstack_train.checkpoint import agree_on_resume, load_checkpoint, save_checkpoint
     from ftstack_train.config import parse_config
@@ -177,7 +200,7 @@ def _scenarios(torchrun: Dist, source: str, out: Path) -> dict:
         groups = {name: dist.get_process_group_ranks(mesh.get_group(name)) for name in mesh.mesh_dim_names}
         return {"shape": tuple(mesh.shape), "groups": groups, "placements": [(type(p).__name__, getattr(p, "dim", None)) for p in param.placements]}
 
-    results: dict = {"meshes": {}, "logs": {}, "params": {}, "norms": {}, "resumed": {}, "errors": {},
+    results: dict = {"meshes": {}, "logs": {}, "params": {}, "norms": {}, "resumed": {}, "errors": {}, "all_reduces": {},
                      "torchrun": (torchrun.local_rank, torchrun.local_world_size)}
     for name, per_node in (("auto 2x2", None), ("auto 1x4", 4)):
         model, _, _, log = build(per_node, "auto")
@@ -186,10 +209,12 @@ def _scenarios(torchrun: Dist, source: str, out: Path) -> dict:
     for name in TRAINED:
         model, optimizer, d, log = build(*_LAYOUTS[name])
         results["meshes"][name], results["logs"][name] = mesh_of(model), log
-        results["norms"][name] = _train_steps(model, optimizer, range(SAVED_AT), rank)
+        counted = results["all_reduces"][name] = []
+        results["fsdp_modules"] = sum(isinstance(m, FSDPModule) for m in model.modules())
+        results["norms"][name] = _train_steps(model, optimizer, range(SAVED_AT), rank, MICRO[name], counted)
         if name != "HYBRID_SHARD 4x1":
             save_checkpoint(out / "checkpoints" / name, SAVED_AT, model, optimizer, {"step": SAVED_AT}, 2, d.is_local_main)
-        results["norms"][name] += _train_steps(model, optimizer, range(SAVED_AT, STEPS), rank)
+        results["norms"][name] += _train_steps(model, optimizer, range(SAVED_AT, STEPS), rank, MICRO[name], counted)
         results["params"][name] = _params(model)
         if name == "HYBRID_SHARD":
             cfg, _ = parse_config(None, {"export.dtype": "fp32"})
@@ -202,7 +227,7 @@ def _scenarios(torchrun: Dist, source: str, out: Path) -> dict:
         path = agree_on_resume(out / "checkpoints" / saved, d.is_local_main)
         state = load_checkpoint(path, model, optimizer)
         loaded = _params(model)
-        _train_steps(model, optimizer, range(SAVED_AT, STEPS), rank)
+        _train_steps(model, optimizer, range(SAVED_AT, STEPS), rank, MICRO[resumed])
         results["resumed"][f"{saved} -> {resumed}"] = {"step": state["step"], "path": path.name, "loaded": loaded, "final": _params(model)}
 
     # Nodes of 3 and 1 processes, and a node size that does not divide the world.
@@ -290,6 +315,19 @@ def test_training_matches_an_unsharded_reference(job, reference, name):
     for seen in job:
         assert_same_params(seen["params"][name], reference["final"])
     assert_same_params(job[0]["params"][name], job[0]["params"]["FULL_SHARD"])
+
+
+@pytest.mark.slow
+def test_with_gradient_accumulation_gradients_cross_the_nodes_once_per_step(job):
+    """HYBRID_SHARD's point is that only one all-reduce of the gradients per step crosses the
+    network: with 2 micro batches a step, each sharded module all-reduces across the replicas in
+    the last backward pass only (FSDP2 would do it in both); the result is the reference's all
+    the same (test_training_matches_an_unsharded_reference)."""
+    for seen in job:
+        assert seen["fsdp_modules"] >= 2
+        assert seen["all_reduces"]["HYBRID_SHARD"] == [seen["fsdp_modules"]] * STEPS
+        assert seen["all_reduces"]["HYBRID_SHARD 4x1"] == [seen["fsdp_modules"]] * STEPS
+        assert seen["all_reduces"]["FULL_SHARD"] == [0] * STEPS  # one mesh dimension: nothing to all-reduce
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from .config import SHARDING_STRATEGIES
 from .errors import ConfigError
@@ -208,3 +208,13 @@ def apply_fsdp(
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def sync_replicas(module: torch.nn.Module, now: bool) -> None:
+    """Whether the next backward pass all-reduces gradients across HYBRID_SHARD's replicas (the
+    nodes). FSDP2 does it in every backward pass unless told (``set_requires_all_reduce``): a step
+    of several micro batches holds it back until the last, so that the gradients cross the network
+    once per step, while each micro batch's reduce-scatter within the node keeps them sharded.
+    Nothing to hold back on a 1-D mesh, or for a module that is not sharded."""
+    if isinstance(module, FSDPModule):
+        module.set_requires_all_reduce(now)

@@ -19,7 +19,7 @@ from .checkpoint import agree_on_resume, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Batch, StepPlan, TokenizedSplit, attention_bias, collate, epoch_order
 from .attention import PackedAttention, attention_dropout, resolve_attn_impl, use_packed_attention
-from .distributed import Dist
+from .distributed import Dist, sync_replicas
 from .loss import TargetsOnlyHead, use_targets_only_loss
 from .metrics import format_line, perplexity
 
@@ -137,6 +137,19 @@ class Model:
             self.head.targets = None
 
 
+def accumulate_gradients(module: torch.nn.Module, batches: list, loss_sum, scale: float, device: torch.device) -> torch.Tensor:
+    """Backward passes of one step's micro batches, each ``loss_sum(batch) x scale``, gradients
+    summed; returns the losses' sum, kept on ``device`` (no sync per micro batch). Only the last
+    all-reduces across HYBRID_SHARD's replicas (``sync_replicas``)."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i, batch in enumerate(batches):
+        sync_replicas(module, i == len(batches) - 1)
+        loss = loss_sum(batch)
+        (loss * scale).backward()
+        total += loss.detach()
+    return total
+
+
 def _all_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
@@ -238,13 +251,10 @@ def train(
                 checkpoint(step, prune=False)
             _log(d, f"stop requested: saved a checkpoint at step {step}; start the run again to resume")
             return RunResult(True, step, state["history"], state["final_train"])
-        loss_total = torch.zeros((), dtype=torch.float64, device=d.device)  # summed on device: no sync per micro batch
-        for batch in batches:
-            loss = model.loss_sum(batch, d.device)
-            # FSDP averages gradients over ranks; scaling by world/targets makes the result the
-            # mean over every target token of the global batch, however they fall on ranks.
-            (loss * d.world_size / targets).backward()
-            loss_total += loss.detach()
+        # FSDP averages gradients over ranks; scaling by world/targets makes the result the mean
+        # over every target token of the global batch, however they fall on ranks.
+        loss_total = accumulate_gradients(model.module, batches, lambda b: model.loss_sum(b, d.device),
+                                          d.world_size / targets, d.device)
         grad_norm = _clip(model.module, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
