@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from ftstack_train.contract import LOSS_CHUNK_TOKENS as CHUNK_TOKENS
 from ftstack_train.contract import VERIFIED_MODEL_TYPES as VERIFIED
 
-from .instances import InstanceType
+from .instances import Gpu, InstanceType
 from .model_shapes import ModelShape
 
 LOGIT_BYTES = 14
@@ -57,14 +57,14 @@ for the CUDA context, NCCL and fragmentation (the issue's rule: no OOM seen belo
 ATTN_PATHS = ("eager", "sdpa", "flex")
 
 
-def attn_path_for(shape: ModelShape, requested: str = "auto") -> str:
-    """The attention path the job takes on a GPU for ``attn_impl: requested``, as
-    ``ftstack_train.attention.resolve_attn_impl`` decides it: flex for verified model types
-    (sdpa when attention dropout is on), eager for the others. Raises ValueError for a path the
-    job would refuse."""
+def attn_path_for(shape: ModelShape, requested: str, gpu: Gpu) -> str:
+    """The attention path the job takes on ``gpu`` for ``attn_impl: requested``, as
+    ``ftstack_train.attention.resolve_attn_impl`` decides it: flex for verified model types on a
+    GPU whose shared memory holds its kernels (sdpa on others, and when attention dropout is on),
+    eager for the others. Raises ValueError for a path the job would refuse."""
     fused = shape.model_type in VERIFIED
     if requested == "auto":
-        return "eager" if not fused else "sdpa" if shape.attn_dropout else "flex"
+        return "eager" if not fused else "sdpa" if shape.attn_dropout or not gpu.flex else "flex"
     if requested not in ATTN_PATHS:
         raise ValueError(f"--attn-impl: {requested!r} is not one of auto, {', '.join(ATTN_PATHS)}")
     if requested != "eager" and not fused:
@@ -95,11 +95,17 @@ class Setup:
     max_seq_len: int
     micro_batch: int
     activation_checkpointing: bool = True
-    attn_path: str = "flex"
+    attn_impl: str = "auto"
+    """As the job's ``attn_impl``: ``attn_path`` is what it becomes on this instance type's GPU."""
     nodes: int = 1
     sharding: str = "auto"
     compute_bytes: int = 2
     """2 for bf16 compute (the job on GPU), 4 for fp32 (CPU, used to check the model on a CPU run)."""
+
+    @property
+    def attn_path(self) -> str:
+        """The attention path the job takes (``attn_path_for``)."""
+        return attn_path_for(self.shape, self.attn_impl, self.instance.gpu)
 
 
 @dataclass(frozen=True)

@@ -78,10 +78,10 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
     try:
         shape = model_shape(args.model)
         instance = instance_type(args.instance_type)
-        attn = attn_path_for(shape, args.attn_impl)
+        attn_path_for(shape, args.attn_impl, instance.gpu)  # a ValueError for a path the job would refuse
     except (ModelShapeError, UnknownInstanceType, ValueError) as exc:
         raise EstimateInputError(str(exc)) from None
-    return Setup(shape, instance, args.max_seq_len, args.micro_batch, args.activation_checkpointing, attn,
+    return Setup(shape, instance, args.max_seq_len, args.micro_batch, args.activation_checkpointing, args.attn_impl,
                  args.instance_count, args.sharding)
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ftstack_train.contract import flex_fits
+
 PRICE_DATE = "mid-2025"
 """When the prices below were last seen (from memory, not fetched)."""
 
@@ -45,19 +47,29 @@ class Gpu:
     bf16: bool = True
     """Whether it has bf16 tensor cores; without them the job's default precision crawls, so no
     estimate proposes such a type."""
+    shared_memory: int = 101376
+    """Shared memory one CUDA block may opt in to, in bytes (``shared_memory_per_block_optin``;
+    CUDA programming guide, compute capabilities table): 163 KiB on A100, 227 KiB on H100/H200,
+    99 KiB on the A10G, L4 and L40S (compute capability 8.6/8.9), 96 KiB on V100, 64 KiB on T4."""
+
+    @property
+    def flex(self) -> bool:
+        """Whether FlexAttention's kernels fit it (``flex_fits``)."""
+        return flex_fits(self.shared_memory)
+
 
 
 A10G = Gpu("A10G", 23028, 70.0)
 L4 = Gpu("L4", 23034, 121.0)
 L40S = Gpu("L40S", 46068, 362.0)
-A100_40 = Gpu("A100-SXM4-40GB", 40960, 312.0)
-A100_80 = Gpu("A100-SXM4-80GB", 81920, 312.0)
-H100 = Gpu("H100-SXM-80GB", 81559, 989.0)
-H200 = Gpu("H200-SXM-141GB", 143771, 989.0)
+A100_40 = Gpu("A100-SXM4-40GB", 40960, 312.0, shared_memory=166912)
+A100_80 = Gpu("A100-SXM4-80GB", 81920, 312.0, shared_memory=166912)
+H100 = Gpu("H100-SXM-80GB", 81559, 989.0, shared_memory=232448)
+H200 = Gpu("H200-SXM-141GB", 143771, 989.0, shared_memory=232448)
 # No bf16 tensor cores: the job's bf16 runs at about their fp32 peak, which is given instead.
-V100_16 = Gpu("V100-SXM2-16GB", 16160, 15.7, bf16=False)
-V100_32 = Gpu("V100-SXM2-32GB", 32510, 15.7, bf16=False)
-T4 = Gpu("T4", 15360, 8.1, bf16=False)
+V100_16 = Gpu("V100-SXM2-16GB", 16160, 15.7, bf16=False, shared_memory=98304)
+V100_32 = Gpu("V100-SXM2-32GB", 32510, 15.7, bf16=False, shared_memory=98304)
+T4 = Gpu("T4", 15360, 8.1, bf16=False, shared_memory=65536)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ would, else it ends with a registered model package as the real one does.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import boto3
 import pytest

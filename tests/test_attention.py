@@ -5,6 +5,7 @@ loss and every gradient, packed and unpacked, fp32 and bf16."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -197,6 +198,20 @@ def test_alibi_bias_is_mpts_up_to_a_constant_per_query():
     assert torch.isinf(ours[:, ~allowed]).all()
 
 
+A100, A10G = 166912, 101376
+"""Shared memory per block (opt-in) as the driver reports it: A100 (compute capability 8.0), and
+the A10G of ml.g5 (8.6, as the L4 and L40S of 8.9)."""
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """Makes ``torch.cuda.get_device_properties`` answer for a GPU with the given shared memory."""
+    def use(shared_memory: int) -> None:
+        properties = types.SimpleNamespace(shared_memory_per_block_optin=shared_memory)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
+    return use
+
+
 @pytest.mark.parametrize("requested, device, model_type, dropout, expected", [
     ("auto", "cpu", "mpt", 0.0, "sdpa"),
     ("auto", "cpu", "llama", 0.0, "sdpa"),
@@ -206,8 +221,19 @@ def test_alibi_bias_is_mpts_up_to_a_constant_per_query():
     ("eager", "cuda", "mpt", 0.0, "eager"),
     ("sdpa", "cuda", "mpt", 0.0, "sdpa"),
 ])
-def test_auto_takes_the_fastest_exact_path(requested, device, model_type, dropout, expected):
+def test_auto_takes_the_fastest_exact_path(gpu, requested, device, model_type, dropout, expected):
+    gpu(A100)
     assert resolve_attn_impl(requested, torch.device(device), model_type, dropout) == expected
+
+
+@pytest.mark.parametrize("model_type", ["mpt", "llama"])
+def test_on_a_gpu_whose_shared_memory_cannot_hold_flexs_kernels_auto_takes_sdpa(gpu, model_type):
+    """inductor compiles FlexAttention with its A100 blocks on every 8.x GPU, which needs 128 KiB of
+    shared memory at head dimension 128; the A10G, L4 and L40S have 99 KiB. Asked for by name,
+    flex is still tried."""
+    gpu(A10G)
+    assert resolve_attn_impl("auto", torch.device("cuda"), model_type) == "sdpa"
+    assert resolve_attn_impl("flex", torch.device("cuda"), model_type) == "flex"
 
 
 @pytest.mark.parametrize("requested, device, model_type, dropout, words", [
@@ -215,7 +241,8 @@ def test_auto_takes_the_fastest_exact_path(requested, device, model_type, dropou
     ("flex", "cuda", "mpt", 0.1, "dropout"),
     ("sdpa", "cpu", "gpt_neox", 0.0, "verified for mpt, llama models only"),
 ])
-def test_a_path_that_cannot_train_is_refused_with_the_key(requested, device, model_type, dropout, words):
+def test_a_path_that_cannot_train_is_refused_with_the_key(gpu, requested, device, model_type, dropout, words):
+    gpu(A100)
     with pytest.raises(ConfigError, match=rf"^attn_impl: .*{words}.*; use "):
         resolve_attn_impl(requested, torch.device(device), model_type, dropout)
 

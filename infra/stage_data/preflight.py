@@ -72,30 +72,30 @@ def check_memory(request: Request, settings: Settings, shape: ModelShape | None,
     if shape is None:
         return {"estimated": False, "note": f"no memory estimate: {why_none}"}
     cfg = request.config
-    try:
-        attn = attn_path_for(shape, cfg.attn_impl)
-    except ValueError as exc:
-        raise InvalidInput(f"hyperparameters.attn_impl: {str(exc).removeprefix('--attn-impl: ')}") from None
     estimates: dict[str, Estimate] = {}
     for name in request.instance_types:
         instance = INSTANCE_TYPES.get(name)
         if instance is not None:  # batch_split already passed for it (request._check_batches)
+            try:
+                attn_path_for(shape, cfg.attn_impl, instance.gpu)
+            except ValueError as exc:
+                raise InvalidInput(f"hyperparameters.attn_impl: {str(exc).removeprefix('--attn-impl: ')}") from None
             micro, _ = batch_split(cfg, instance.gpus * request.instance_count, "cuda")
             estimates[name] = estimate_memory(Setup(
-                shape, instance, cfg.max_seq_len, micro, cfg.activation_checkpointing, attn, request.instance_count,
+                shape, instance, cfg.max_seq_len, micro, cfg.activation_checkpointing, cfg.attn_impl, request.instance_count,
                 cfg.sharding, 4 if cfg.precision == "fp32" else 2))
     unknown = [name for name in request.instance_types if name not in estimates]
     micro_batch = sized_micro_batch(request, estimates) if not unknown else None
     if micro_batch:
         estimates = {name: estimate_memory(replace(e.setup, micro_batch=micro_batch)) for name, e in estimates.items()}
     report = {
-        "estimated": True, "model": shape.name, "attn_path": attn, "forced": request.force, "not_estimated": unknown,
+        "estimated": True, "model": shape.name, "forced": request.force, "not_estimated": unknown,
         "micro_batch": micro_batch,
-        "instance_types": {name: {"peak_gib": round(e.peak / GIB, 1), "budget_gib": round(e.budget / GIB, 1), "fits": e.fits}
-                           for name, e in estimates.items()},
+        "instance_types": {name: {"peak_gib": round(e.peak / GIB, 1), "budget_gib": round(e.budget / GIB, 1), "fits": e.fits,
+                                  "attn_path": e.setup.attn_path} for name, e in estimates.items()},
     }
     if estimates and not unknown and not any(e.fits for e in estimates.values()) and not request.force:
-        raise InsufficientGpuMemory(_message(request, settings, attn, list(estimates.values())))
+        raise InsufficientGpuMemory(_message(request, settings, list(estimates.values())))
     return report
 
 
@@ -122,16 +122,17 @@ def staged_hyperparameters(request: Request, report: dict[str, Any]) -> dict[str
     return request.hyperparameters | ({MICRO_BATCH_KEY: str(micro_batch)} if micro_batch else {})
 
 
-def _message(request: Request, settings: Settings, attn: str, estimates: list[Estimate]) -> str:
+def _message(request: Request, settings: Settings, estimates: list[Estimate]) -> str:
     cfg, shape = request.config, estimates[0].setup.shape
     lines = [f"base_model {request.base_model} ({shape.model_type}, {shape.n_params / 1e9:.1f}B parameters) at max_seq_len "
-             f"{cfg.max_seq_len}, activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}, attention "
-             f"{attn}, {request.instance_count} instance(s): the estimated per-GPU peak exceeds the budget "
+             f"{cfg.max_seq_len}, activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}, attn_impl "
+             f"{cfg.attn_impl}, {request.instance_count} instance(s): the estimated per-GPU peak exceeds the budget "
              f"({SAFETY_FRACTION:.0%} of GPU memory) on every instance type this run may use, so no instance was started."]
     for e in estimates:
         t = e.setup.instance
         lines.append(f"{t.name} ({t.gpus} x {t.gpu.name}, {t.gpu_bytes / GIB:.1f} GiB each; micro batch {e.setup.micro_batch}, "
-                     f"states sharded over {e.shard} GPUs): peak {e.peak / GIB:.1f} GiB > budget {e.budget / GIB:.1f} GiB")
+                     f"attention {e.setup.attn_path}, states sharded over {e.shard} GPUs): peak {e.peak / GIB:.1f} GiB > "
+                     f"budget {e.budget / GIB:.1f} GiB")
         lines += [f"  {item}: {size / GIB:.2f} GiB" for item, size in e.items.items()]
         lines.append(f"  optimizer step peak: {e.optimizer_peak / GIB:.2f} GiB")
     allowed = {name: INSTANCE_TYPES[name] for name in settings.allowed_instance_types if name in INSTANCE_TYPES}

@@ -37,9 +37,10 @@ def test_a_run_that_fits_no_instance_type_fails_with_the_itemized_estimate():
     with pytest.raises(InsufficientGpuMemory) as failed:
         preflight(DOOMED)
     message = str(failed.value)
-    expected = estimate_memory(Setup(KNOWN_MODELS["mpt-7b"], INSTANCE_TYPES["ml.g5.12xlarge"], 2048, 8, False, "flex"))
+    # attn_impl auto: on the A10G, sdpa (FlexAttention's kernels do not fit its shared memory).
+    expected = estimate_memory(Setup(KNOWN_MODELS["mpt-7b"], INSTANCE_TYPES["ml.g5.12xlarge"], 2048, 8, False, "sdpa"))
     assert not expected.fits and expected.peak > 90 * 2**30
-    assert f"ml.g5.12xlarge (4 x A10G, 22.5 GiB each; micro batch 8, states sharded over 4 GPUs): peak " \
+    assert f"ml.g5.12xlarge (4 x A10G, 22.5 GiB each; micro batch 8, attention sdpa, states sharded over 4 GPUs): peak " \
            f"{expected.peak / 2**30:.1f} GiB > budget 18.0 GiB" in message
     for item, size in expected.items.items():
         assert f"  {item}: {size / 2**30:.2f} GiB" in message
@@ -62,12 +63,12 @@ def test_force_must_be_a_boolean():
 
 
 def test_a_fallback_that_fits_lets_the_run_go_on_with_its_types_in_order():
-    # MPT-7B at the defaults: 16 GB V100s cannot hold it (16.2 GiB > 12.6), the g5.48xlarge fallback can.
+    # MPT-7B at the defaults: 16 GB V100s cannot hold it (16.3 GiB > 12.6), the g5.48xlarge fallback can.
     settings = staging_settings(BUCKET, fallback_instance_types=["ml.g5.48xlarge"])
     request = check_input({"train_data": TRAIN, "instance_type": "ml.p3.16xlarge"}, settings)
     report = check_memory(request, settings, *base_model_shape(None, BUCKET, request))
     assert request.instance_types == ["ml.p3.16xlarge", "ml.g5.48xlarge"]
-    assert report["instance_types"]["ml.p3.16xlarge"] == {"peak_gib": 16.2, "budget_gib": 12.6, "fits": False}
+    assert report["instance_types"]["ml.p3.16xlarge"] == {"peak_gib": 16.3, "budget_gib": 12.6, "fits": False, "attn_path": "sdpa"}
     assert report["instance_types"]["ml.g5.48xlarge"]["fits"] is True
 
 
@@ -101,7 +102,7 @@ def test_an_s3_base_model_is_estimated_from_its_config_json_in_s3(config, outcom
         s3.put_object(Bucket=BUCKET, Key="base-models/m/config.json", Body=config)
         model = {"base_model": f"s3://{BUCKET}/base-models/m/"}
         if outcome == "fails":
-            with pytest.raises(InsufficientGpuMemory, match=r"peak 96\.5 GiB > budget 18\.0 GiB"):
+            with pytest.raises(InsufficientGpuMemory, match=r"attention sdpa, .*: peak 100\.8 GiB > budget 18\.0 GiB"):
                 preflight(DOOMED | model, s3=s3)
             assert preflight(DOOMED | model | {"force": True}, s3=s3)["model"] == f"s3://{BUCKET}/base-models/m/config.json"
         else:
@@ -132,7 +133,8 @@ def test_staging_fails_before_reading_the_data_and_reports_the_estimate_when_it_
         records = "".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(40))
         s3.put_object(Bucket=BUCKET, Key="incoming/train.jsonl", Body=records.encode())
         result = stage(Execution("run-1", {"train_data": TRAIN}), staging_settings(BUCKET), s3)
-    assert result["preflight"]["instance_types"]["ml.p4d.24xlarge"] == {"peak_gib": 16.2, "budget_gib": 32.0, "fits": True}
+    assert result["preflight"]["instance_types"]["ml.p4d.24xlarge"] == {"peak_gib": 16.2, "budget_gib": 32.0, "fits": True,
+                                                                        "attn_path": "flex"}
     json.dumps(result)  # Step Functions gets it as JSON
 
 

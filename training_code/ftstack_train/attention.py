@@ -9,7 +9,8 @@ exact replacements, chosen by ``attn_impl``:
   work is the sum of the examples' squared lengths. Runs anywhere, training included.
 - ``flex``: FlexAttention with a block mask built once per batch from the segment ids (blocks
   between two examples are skipped, not computed) and ALiBi as a score modification; compiled.
-  Its backward pass needs a GPU.
+  Its backward pass needs a GPU, and its kernels need more shared memory than the A10G, L4 and
+  L40S have (``contract.FLEX_SHARED_MEMORY``): ``auto`` takes it on A100, H100 and H200.
 
 Padding (segment 0) attends to nothing and its output is zero; it never reaches a loss, so losses
 and gradients equal the eager path's, and so do the logits of every real token (in fp32 to
@@ -42,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .contract import VERIFIED_MODEL_TYPES as VERIFIED
+from .contract import flex_fits
 from .errors import ConfigError
 
 IMPLEMENTATION = "ftstack_packed"
@@ -54,12 +56,13 @@ LAYOUT_KWARG = "ftstack_layout"
 
 def resolve_attn_impl(requested: str, device: torch.device, model_type: str, dropout: float = 0.0) -> str:
     """The attention path a run takes: ``auto`` picks the fastest exact one for the device and
-    model (``flex`` on GPU, ``sdpa`` on CPU, ``eager`` for unverified model types). An explicit
-    choice the device or model cannot train with is a ConfigError."""
+    model (``flex`` on a GPU whose shared memory holds its kernels, ``sdpa`` on others and on CPU,
+    ``eager`` for unverified model types). An explicit choice the device or model cannot train
+    with is a ConfigError; ``flex`` asked for on a GPU of less shared memory is tried all the same."""
     fused = model_type in VERIFIED
     flex_ok = device.type == "cuda" and dropout == 0.0 and _has_flex()
     if requested == "auto":
-        return "eager" if not fused else "flex" if flex_ok else "sdpa"
+        return "eager" if not fused else "flex" if flex_ok and _flex_fits(device) else "sdpa"
     if requested in ("sdpa", "flex") and not fused:
         raise ConfigError(
             f"attn_impl: {requested} is verified for {', '.join(VERIFIED)} models only, not {model_type!r}; use auto or eager"
@@ -76,6 +79,12 @@ def attention_dropout(config) -> float:
     if config.model_type == "mpt":
         return float(config.attn_config.attn_pdrop or 0.0)
     return float(getattr(config, "attention_dropout", 0.0) or 0.0)
+
+
+def _flex_fits(device: torch.device) -> bool:
+    """Whether FlexAttention's compiled kernels fit the GPU's shared memory (``contract.flex_fits``)."""
+    properties = torch.cuda.get_device_properties(device)
+    return flex_fits(getattr(properties, "shared_memory_per_block_optin", 0))
 
 
 def _has_flex() -> bool:

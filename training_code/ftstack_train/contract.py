@@ -138,3 +138,19 @@ class SageMakerPaths:
     @property
     def failure_file(self) -> Path:
         return self.output / FAILURE_FILE
+
+
+FLEX_SHARED_MEMORY = 128 * 1024
+"""Shared memory FlexAttention's forward kernel takes for bf16 and a head dimension of 128 (MPT-7B,
+Llama) with the configuration inductor picks on every GPU of compute capability 8.x (its A100
+table, torch/_inductor/template_heuristics/triton.py: 128 x 64 blocks, 3 stages, so (128 x 128 +
+3 x 2 x 64 x 128) x 2 bytes). A GPU that opts in to no more per block cannot compile it (pytorch
+issue 133254: 131,074 bytes asked for, 101,376 available on compute capability 8.9): the A10G,
+L4 and L40S. ``attn_impl: auto`` takes sdpa there."""
+
+
+def flex_fits(shared_memory: int) -> bool:
+    """Whether a GPU that opts in to ``shared_memory`` bytes per block compiles FlexAttention's
+    kernels for the models ftstack verifies. The job asks the driver; the estimator
+    (``ftstack.instances``) its table of GPUs."""
+    return shared_memory > FLEX_SHARED_MEMORY
