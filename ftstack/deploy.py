@@ -21,7 +21,9 @@ from .serving import (
     instance_gpus, invoke_body, invoke_command, production_variant, resource_name,
 )
 
-_WAITING = ("Creating", "Updating", "SystemUpdating")
+_WAITING = ("Creating", "Updating", "SystemUpdating", "RollingBack")
+"""Endpoint states that end by themselves, in which SageMaker refuses an update (botocore's
+EndpointStatus enum)."""
 
 
 def _package(sagemaker: Any, arn: str) -> dict[str, Any]:

@@ -61,10 +61,19 @@ def attn_path_for(shape: ModelShape, requested: str, gpu: Gpu) -> str:
     """The attention path the job takes on ``gpu`` for ``attn_impl: requested``, as
     ``ftstack_train.attention.resolve_attn_impl`` decides it: flex for verified model types on a
     GPU whose shared memory holds its kernels (sdpa on others, and when attention dropout is on),
-    eager for the others. Raises ValueError for a path the job would refuse."""
+    eager for the others. Raises ValueError for a path the job would refuse (``check_attn_impl``)."""
+    check_attn_impl(shape, requested)
+    if requested == "auto":
+        fused = shape.model_type in VERIFIED
+        return "eager" if not fused else "sdpa" if shape.attn_dropout or not gpu.flex else "flex"
+    return requested
+
+
+def check_attn_impl(shape: ModelShape, requested: str) -> None:
+    """ValueError for an ``attn_impl`` the job refuses for this model on any GPU."""
     fused = shape.model_type in VERIFIED
     if requested == "auto":
-        return "eager" if not fused else "sdpa" if shape.attn_dropout or not gpu.flex else "flex"
+        return
     if requested not in ATTN_PATHS:
         raise ValueError(f"--attn-impl: {requested!r} is not one of auto, {', '.join(ATTN_PATHS)}")
     if requested != "eager" and not fused:
@@ -72,7 +81,6 @@ def attn_path_for(shape: ModelShape, requested: str, gpu: Gpu) -> str:
                          f"{shape.model_type!r}; use auto or eager")
     if requested == "flex" and shape.attn_dropout:
         raise ValueError("--attn-impl: FlexAttention does not apply attention dropout; use auto or sdpa")
-    return requested
 
 
 def shard_size(instance: InstanceType, nodes: int, sharding: str = "auto") -> int:

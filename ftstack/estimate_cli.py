@@ -10,7 +10,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .estimate import SAFETY_FRACTION, Estimate, Setup, attn_path_for, estimate_memory, smallest_changes
+from .estimate import SAFETY_FRACTION, Estimate, Setup, check_attn_impl, estimate_memory, smallest_changes
 from .instances import INSTANCE_TYPES, PRICE_CAVEAT, UnknownInstanceType, instance_type
 from .model_shapes import KNOWN_MODELS, ModelShapeError, model_shape
 
@@ -78,7 +78,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
     try:
         shape = model_shape(args.model)
         instance = instance_type(args.instance_type)
-        attn_path_for(shape, args.attn_impl, instance.gpu)  # a ValueError for a path the job would refuse
+        check_attn_impl(shape, args.attn_impl)
     except (ModelShapeError, UnknownInstanceType, ValueError) as exc:
         raise EstimateInputError(str(exc)) from None
     return Setup(shape, instance, args.max_seq_len, args.micro_batch, args.activation_checkpointing, args.attn_impl,

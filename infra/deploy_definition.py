@@ -5,10 +5,10 @@
 Describe the approved package -> ignore it unless it is Approved, of this group and its newest
 approved package -> check its model files against the manifest and object versions registered
 with it (Lambda) -> create a Model and an EndpointConfig named after this change of the package
-(a duplicate event's execution stops there) -> create the endpoint, or update it to the new
-config once no other deployment is creating or updating it (and only if the package is still the
-newest) -> poll until InService on the new config -> notify with the endpoint and an
-``invoke-endpoint`` example. Any failure notifies with the reason; an update that fails leaves the
+(an execution for the same change finds them made and goes on with them) -> create the endpoint,
+or update it to the new config once no other deployment is creating or updating it (and only if
+the package is still the newest) -> poll until InService on the new config -> notify with the
+endpoint and an ``invoke-endpoint`` example. Any failure notifies with the reason; an update that fails leaves the
 previous config serving (SageMaker rolls the endpoint back), and nothing here deletes it.
 """
 
@@ -48,8 +48,9 @@ ALREADY_EXISTS = "*Cannot create already existing*"
 """SageMaker's message (a ValidationException) when a model, config or endpoint of that name exists."""
 IN_PROGRESS = "*Cannot update in-progress endpoint*"
 """UpdateEndpoint's message (a ValidationException) for an endpoint being created or updated."""
-BUSY = ("Creating", "Updating", "SystemUpdating")
-"""Endpoint states that end by themselves, in which SageMaker refuses an update."""
+BUSY = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting")
+"""Endpoint states that end by themselves, in which SageMaker refuses an update (botocore's
+EndpointStatus enum)."""
 
 THROTTLE_RETRY = [{"ErrorEquals": ["SageMaker.ThrottlingException", "ThrottlingException"],
                    "IntervalSeconds": 5, "BackoffRate": 2.0, "MaxAttempts": 5}]
@@ -120,6 +121,13 @@ def _newest_states(again: str, then: str) -> dict[str, Any]:
     }
 
 
+def _exists(name: str, then: str) -> dict[str, Any]:
+    """A Choice after a Create call's Catch: on to ``then`` when SageMaker refused because the
+    name exists, else the failure notification."""
+    return {name: {"Type": "Choice", "Choices": [{"Variable": "$.error.Cause", "StringMatches": ALREADY_EXISTS, "Next": then}],
+                   "Default": "NotifyFailed"}}
+
+
 def _check_states(s: DeploySettings) -> dict[str, Any]:
     present = [{"Variable": path, "IsPresent": True} for path in (
         f"{PACKAGE_CONTAINER}.Image", f"{PACKAGE_CONTAINER}.ModelDataSource.S3DataSource.S3Uri",
@@ -160,7 +168,7 @@ def _check_states(s: DeploySettings) -> dict[str, Any]:
             "Retry": LAMBDA_RETRY, "Catch": _catch(), "Next": "Changed?",
         },
         # Names of the package's change: SageMaker may send several events for one change, and
-        # their executions then name the same model, which only the first can create (Duplicate?).
+        # their executions then name the same model and config, and serve the same (ModelExists?).
         # A later change (approved again after a rejection) gets names of its own. LastModifiedTime
         # is not a required member: a package registered as Approved may have only CreationTime.
         "Changed?": {
@@ -198,39 +206,48 @@ def _create_states(s: DeploySettings) -> dict[str, Any]:
                 # The model is local to the container: it needs no network.
                 "EnableNetworkIsolation": True,
             },
-            "ResultPath": None, "Retry": SAGEMAKER_RETRY, "Catch": _catch("Duplicate?"), "Next": "CreateEndpointConfig",
+            "ResultPath": None, "Retry": SAGEMAKER_RETRY, "Catch": _catch("ModelExists?"), "Next": "CreateEndpointConfig",
         },
-        "Duplicate?": {
-            "Type": "Choice",
-            "Choices": [{"Variable": "$.error.Cause", "StringMatches": ALREADY_EXISTS, "Next": "Duplicate"}],
-            "Default": "NotifyFailed",
-        },
-        "Duplicate": {"Type": "Succeed", "Comment": "another execution deploys this very change of the package"},
+        # A name of this change that exists was made by another execution for the same change (a
+        # duplicate event), or by this one in a call that failed after it took effect: either way
+        # it is this change's, and the deployment goes on with it (the names make it idempotent).
+        **_exists("ModelExists?", "CreateEndpointConfig"),
         "CreateEndpointConfig": {
             "Type": "Task", "Resource": _sdk("createEndpointConfig"),
             "Parameters": {"EndpointConfigName.$": "$.deploy.name", "ProductionVariants": [
                 production_variant(s.instance_type) | {"ModelName.$": "$.deploy.name"}]},
-            "ResultPath": None, "Retry": SAGEMAKER_RETRY, "Catch": _catch(), "Next": "FindEndpoint",
+            "ResultPath": None, "Retry": SAGEMAKER_RETRY, "Catch": _catch("ConfigExists?"), "Next": "FindEndpoint",
         },
+        **_exists("ConfigExists?", "FindEndpoint"),
         "FindEndpoint": {
             "Type": "Task", "Resource": _sdk("describeEndpoint"), "Parameters": {"EndpointName": s.endpoint},
-            # EndpointStatus only: a ResultSelector path that is missing (EndpointConfigName is not
-            # a required member of the answer) would be States.Runtime, which no Catch handles.
-            "ResultSelector": {"status.$": "$.EndpointStatus"},
             # A missing endpoint is a SageMakerException, as a throttled call is (SageMaker's model
             # declares no ThrottlingException): NoEndpoint? tells them apart by SageMaker's message.
             "ResultPath": "$.previous", "Retry": THROTTLE_RETRY,
             "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.lookup", "Next": "NoEndpoint?"}],
-            "Next": "Updatable?",
+            "Next": "HasConfig?",
+        },
+        # Already on this change's config (another execution for it updated the endpoint): wait
+        # for it to serve. EndpointConfigName is not a required member: asked about first.
+        "HasConfig?": {
+            "Type": "Choice",
+            "Choices": [{"Variable": "$.previous.EndpointConfigName", "IsPresent": True, "Next": "OnThisConfig?"}],
+            "Default": "Updatable?",
+        },
+        "OnThisConfig?": {
+            "Type": "Choice",
+            "Choices": [{"Variable": "$.previous.EndpointConfigName", "StringEqualsPath": "$.deploy.name", "Next": "Wait"}],
+            "Default": "Updatable?",
         },
         # SageMaker refuses to update a Failed endpoint ("Cannot update failed endpoint"): say so,
         # with the fix, rather than pass its bare refusal on after every later approval. An
-        # endpoint being created or updated (another approval's deployment) cannot be updated
-        # either: wait for it, then update only if this package is still the newest approved.
+        # endpoint being created, updated, rolled back or deleted (another deployment, or by
+        # hand) cannot be updated either: wait for it, then go on only if this package is still
+        # the newest approved.
         "Updatable?": {
             "Type": "Choice",
-            "Choices": [{"Variable": "$.previous.status", "StringEquals": "Failed", "Next": "PreviousEndpointFailed"},
-                        {"Or": [{"Variable": "$.previous.status", "StringEquals": busy} for busy in BUSY],
+            "Choices": [{"Variable": "$.previous.EndpointStatus", "StringEquals": "Failed", "Next": "PreviousEndpointFailed"},
+                        {"Or": [{"Variable": "$.previous.EndpointStatus", "StringEquals": busy} for busy in BUSY],
                          "Next": "EndpointBusy"}],
             "Default": "UpdateEndpoint",
         },
@@ -286,8 +303,11 @@ def _poll_states(s: DeploySettings) -> dict[str, Any]:
                 # InService on another config: the update failed and SageMaker rolled it back.
                 {"Variable": "$.endpoint.FailureReason", "IsPresent": True, "Next": "EndpointFailed"},
             ],
-            "Default": "EndpointNotServing",
+            # On another config with no failure: a deployment of a newer package (which waited
+            # for this one) took over, or this package is still the newest and it is a failure.
+            "Default": "LastNewestApproved",
         },
+        **_newest_states("Last", "EndpointNotServing"),
         **_failure("EndpointFailed", "EndpointFailed", {"path": "$.endpoint.FailureReason"}),
         "EndpointNotServing": {
             "Type": "Pass",

@@ -227,7 +227,7 @@ def test_a_failed_endpoint_is_reported_with_the_fix_before_anything_is_created(s
     assert [c for c in calls.calls if c.operation.startswith("Create")] == []
 
 
-@pytest.mark.parametrize("status", ["Creating", "Updating", "SystemUpdating"])
+@pytest.mark.parametrize("status", ["Creating", "Updating", "SystemUpdating", "RollingBack"])
 def test_an_endpoint_being_changed_is_reported_before_anything_is_created(stack, calls, capsys, status):
     """SageMaker refuses to update an endpoint that is being created or updated ("Cannot update
     in-progress endpoint"): deploy says so first, instead of leaving a model and config behind."""

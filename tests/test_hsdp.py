@@ -138,7 +138,7 @@ def _train_steps(model, optimizer, steps: range, rank: int, micro: int, counted:
         finally:
             dist.all_reduce = all_reduce
         if counted is not None:
-            counted.append(sum(calls))
+            counted.append((sum(calls), len(calls)))  # across the replicas, and on any group
         norms.append(full_norm(_clip(model, MAX_NORM)).item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -322,12 +322,14 @@ def test_with_gradient_accumulation_gradients_cross_the_nodes_once_per_step(job)
     """HYBRID_SHARD's point is that only one all-reduce of the gradients per step crosses the
     network: with 2 micro batches a step, each sharded module all-reduces across the replicas in
     the last backward pass only (FSDP2 would do it in both); the result is the reference's all
-    the same (test_training_matches_an_unsharded_reference)."""
+    the same (test_training_matches_an_unsharded_reference). FULL_SHARD's reduce-scatter leaves
+    nothing to all-reduce."""
     for seen in job:
-        assert seen["fsdp_modules"] >= 2
-        assert seen["all_reduces"]["HYBRID_SHARD"] == [seen["fsdp_modules"]] * STEPS
-        assert seen["all_reduces"]["HYBRID_SHARD 4x1"] == [seen["fsdp_modules"]] * STEPS
-        assert seen["all_reduces"]["FULL_SHARD"] == [0] * STEPS  # one mesh dimension: nothing to all-reduce
+        modules = seen["fsdp_modules"]
+        assert modules >= 2
+        assert seen["all_reduces"]["HYBRID_SHARD"] == [(modules, modules)] * STEPS
+        assert seen["all_reduces"]["HYBRID_SHARD 4x1"] == [(modules, modules)] * STEPS
+        assert seen["all_reduces"]["FULL_SHARD"] == [(0, 0)] * STEPS
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from ftstack.estimate import (
-    SAFETY_FRACTION, Estimate, Setup, attn_path_for, estimate_memory, largest_micro_batch, smallest_changes,
+    SAFETY_FRACTION, Estimate, Setup, check_attn_impl, estimate_memory, largest_micro_batch, smallest_changes,
 )
 from ftstack.instances import INSTANCE_TYPES
 from ftstack.model_shapes import ALIASES, KNOWN_MODELS, ModelShape, ModelShapeError, shape_from_dict
@@ -72,14 +72,14 @@ def check_memory(request: Request, settings: Settings, shape: ModelShape | None,
     if shape is None:
         return {"estimated": False, "note": f"no memory estimate: {why_none}"}
     cfg = request.config
+    try:
+        check_attn_impl(shape, cfg.attn_impl)
+    except ValueError as exc:
+        raise InvalidInput(f"hyperparameters.attn_impl: {str(exc).removeprefix('--attn-impl: ')}") from None
     estimates: dict[str, Estimate] = {}
     for name in request.instance_types:
         instance = INSTANCE_TYPES.get(name)
         if instance is not None:  # batch_split already passed for it (request._check_batches)
-            try:
-                attn_path_for(shape, cfg.attn_impl, instance.gpu)
-            except ValueError as exc:
-                raise InvalidInput(f"hyperparameters.attn_impl: {str(exc).removeprefix('--attn-impl: ')}") from None
             micro, _ = batch_split(cfg, instance.gpus * request.instance_count, "cuda")
             estimates[name] = estimate_memory(Setup(
                 shape, instance, cfg.max_seq_len, micro, cfg.activation_checkpointing, cfg.attn_impl, request.instance_count,

@@ -278,25 +278,41 @@ def already_exists(kind: str):
     return refuse
 
 
-def test_the_names_are_the_package_changes_so_a_duplicate_event_stops_at_the_model():
+def test_the_names_are_the_package_changes_so_a_duplicate_event_serves_the_same_and_updates_nothing():
     """SageMaker may send several events for one change of a package: each execution names the
-    model after that change, the first creates it and the others stop there, quietly."""
+    model and config after that change. One that finds them made (by the other execution, or by a
+    call of its own that failed after it took effect) goes on with them, and finding the endpoint
+    on that config already, waits for it to serve, as the other does."""
     names = []
     for answers in ({}, {("sagemaker", "DescribeModelPackage"): [package(modified="2026-11-29T11:00:00Z")]},
                     {("sagemaker", "DescribeModelPackage"): [package(modified="2026-11-29T12:00:00Z")]}):
         _, _, calls = run(answers | {("sagemaker", "DescribeEndpoint"): [missing, endpoint("InService")]})
         names.append(calls.of("sagemaker", "CreateModel")[0].params["ModelName"])
     assert len(set(names)) == 3  # each change (created; approved at 11:00; approved again at 12:00) its own
-    result, _, calls = run({("sagemaker", "CreateModel"): [already_exists("model")]})
+    result, _, calls = run({("sagemaker", "CreateModel"): [already_exists("model")],
+                            ("sagemaker", "CreateEndpointConfig"): [already_exists("endpoint-config")],
+                            ("sagemaker", "DescribeEndpoint"): [endpoint("Updating"), endpoint("InService")]})
     assert result["status"] == "SUCCEEDED", result
     assert calls.of("sagemaker", "CreateModel")[0].params["ModelName"] == names[0]  # the same change, the same name
-    assert sagemaker(calls)[-1] == "CreateModel" and calls.of("sns", "Publish") == []
+    assert calls.of("sagemaker", "UpdateEndpoint") == [] and calls.of("sagemaker", "CreateEndpoint") == []
+    assert "serves at endpoint" in message(calls)
 
 
-def test_an_endpoint_being_updated_by_another_deployment_is_waited_for_then_updated():
+@pytest.mark.parametrize("refused", ["CreateModel", "CreateEndpointConfig"])
+def test_a_create_refused_for_another_reason_is_reported(refused):
+    def quota(request):
+        raise AwsError("ResourceLimitExceeded", "The account-level service limit 'Number of models' is 1000 Models")
+
+    result, _, calls = run({("sagemaker", refused): [quota]})
+    assert result["status"] == "FAILED", result
+    assert "'Number of models'" in message(calls) and calls.of("sagemaker", "CreateEndpoint") == []
+
+
+@pytest.mark.parametrize("busy", ["Updating", "RollingBack", "SystemUpdating"])
+def test_an_endpoint_being_updated_by_another_deployment_is_waited_for_then_updated(busy):
     old = resource_name(ENDPOINT, "an earlier execution")
     result, _, calls = run({("sagemaker", "DescribeEndpoint"): [
-        endpoint("Updating", old), endpoint("InService", old), endpoint("InService")]})
+        endpoint(busy, old), endpoint("InService", old), endpoint("InService")]})
     assert result["status"] == "SUCCEEDED", result
     assert sagemaker(calls).count("ListModelPackages") == 2  # still the newest once the endpoint was free
     (update,) = calls.of("sagemaker", "UpdateEndpoint")
@@ -309,6 +325,22 @@ def test_a_package_no_longer_the_newest_once_the_endpoint_is_free_is_not_deploye
                             ("sagemaker", "ListModelPackages"): [newest(), newest(newer)]})
     assert result["status"] == "SUCCEEDED", result
     assert calls.of("sagemaker", "UpdateEndpoint") == [] and calls.of("sagemaker", "CreateEndpoint") == []
+
+
+def test_a_deployment_a_newer_package_took_over_from_ends_quietly():
+    """A newer package's deployment waited for this one, then updated the endpoint before this
+    one saw it serve: not a failure of this one."""
+    newer = PACKAGE_ARN[:-1] + "4"
+    result, _, calls = run({("sagemaker", "DescribeEndpoint"): [missing, endpoint("InService", "newer-config")],
+                            ("sagemaker", "ListModelPackages"): [newest(), newest(newer)]})
+    assert result["status"] == "SUCCEEDED", result
+    assert calls.of("sns", "Publish") == []
+
+
+def test_an_endpoint_on_another_config_without_a_reason_is_a_failure_while_the_package_is_the_newest():
+    result, _, calls = run({("sagemaker", "DescribeEndpoint"): [missing, endpoint("InService", "other-config")]})
+    assert result["status"] == "FAILED" and result["error"] == "EndpointFailed", result
+    assert "the endpoint is InService on config other-config" in message(calls)
 
 
 @pytest.mark.parametrize("refusal", [

@@ -110,16 +110,19 @@ def test_an_s3_base_model_is_estimated_from_its_config_json_in_s3(config, outcom
             assert report["estimated"] is False and outcome in report["note"]
 
 
-def test_an_attention_path_the_job_would_refuse_for_the_model_is_an_input_error():
+@pytest.mark.parametrize("instance_type", [None, "ml.trn9.48xlarge"])  # None: the default; or one the estimator does not know
+def test_an_attention_path_the_job_would_refuse_for_the_model_is_an_input_error(instance_type):
     llama_like = {"model_type": "gpt_neox", "hidden_size": 512, "num_attention_heads": 8, "num_hidden_layers": 2,
                   "intermediate_size": 2048, "vocab_size": 1000}
+    settings = staging_settings(BUCKET, fallback_instance_types=[instance_type]) if instance_type else ONLY_FIRST
     with mock_aws():
         s3 = boto3.client("s3", region_name="us-east-1")
         s3.create_bucket(Bucket=BUCKET)
         s3.put_object(Bucket=BUCKET, Key="base-models/n/config.json", Body=json.dumps(llama_like).encode())
         with pytest.raises(InvalidInput, match="hyperparameters.attn_impl: flex is verified for mpt, llama models only"):
             preflight({"train_data": TRAIN, "base_model": f"s3://{BUCKET}/base-models/n/",
-                       "hyperparameters": {"attn_impl": "flex"}}, s3=s3)
+                       "hyperparameters": {"attn_impl": "flex"}} | ({"instance_type": instance_type} if instance_type else {}),
+                      settings, s3=s3)
 
 
 def test_staging_fails_before_reading_the_data_and_reports_the_estimate_when_it_goes_on():
