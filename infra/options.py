@@ -46,9 +46,10 @@ class TrainingOptions:
     max_runtime_hours: float = doc("StoppingCondition.MaxRuntimeInSeconds, in hours.", default=24.0)
     spot: bool = doc("Use managed spot training by default (resumes from checkpoints).", default=False)
     max_wait_hours: float = doc("With spot: longest wait for capacity plus run time, in hours.", default=48.0)
-    staging_concurrency: int = doc(
+    staging_concurrency: int | None = doc(
         "Reserved concurrency of the data-staging function: the most runs staged at once, and all it can take of "
-        "the account's Lambda concurrency (AWS keeps 100 of that unreserved). A run started beyond it waits, retrying for up to about 40 minutes.",
+        "the account's Lambda concurrency (AWS keeps 100 of that unreserved). A run started beyond it waits, retrying "
+        "for up to about 40 minutes. Empty: no reservation, for an account whose Lambda quota leaves none to reserve.",
         default=10,
     )
     network_isolation: bool = doc("No network access from the training container (base model must be in S3).", default=False)
@@ -101,8 +102,9 @@ def check_training(cfg: TrainingOptions, fail: Fail) -> None:
         fail("max_runtime_hours", "must be positive and at most 672 (28 days, SageMaker's limit)")
     if cfg.max_wait_hours < cfg.max_runtime_hours:
         fail("max_wait_hours", f"must be at least max_runtime_hours ({cfg.max_runtime_hours}); SageMaker requires it for spot")
-    if cfg.staging_concurrency < 1:
-        fail("staging_concurrency", "must be at least 1 (0 would throttle every run's staging), e.g. 10")
+    if cfg.staging_concurrency is not None and cfg.staging_concurrency < 1:
+        fail("staging_concurrency", "must be at least 1 (0 would throttle every run's staging), e.g. 10, or empty for "
+             "no reservation")
     if cfg.network_isolation and not cfg.base_model.startswith("s3://"):
         fail("base_model", "with network_isolation the container cannot reach the hub; give an s3:// URI of the model")
     if cfg.model_approval_status not in APPROVAL_STATUSES:

@@ -50,7 +50,7 @@ class StagingFunction(Construct):
     ``<prefix>scratch/<execution>/data/``."""
 
     def __init__(self, scope: Construct, construct_id: str, *, bucket: s3.IBucket, key: kms.IKey, settings: Settings,
-                 bucket_key: kms.IKey | None, reserved_concurrency: int, name: str | None = None) -> None:
+                 bucket_key: kms.IKey | None, reserved_concurrency: int | None, name: str | None = None) -> None:
         """``key`` encrypts the function's logs; ``bucket_key`` the bucket's objects (None: the
         bucket's default encryption). ``name``: the pipeline's (the stack's by default)."""
         super().__init__(scope, construct_id)

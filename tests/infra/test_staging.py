@@ -139,6 +139,17 @@ def test_staging_concurrency_is_read_from_context_and_checked():
         load_config({"staging_concurrency": 0})
     with pytest.raises(InfraConfigError, match=r"'staging_concurrency': 'ten' is not a whole number"):
         load_config({"staging_concurrency": "ten"})
+    # Empty: no reservation (`-c staging_concurrency=`), for an account whose Lambda quota is too low for one.
+    assert load_config({"staging_concurrency": ""}).staging_concurrency is None
+
+
+def test_without_a_reservation_the_function_takes_the_accounts_unreserved_concurrency(new_stack):
+    _, stack = new_stack()
+    storage = Storage(stack, "Storage", removal_policy=cdk.RemovalPolicy.RETAIN)
+    StagingFunction(stack, "Staging", bucket=storage.bucket, key=storage.key, bucket_key=storage.bucket_key,
+                    settings=typed(storage), reserved_concurrency=None)
+    (function,) = Template.from_stack(stack).find_resources("AWS::Lambda::Function", {"Properties": {"Handler": HANDLER}}).values()
+    assert "ReservedConcurrentExecutions" not in function["Properties"]
 
 
 def test_the_function_may_describe_its_own_workflows_executions_only(synthesized):
