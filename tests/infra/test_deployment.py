@@ -252,3 +252,37 @@ def test_sagemaker_calls_retry_what_a_throttled_call_is_named():
         retried = {error for retrier in state["Retry"] for error in retrier["ErrorEquals"]}
         assert ("SageMaker.SageMakerException" in retried) == (name != "FindEndpoint"), name
         assert "SageMaker.ThrottlingException" in retried, name
+
+
+def test_the_model_check_asset_imports_on_its_own(tmp_path):
+    """The model-check function's asset, as it is assembled (ASSET_MODULES), runs its handler's
+    imports with yaml, torch and transformers unimportable, and every ftstack module it loads is
+    the asset's own: a module left out of ASSET_MODULES would fail the first registration."""
+    import shutil
+    import subprocess
+    import sys
+
+    from ftstack.infra import model_check
+    from ftstack.infra.assets import lambda_code
+
+    asset = tmp_path / "asset"
+    shutil.copytree(lambda_code(model_check.ASSET_MODULES), asset)
+    script = f"""
+import json, sys
+for name in ("yaml", "torch", "transformers"):
+    sys.modules[name] = None
+sys.path.insert(0, {str(asset)!r})
+from ftstack.infra.model_check import handler
+try:
+    handler({{"check": "neither"}})  # imports what a real check imports, then refuses the event
+except ValueError as exc:
+    assert "neither" in str(exc), exc
+print(json.dumps(sorted(m.__file__ for n, m in sys.modules.items()
+      if m is not None and n.split(".")[0] in ("ftstack_train", "ftstack") and getattr(m, "__file__", None))))
+"""
+    done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=60,
+                          env={"AWS_DEFAULT_REGION": "us-east-1", "PATH": ""})
+    assert done.returncode == 0, done.stderr
+    files = json.loads(done.stdout)
+    assert any(f.endswith("ftstack/s3_model.py") for f in files)
+    assert all(f.startswith(str(asset)) for f in files), files
