@@ -293,11 +293,13 @@ def _poll_states(s: DeploySettings) -> dict[str, Any]:
             "Type": "Task", "Resource": _sdk("describeEndpoint"), "Parameters": {"EndpointName": s.endpoint},
             "ResultPath": "$.endpoint", "Retry": SAGEMAKER_RETRY, "Catch": _catch(), "Next": "Serving?",
         },
+        # EndpointConfigName and FailureReason are not required members of the answer: each is
+        # asked about before it is read (a missing path would be States.Runtime, caught by nothing).
         "Serving?": {
             "Type": "Choice",
             "Choices": [
-                {"And": [{"Variable": status, "StringEquals": "InService"},
-                         {"Variable": config, "StringEqualsPath": "$.deploy.name"}], "Next": "NotifyServing"},
+                {"And": [{"Variable": status, "StringEquals": "InService"}, {"Variable": config, "IsPresent": True}],
+                 "Next": "OnThisConfigNow?"},
                 {"Or": [{"Variable": status, "StringEquals": busy} for busy in BUSY],
                  "Next": "Wait"},
                 # InService on another config: the update failed and SageMaker rolled it back.
@@ -307,12 +309,29 @@ def _poll_states(s: DeploySettings) -> dict[str, Any]:
             # for this one) took over, or this package is still the newest and it is a failure.
             "Default": "LastNewestApproved",
         },
+        "OnThisConfigNow?": {
+            "Type": "Choice",
+            "Choices": [{"Variable": config, "StringEqualsPath": "$.deploy.name", "Next": "NotifyServing"},
+                        {"Variable": "$.endpoint.FailureReason", "IsPresent": True, "Next": "EndpointFailed"}],
+            "Default": "LastNewestApproved",
+        },
         **_newest_states("Last", "EndpointNotServing"),
         **_failure("EndpointFailed", "EndpointFailed", {"path": "$.endpoint.FailureReason"}),
         "EndpointNotServing": {
+            "Type": "Choice",
+            "Choices": [{"Variable": config, "IsPresent": True, "Next": "EndpointOnAnotherConfig"}],
+            "Default": "EndpointNotOnThisConfig",
+        },
+        "EndpointOnAnotherConfig": {
             "Type": "Pass",
             "Parameters": {"Error": "EndpointFailed",
-                           "Cause.$": "States.Format('the endpoint is {} on config {}', $.endpoint.EndpointStatus, $.endpoint.EndpointConfigName)"},
+                           "Cause.$": f"States.Format('the endpoint is {{}} on config {{}}', {status}, {config})"},
+            "ResultPath": "$.error", "Next": "NotifyFailed",
+        },
+        "EndpointNotOnThisConfig": {
+            "Type": "Pass",
+            "Parameters": {"Error": "EndpointFailed",
+                           "Cause.$": f"States.Format('the endpoint is {{}}, not on config {{}}', {status}, $.deploy.name)"},
             "ResultPath": "$.error", "Next": "NotifyFailed",
         },
     }

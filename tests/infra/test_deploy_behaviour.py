@@ -343,6 +343,17 @@ def test_an_endpoint_on_another_config_without_a_reason_is_a_failure_while_the_p
     assert "the endpoint is InService on config other-config" in message(calls)
 
 
+def test_an_answer_without_its_optional_config_name_is_reported_not_left_to_a_runtime_error():
+    """EndpointConfigName is not a required member of DescribeEndpoint's answer: the workflow asks
+    whether it is there before it reads it, and notifies."""
+    def bare(request):
+        return {k: v for k, v in endpoint("InService")(request).items() if k != "EndpointConfigName"}
+
+    result, _, calls = run({("sagemaker", "DescribeEndpoint"): [missing, bare]})
+    assert result["status"] == "FAILED" and result["error"] == "EndpointFailed", result
+    assert "the endpoint is InService, not on config" in message(calls)
+
+
 @pytest.mark.parametrize("refusal", [
     ("UpdateEndpoint", AwsError("ValidationException", f'Cannot update in-progress endpoint "arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/{ENDPOINT}".')),
     ("CreateEndpoint", None),
