@@ -17,13 +17,9 @@ from .aws import SERVING_ROLE, AwsError, aws_errors, error_code, find_stack, ses
 from .models import MODEL_PACKAGE_ARN
 from .s3_model import VERSIONS_SHA256, verify_s3_model
 from .serving import (
-    ServingError, answer_text, check_endpoint_name, deploy_environment,
+    CHANGING, ServingError, answer_text, check_endpoint_name, deploy_environment,
     instance_gpus, invoke_body, invoke_command, production_variant, resource_name,
 )
-
-_WAITING = ("Creating", "Updating", "SystemUpdating", "RollingBack")
-"""Endpoint states that end by themselves, in which SageMaker refuses an update (botocore's
-EndpointStatus enum)."""
 
 
 def _package(sagemaker: Any, arn: str) -> dict[str, Any]:
@@ -90,7 +86,7 @@ def _wait(sagemaker: Any, endpoint: str, config: str, poll: float) -> None:
         status = found.get("EndpointStatus")
         if status == "InService" and found.get("EndpointConfigName") == config:
             return
-        if status not in _WAITING:
+        if status not in CHANGING:
             reason = found.get("FailureReason", "no reason given")
             if status == "InService":  # on another config: rolled back
                 raise AwsError(f"endpoint {endpoint}: the update to {config} failed ({reason}); the endpoint still serves "
@@ -121,7 +117,7 @@ def deploy(args: argparse.Namespace) -> int:
     if previous and previous.get("EndpointStatus") == "Failed":  # SageMaker cannot update it
         raise AwsError(f"endpoint {endpoint} is Failed ({previous.get('FailureReason', 'no reason given')}) and SageMaker "
                        f"cannot update a failed endpoint; delete it first (ftstack undeploy {endpoint}), then deploy again")
-    if previous and previous.get("EndpointStatus") in _WAITING:  # nor one that is being created or updated
+    if previous and previous.get("EndpointStatus") in CHANGING:  # nor one that is being created or updated
         raise AwsError(f"endpoint {endpoint} is {previous['EndpointStatus']} (another deployment, or SageMaker's own "
                        "maintenance) and SageMaker cannot update it until that ends; run this again once it is InService "
                        f"(aws sagemaker wait endpoint-in-service --endpoint-name {endpoint})")

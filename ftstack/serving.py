@@ -45,6 +45,10 @@ folder a training job exports to."""
 VARIANT_NAME = "AllTraffic"
 """The endpoint's one production variant."""
 
+CHANGING = ("Creating", "Updating", "SystemUpdating", "RollingBack")
+"""Endpoint states (botocore's EndpointStatus enum) that end by themselves, and in which SageMaker
+refuses an update: ``ftstack deploy`` and the deploy workflow wait them out."""
+
 INFERENCE_AMI = "al2023-ami-sagemaker-inference-gpu-4-1"
 """The endpoint's host image (the variant's ``InferenceAmiVersion``): NVIDIA driver 580, CUDA 13.0,
 the only one of SageMaker's that runs the CUDA 13 vLLM container (``-cu130-`` tags); the others

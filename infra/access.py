@@ -35,12 +35,13 @@ def grant_objects(principal: iam.IGrantable, bucket: s3.IBucket, *, read: tuple[
                 actions=list(actions), resources=[bucket.arn_for_objects(p) for p in patterns]))
 
 
-def grant_list(principal: iam.IGrantable, bucket: s3.IBucket, *prefixes: str) -> None:
-    """``s3:ListBucket`` for listings under ``prefixes`` only (IAM wildcards, matched against the
-    request's ``prefix``). A listing is how S3 tells a missing key (404) from a forbidden one (403)
-    and how SageMaker reads an S3Prefix channel or checkpoint folder."""
+def grant_list(principal: iam.IGrantable, bucket: s3.IBucket, *prefixes: str, versions: bool = False) -> None:
+    """``s3:ListBucket`` (with ``versions``, ``s3:ListBucketVersions``) for listings under
+    ``prefixes`` only (IAM wildcards, matched against the request's ``prefix``). A listing is how
+    S3 tells a missing key (404) from a forbidden one (403) and how SageMaker reads an S3Prefix
+    channel or checkpoint folder; a listing of versions is how a model is pinned."""
     principal.grant_principal.add_to_principal_policy(iam.PolicyStatement(
-        actions=["s3:ListBucket"], resources=[bucket.bucket_arn],
+        actions=["s3:ListBucketVersions" if versions else "s3:ListBucket"], resources=[bucket.bucket_arn],
         conditions={"StringLike": {"s3:prefix": list(prefixes)}}))
 
 

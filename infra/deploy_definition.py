@@ -20,7 +20,7 @@ from typing import Any
 
 from ftstack.s3_model import VERSIONS_SHA256
 from ftstack.serving import (
-    DEFAULT_INSTANCE_TYPE, check_endpoint_name, deploy_environment, instance_gpus, invoke_command, production_variant,
+    CHANGING, DEFAULT_INSTANCE_TYPE, check_endpoint_name, deploy_environment, instance_gpus, invoke_command, production_variant,
     resource_prefix,
 )
 from ftstack_train.contract import MANIFEST_SHA256
@@ -48,9 +48,9 @@ ALREADY_EXISTS = "*Cannot create already existing*"
 """SageMaker's message (a ValidationException) when a model, config or endpoint of that name exists."""
 IN_PROGRESS = "*Cannot update in-progress endpoint*"
 """UpdateEndpoint's message (a ValidationException) for an endpoint being created or updated."""
-BUSY = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting")
-"""Endpoint states that end by themselves, in which SageMaker refuses an update (botocore's
-EndpointStatus enum)."""
+BUSY = (*CHANGING, "Deleting")
+"""Endpoint states the workflow waits out: those of a change, and a deletion (after which the
+endpoint is created again)."""
 
 THROTTLE_RETRY = [{"ErrorEquals": ["SageMaker.ThrottlingException", "ThrottlingException"],
                    "IntervalSeconds": 5, "BackoffRate": 2.0, "MaxAttempts": 5}]

@@ -5,14 +5,13 @@ against what was pinned before serving it."""
 from __future__ import annotations
 
 import aws_cdk as cdk
-from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from ftstack_train.contract import MANIFEST_FILE
 
-from .access import DECRYPT, grant_key, grant_objects
+from .access import DECRYPT, grant_key, grant_list, grant_objects
 from .model_check import ASSET_MODULES, HANDLER, TIMEOUT_S
 from .nag import acknowledge, in_finding, wildcard
 from .staging import python_function
@@ -38,9 +37,7 @@ class ModelCheckFunction(Construct):
         manifests = f"{model_folders}{MANIFEST_FILE}"
         grant_objects(role, bucket, read=(manifests,))
         # The versions of the model's objects: how the check knows that nothing was overwritten.
-        role.add_to_principal_policy(iam.PolicyStatement(
-            actions=["s3:ListBucketVersions"], resources=[bucket.bucket_arn],
-            conditions={"StringLike": {"s3:prefix": [f"{model_folders}*"]}}))
+        grant_list(role, bucket, f"{model_folders}*", versions=True)
         if bucket_key is not None:
             grant_key(role, bucket_key, *DECRYPT)
         acknowledge(role, {

@@ -27,7 +27,7 @@ from ftstack_train.manifest import manifest_bytes
 from aws_fixtures import BUCKET, REGION, run_cli, stack  # noqa: F401 (stack: a fixture)
 
 sys.path.insert(0, str(Path(__file__).parent / "infra"))  # botocore's contracts, shared with the workflow tests
-from aws_contract import AwsCalls, arn_answer, endpoint_answer, endpoint_missing  # noqa: E402
+from aws_contract import AwsCalls, arn_answer, created_config, endpoint_answer, endpoint_missing  # noqa: E402
 
 ACCOUNT, GROUP = "123456789012", "ftstack-models"
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/ftstack-Serving"
@@ -60,9 +60,8 @@ def register(boto, status: str = "Approved", digest: str | None = None) -> str:
 
 def endpoint(status: str, config: str | None = None, reason: str | None = None):
     """A DescribeEndpoint answer; ``config`` None: the config the command created last."""
-    def created() -> str:
-        return contract.of("sagemaker", "CreateEndpointConfig")[-1].params["EndpointConfigName"]
-    return endpoint_answer(status, config or created, reason, arn=f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/x")
+    return endpoint_answer(status, config or created_config(lambda: contract), reason,
+                           arn=f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/x")
 
 
 missing = endpoint_missing

@@ -227,6 +227,12 @@ def endpoint_answer(status: str, config: str | Callable[[], str], reason: str | 
     return describe
 
 
+def created_config(calls: Callable[[], AwsCalls]) -> Callable[[], str]:
+    """The name of the endpoint config that ``calls()`` asked to create last: an ``endpoint_answer``
+    on the config the code under test made, named at run time."""
+    return lambda: calls().of("sagemaker", "CreateEndpointConfig")[-1].params["EndpointConfigName"]
+
+
 def endpoint_missing(request: dict[str, Any]) -> dict[str, Any]:
     """DescribeEndpoint's answer for an endpoint that does not exist."""
     raise AwsError("ValidationException", f'Could not find endpoint "{request["EndpointName"]}".')

@@ -26,7 +26,7 @@ from ftstack.serving import ENV_TENSOR_PARALLEL, production_variant, resource_na
 from ftstack_train.manifest import ModelIntegrityError, manifest_bytes
 
 from aws_contract import (
-    AwsCalls, AwsError, arn_answer, endpoint_answer, endpoint_missing, lambda_invoke, operation, problems, run_execution,
+    AwsCalls, AwsError, arn_answer, created_config, endpoint_answer, endpoint_missing, lambda_invoke, operation, problems, run_execution,
 )
 from test_workflow_behaviour import step_functions_as_documented  # noqa: F401 (an autouse fixture)
 
@@ -83,9 +83,8 @@ def package(group: str = GROUP, status: str = "Approved", digest: str = DIGEST, 
 
 def endpoint(status: str, config: str | None = None, reason: str | None = None):
     """DescribeEndpoint answers: ``config`` None means the config this execution created."""
-    def created() -> str:
-        return calls_made.of("sagemaker", "CreateEndpointConfig")[-1].params["EndpointConfigName"]
-    return endpoint_answer(status, config or created, reason, arn=f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/{ENDPOINT}")
+    return endpoint_answer(status, config or created_config(lambda: calls_made), reason,
+                           arn=f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/{ENDPOINT}")
 
 
 missing = endpoint_missing
